@@ -1,0 +1,1 @@
+"""What a researcher looks at: heatmaps, patches, grids, reports and multi-stage studies."""

@@ -1,0 +1,1 @@
+"""What an adversary does with gradients: latent exaggeration, finetuning, retraining."""
