@@ -167,8 +167,22 @@ def make_resnet(depth: int, last_layer: str) -> PatchClassifier:
     raise ValueError(f"unknown ResNet layer {last_layer!r}")
 
 
-def init_weights(model: nn.Module, gain: float = 0.02) -> None:
-    """The public code's initialisation: xavier-normal (gain 0.02) convs, BN weight ~ N(1, 0.02)."""
+INITS = ("xavier", "kaiming")
+
+
+def init_weights(model: nn.Module, init: str = "xavier", gain: float = 0.02) -> None:
+    """`xavier`: the public code's init — xavier-normal (gain 0.02) convs, BN weight ~ N(1, 0.02).
+
+    `kaiming`: PyTorch's default layer init. With Adam the paper's tiny weights move by a
+    large fraction per step, which makes short runs on small data slow to converge.
+    """
+    if init == "kaiming":
+        for m in model.modules():
+            if isinstance(m, (nn.Conv2d, nn.Linear, nn.BatchNorm2d)):
+                m.reset_parameters()
+        return
+    if init != "xavier":
+        raise ValueError(f"unknown init {init!r}; choose one of: {', '.join(INITS)}")
     for m in model.modules():
         if isinstance(m, (nn.Conv2d, nn.Linear)):
             nn.init.xavier_normal_(m.weight, gain=gain)
@@ -190,7 +204,7 @@ def model_names() -> list[str]:
     return sorted(MODELS)
 
 
-def build_model(name: str, seed: int | None = None) -> PatchClassifier:
+def build_model(name: str, seed: int | None = None, init: str = "xavier") -> PatchClassifier:
     """A freshly initialised patch classifier; `seed` makes the initial weights reproducible."""
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}; choose one of: {', '.join(model_names())}")
@@ -200,7 +214,7 @@ def build_model(name: str, seed: int | None = None) -> PatchClassifier:
         torch.manual_seed(seed)
     try:
         model = MODELS[name]()
-        init_weights(model)
+        init_weights(model, init)
     finally:
         if generator_state is not None:
             torch.random.set_rng_state(generator_state)

@@ -1,0 +1,190 @@
+"""The `patchscope` command line: a thin click layer over the library.
+
+Each subcommand parses options (defaults < --config YAML < command line), calls one library
+function and prints; user errors become one line on stderr and exit code 2.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import sys
+from typing import Any, Callable
+
+import click
+
+from forensics import config as configs
+from forensics.errors import InputError
+from generators.errors import CheckpointError
+
+USER_ERRORS = (InputError, CheckpointError)
+
+
+def _user_errors(fn: Callable) -> Callable:
+    """Turn a user error into one line on stderr and exit code 2, without a traceback."""
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except USER_ERRORS as err:
+            click.echo(f"error: {err}", err=True)
+            sys.exit(2)
+        except KeyboardInterrupt:
+            click.echo("interrupted; re-run the same command with --resume to continue", err=True)
+            sys.exit(130)
+    return wrapper
+
+
+def _overrides(kwargs: dict[str, Any], drop: tuple[str, ...] = ("config",)) -> dict[str, Any]:
+    return {k: v for k, v in kwargs.items() if k not in drop and v is not None}
+
+
+def _layers(config_path: str | None, section: str) -> dict[str, Any]:
+    return configs.read_yaml(config_path, section) if config_path else {}
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
+def main(verbose: bool) -> None:
+    """patchscope: what makes fake face images detectable.
+
+    \b
+    Examples:
+      patchscope demo --out runs/demo
+      patchscope train --real data/real --fake data/fake --out runs/xb2 --model xception_block2
+      patchscope eval runs/xb2 --test pgan=data/real,data/fake --test sg=data/real,data/sg
+    """
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
+                        format="%(levelname).1s %(name)s: %(message)s", stream=sys.stderr)
+
+
+@main.command()
+@click.option("--config", type=click.Path(dir_okay=False), help="YAML settings (its `train:` section, or the whole file).")
+@click.option("--real", help="Real images: a folder with train/ and val/, a flat folder, or a .txt/.csv manifest.")
+@click.option("--fake", help="Fake images, same layouts.")
+@click.option("--out", help="Run directory; an existing run is refused unless --resume.")
+@click.option("--model", help="Patch classifier (see `patchscope models`).  [default: xception_block2]")
+@click.option("--load-size", type=click.IntRange(1), help="Lanczos-resize the shorter side once, at load.  [default: 299]")
+@click.option("--crop-size", type=click.IntRange(1), help="Random crop for training, centre crop for validation.  [default: 299]")
+@click.option("--batch-size", type=click.IntRange(2), help="Images per step, half real and half fake.  [default: 32]")
+@click.option("--lr", type=click.FloatRange(0, min_open=True), help="Adam learning rate.  [default: 0.001]")
+@click.option("--max-epochs", type=click.IntRange(1), help="Hard limit on epochs.  [default: 1000]")
+@click.option("--patience", type=click.IntRange(1),
+              help="Stop after this many epochs without a strictly higher validation patch accuracy.  "
+                   "[default: 50 for xception_block1, 20 for xception_block2, else 10]")
+@click.option("--seed", type=int, help="Seeds initial weights, batch order and augmentation.  [default: 0]")
+@click.option("--device", help="auto | cpu | cuda | cuda:N.  [default: auto]")
+@click.option("--precision", type=click.Choice(["auto", "fp32", "bf16"]),
+              help="auto = bf16 autocast on CUDA, fp32 on CPU.  [default: auto]")
+@click.option("--channels-last/--no-channels-last", default=None, help="NHWC memory layout.  [default: on]")
+@click.option("--compile/--no-compile", default=None, help="torch.compile the model.  [default: off]")
+@click.option("--workers", type=click.IntRange(0), help="DataLoader workers.  [default: 0 when cached, else 8]")
+@click.option("--cache/--no-cache", default=None, help="Keep decoded images in memory.  [default: when they fit in 4 GiB]")
+@click.option("--on-bad-image", type=click.Choice(["skip", "error"]), help="Unreadable images.  [default: skip]")
+@click.option("--tensorboard/--no-tensorboard", default=None, help="Also log to TensorBoard.  [default: off]")
+@click.option("--resume", is_flag=True, help="Continue the run in --out from its last epoch.")
+@_user_errors
+def train(config: str | None, resume: bool, **options: Any) -> None:
+    """Train a patch classifier on real and fake images.
+
+    \b
+    Every output cell of the classifier judges one receptive-field patch; the loss is
+    cross entropy on every patch (fake = 1). Validation patch accuracy is measured after
+    each epoch: a strictly higher value saves best.safetensors, and training stops once
+    --patience epochs pass without one, or at --max-epochs. last.safetensors and the
+    resume state are saved every epoch; --resume continues with identical results.
+
+    \b
+    Example:
+      patchscope train --real data/real --fake data/pgan --out runs/xb2 \\
+          --model xception_block2 --load-size 128 --crop-size 128
+    """
+    from forensics.train import TrainConfig, fit
+
+    cfg = configs.resolve(TrainConfig, _layers(config, "train"), _overrides(options), source=config or "options")
+    summary = fit(cfg, resume=resume)
+    click.echo(json.dumps(summary, indent=2))
+
+
+@main.command("eval")
+@click.argument("run")
+@click.option("--config", type=click.Path(dir_okay=False), help="YAML settings (its `eval:` section, or the whole file).")
+@click.option("--test", "tests", multiple=True, help="NAME=REAL_DIR,FAKE_DIR; repeat for several test sets.")
+@click.option("--out", help="Results folder.  [default: RUN/eval]")
+@click.option("--which", type=click.Choice(["best", "last"]), help="Checkpoint of a run directory.  [default: best]")
+@click.option("--split", help="Split folder used when a source has splits.  [default: test]")
+@click.option("--aggregation", type=click.Choice(["after_softmax", "before_softmax", "vote"]),
+              help="Image score for accuracy and the PR curve (metrics.json holds all three).  [default: after_softmax]")
+@click.option("--load-size", type=click.IntRange(1), help="[default: as trained]")
+@click.option("--crop-size", type=click.IntRange(1), help="[default: as trained]")
+@click.option("--batch-size", type=click.IntRange(1), help="[default: 64]")
+@click.option("--device", help="auto | cpu | cuda | cuda:N.  [default: auto]")
+@click.option("--precision", type=click.Choice(["auto", "fp32", "bf16"]), help="[default: auto]")
+@click.option("--workers", type=click.IntRange(0), help="DataLoader workers.  [default: 0]")
+@click.option("--on-bad-image", type=click.Choice(["skip", "error"]), help="[default: skip]")
+@click.option("--force", is_flag=True, default=None, help="Replace an existing metrics.json.")
+@_user_errors
+def evaluate(run: str, config: str | None, tests: tuple[str, ...], **options: Any) -> None:
+    """Score test sets with a trained classifier: AP, accuracy, ROC AUC, PR curve.
+
+    \b
+    Writes OUT/metrics.json (every test set, every aggregation), appends to
+    OUT/metrics.csv, draws OUT/pr_curve.png and keeps per-image scores.
+
+    \b
+    Example:
+      patchscope eval runs/xb2 --test pgan=data/real,data/pgan --test sg=data/real,data/sg
+    """
+    from forensics.evaluate import EvalConfig, evaluate as run_eval
+
+    layers = _layers(config, "eval")
+    cli = {**_overrides(options), "run": run, **({"tests": list(tests)} if tests else {})}
+    summary = run_eval(configs.resolve(EvalConfig, layers, cli, source=config or "options"))
+    click.echo(_metrics_table(summary))
+    click.echo(f"results: {summary['out']}")
+
+
+def _metrics_table(summary: dict[str, Any]) -> str:
+    mode = summary["aggregation"]
+    lines = [f"{'test set':<16} {'AP':>7} {'AP real':>8} {'acc':>7} {'acc real':>9} {'acc fake':>9} {'n':>6}"]
+    for name, per_mode in summary["results"].items():
+        m = per_mode[mode]
+        lines.append(f"{name:<16} {m['ap']:>7.4f} {m['ap_real']:>8.4f} {m['acc']:>7.4f} "
+                     f"{m['acc_real']:>9.4f} {m['acc_fake']:>9.4f} {m['n']:>6}")
+    return "\n".join(lines)
+
+
+@main.command()
+def models() -> None:
+    """List the patch classifiers with their receptive field and parameter count."""
+    from forensics.models import build_model, count_parameters, model_names
+    from forensics.receptive import receptive_field
+
+    click.echo(f"{'model':<18} {'channels':>8} {'params':>9} {'receptive field':>16} {'map @299':>9}")
+    for name in model_names():
+        model = build_model(name)
+        rf = receptive_field(model)
+        click.echo(f"{name:<18} {model.feature_channels:>8} {count_parameters(model) / 1e6:>8.3f}M "
+                   f"{rf.size:>13} px {model.output_size(299):>6}x{model.output_size(299)}")
+
+
+@main.command()
+@click.option("--out", default="runs/demo", show_default=True, help="Where the demo writes everything.")
+@click.option("--quick", is_flag=True, help="A smaller run for tests (about a minute).")
+@click.option("--force", is_flag=True, help="Redo every stage instead of reusing cached results.")
+@click.option("--config", type=click.Path(dir_okay=False), help="Demo settings.  [default: configs/demo.yaml]")
+@_user_errors
+def demo(out: str, quick: bool, force: bool, config: str | None) -> None:
+    """Run the built-in demo: real photographs, fakes, train, evaluate, print AP.
+
+    \b
+    Example:
+      patchscope demo --out runs/demo
+    """
+    from analysis.demo import run_demo
+
+    run_demo(out, quick=quick, force=force, config_path=config)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,490 @@
+"""Real/fake image data: listing folders and manifests, decoding, one-time resize cache, batching.
+
+Used by `forensics.train` (and through it eval and analysis) to turn image folders into balanced, reproducible batches.
+"""
+from __future__ import annotations
+
+import contextlib
+import csv
+import functools
+import logging
+import math
+import multiprocessing
+import os
+from pathlib import Path
+from typing import Callable, Iterator, Sequence
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+from torch.utils.data import DataLoader, Dataset, Sampler
+from tqdm import tqdm
+
+from forensics.errors import InputError
+
+log = logging.getLogger("patchscope.data")
+
+IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"})  # compare lower-cased
+SPLITS = ("train", "val", "test")
+BAD_IMAGE_POLICIES = ("skip", "error")
+_LAYOUTS = "a folder of images, a folder with train/val/test subfolders, or a .txt/.csv manifest of image paths"
+
+
+class BadImageError(InputError):
+    """An image file that cannot be decoded: corrupt, truncated, empty or not an image at all."""
+
+    def __init__(self, path: str | os.PathLike, reason: str = "unreadable image"):
+        super().__init__(f"{path}: {reason}")
+        self.path, self.reason = Path(path), reason
+
+    def __reduce__(self):  # keep (path, reason) across process boundaries
+        return type(self), (self.path, self.reason)
+
+
+def is_image_file(path: str | os.PathLike) -> bool:
+    return Path(path).suffix.lower() in IMAGE_EXTENSIONS
+
+
+# ----------------------------------------------------------------------------- listing
+
+def list_images(source: str | os.PathLike, split: str | None = None) -> list[Path]:
+    """Image files of `source`: a split folder layout, a flat folder, or a .txt/.csv manifest."""
+    source = Path(source).expanduser()
+    if not source.exists():
+        raise InputError(f"{source}: no such file or folder (expected {_LAYOUTS})")
+    if source.is_file():
+        return _read_manifest(source, split)
+    present = [name for name in SPLITS if (source / name).is_dir()]
+    folder = source
+    if present:
+        if split is None:
+            raise InputError(f"{source}: holds split folders ({', '.join(present)}); choose a split")
+        folder = source / split
+        if not folder.is_dir():
+            raise InputError(f"{folder}: no '{split}' split folder (found {', '.join(present)})")
+    images = _walk_images(folder)
+    if not images:
+        raise InputError(f"{folder}: no images found (expected files ending in "
+                         f"{', '.join(sorted(IMAGE_EXTENSIONS))})")
+    return images
+
+
+def _walk_images(folder: Path) -> list[Path]:
+    found = []
+    # Hidden entries are skipped: macOS "._name.png" forks and .ipynb_checkpoints are not data.
+    for root, dirs, files in os.walk(folder, followlinks=True):
+        dirs[:] = [name for name in dirs if not name.startswith(".")]
+        found += [Path(root, name) for name in files if not name.startswith(".") and is_image_file(name)]
+    return sorted(found)
+
+
+def _read_manifest(manifest: Path, split: str | None) -> list[Path]:
+    suffix = manifest.suffix.lower()
+    if suffix not in (".txt", ".csv"):
+        raise InputError(f"{manifest}: not a folder or a manifest (expected {_LAYOUTS})")
+    try:
+        text = manifest.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise InputError(f"{manifest}: not a UTF-8 text manifest ({exc.reason})") from exc
+    if suffix == ".txt":
+        entries = [line.strip() for line in text.splitlines()]
+        entries = [entry for entry in entries if entry and not entry.startswith("#")]
+    else:
+        entries = _csv_entries(manifest, text, split)
+    if not entries:
+        raise InputError(f"{manifest}: lists no image paths (expected one path per line/row)")
+    paths = [_resolve_entry(manifest, entry) for entry in entries]
+    missing = [path for path in paths if not path.is_file()]
+    if missing:
+        raise InputError(f"{manifest}: {len(missing)} listed image(s) do not exist, e.g. {missing[0]}")
+    return paths
+
+
+def _resolve_entry(manifest: Path, entry: str) -> Path:
+    path = Path(entry).expanduser()
+    return path if path.is_absolute() else manifest.parent / path
+
+
+def _csv_entries(manifest: Path, text: str, split: str | None) -> list[str]:
+    rows = [row for row in csv.reader(text.splitlines())
+            if any(cell.strip() for cell in row) and not row[0].strip().startswith("#")]
+    if not rows:
+        return []
+    names = [cell.strip().lower() for cell in rows[0]]
+    first = rows[0][0].strip()
+    # A header names its columns; otherwise the first row is data if it looks like an image path.
+    has_header = "path" in names or "split" in names or not (
+        is_image_file(first) or _resolve_entry(manifest, first).is_file())
+    column = names.index("path") if "path" in names else 0
+    split_column = names.index("split") if has_header and "split" in names else None
+    rows = rows[1:] if has_header else rows
+    cell = lambda row, i: row[i].strip() if i < len(row) else ""  # noqa: E731 - ragged rows
+    if split is not None and split_column is not None:
+        found = sorted({cell(row, split_column) for row in rows})
+        rows = [row for row in rows if cell(row, split_column) == split]
+        if not rows:
+            raise InputError(f"{manifest}: no rows with split '{split}' (splits present: {', '.join(found)})")
+    entries = [cell(row, column) for row in rows]
+    if "" in entries:
+        raise InputError(f"{manifest}: a row has an empty path (expected a path in column {column + 1})")
+    return entries
+
+
+# ----------------------------------------------------------------------------- decoding
+
+@contextlib.contextmanager
+def _explain_failures(path: Path) -> Iterator[None]:
+    """Turn whatever Pillow raises on a bad file into one BadImageError line with a reason."""
+    try:
+        if path.stat().st_size == 0:
+            raise BadImageError(path, "empty file (0 bytes)")
+        yield
+    except BadImageError:
+        raise
+    except FileNotFoundError as exc:
+        raise BadImageError(path, "file not found") from exc
+    except PermissionError as exc:
+        raise BadImageError(path, "permission denied") from exc
+    except UnidentifiedImageError as exc:
+        raise BadImageError(path, "not an image file (Pillow cannot identify it)") from exc
+    except Exception as exc:  # decoders raise OSError, SyntaxError, ValueError, struct.error...
+        raise BadImageError(path, f"corrupt or truncated image data ({type(exc).__name__}: {exc})") from exc
+
+
+def read_image(path: str | os.PathLike) -> np.ndarray:
+    """Decode an image fully (so truncated files fail here) into uint8 H x W x 3 RGB."""
+    path = Path(path)
+    with _explain_failures(path), Image.open(path) as img:
+        img.load()
+        return _to_rgb(img, path)
+
+
+def _to_rgb(img: Image.Image, path: Path) -> np.ndarray:
+    if img.mode.startswith("I"):
+        # 16-bit data ("I;16*", and "I" as Pillow opens 16-bit files): rescale, since
+        # Pillow's own conversion clips everything above 255 to white.
+        values = np.clip(np.asarray(img).astype(np.int64), 0, 65535)
+        gray = ((values * 255 + 32767) // 65535).astype(np.uint8)
+    elif img.mode == "F":
+        values = np.nan_to_num(np.asarray(img, dtype=np.float64), nan=0.0, posinf=255.0, neginf=0.0)
+        # Float images are [0, 1] by convention unless their values say they are [0, 255].
+        scale = 255.0 if values.size and values.max() <= 1.0 else 1.0
+        gray = np.clip(np.rint(values * scale), 0, 255).astype(np.uint8)
+    else:
+        try:  # L, LA, 1, P, PA, RGBA (alpha dropped), CMYK, YCbCr...
+            return np.array(img.convert("RGB"), dtype=np.uint8)
+        except ValueError as exc:
+            raise BadImageError(path, f"unsupported colour mode {img.mode}") from exc
+    return np.repeat(gray[..., None], 3, axis=2)
+
+
+def resized_shape(height: int, width: int, load_size: int | None) -> tuple[int, int]:
+    """(height, width) after a shorter-side resize to `load_size` (torchvision `Resize(int)` rounding)."""
+    if load_size is None or min(height, width) == load_size:
+        return height, width
+    if height <= width:
+        return load_size, int(load_size * width / height)
+    return int(load_size * height / width), load_size
+
+
+def resize_image(img: np.ndarray, load_size: int | None) -> np.ndarray:
+    """Lanczos-resize uint8 H x W x 3 so the shorter side is `load_size`; None keeps the image."""
+    if load_size is not None and (not isinstance(load_size, (int, np.integer)) or load_size < 1):
+        raise InputError(f"load_size must be a positive number of pixels, got {load_size!r}")
+    height, width = img.shape[:2]
+    new_height, new_width = resized_shape(height, width, load_size)
+    if (new_height, new_width) == (height, width):
+        return img
+    resized = Image.fromarray(np.ascontiguousarray(img)).resize((new_width, new_height), Image.LANCZOS)
+    return np.asarray(resized, dtype=np.uint8)
+
+
+# ----------------------------------------------------------------------------- image sets
+
+# Outcome of one file in a (possibly worker) process: pixels or None, original (width, height), failure reason.
+_Outcome = tuple[np.ndarray | None, tuple[int, int] | None, str | None]
+
+
+def _decode_entry(path: Path, load_size: int | None) -> _Outcome:
+    try:
+        pixels = read_image(path)
+    except BadImageError as exc:
+        return None, None, exc.reason
+    return resize_image(pixels, load_size), (pixels.shape[1], pixels.shape[0]), None
+
+
+def _probe_entry(path: Path, load_size: int | None) -> _Outcome:
+    try:
+        with _explain_failures(path), Image.open(path) as img:
+            size = img.size
+            img.verify()  # walks the file without decoding: catches truncated PNGs cheaply
+    except BadImageError as exc:
+        return None, None, exc.reason
+    return None, size, None
+
+
+@contextlib.contextmanager
+def _job_runner(workers: int, count: int) -> Iterator[Callable]:
+    """`map`-like runner: in-process for workers=0, else an ordered process pool (first bad file first)."""
+    if workers <= 0 or count < 2:
+        yield map
+        return
+    with multiprocessing.get_context().Pool(min(workers, count)) as pool:
+        chunk = max(1, min(64, count // (4 * workers)))
+        yield lambda job, items: pool.imap(job, items, chunksize=chunk)
+
+
+class ImageSet:
+    """Images of one class, checked at construction; decoded and resized once when cached."""
+
+    def __init__(self, paths: Sequence[str | os.PathLike], load_size: int | None = None, min_size: int = 0,
+                 on_bad_image: str = "skip", cache: bool = True, workers: int = 0, progress: bool = False):
+        if on_bad_image not in BAD_IMAGE_POLICIES:
+            raise InputError(f"on_bad_image must be one of {', '.join(BAD_IMAGE_POLICIES)}, got {on_bad_image!r}")
+        candidates = [Path(path) for path in paths]
+        if not candidates:
+            raise InputError("no image paths given (expected at least one image)")
+        self.load_size, self.min_size, self.on_bad_image, self.cached = load_size, min_size, on_bad_image, cache
+        self.paths: list[Path] = []  # the images kept, in input order
+        self.sizes: list[tuple[int, int]] = []  # (height, width) of each kept image after resizing
+        self.skipped: list[tuple[Path, str]] = []  # (path, reason) of each unreadable file
+        self._pixels: np.ndarray | None = None
+        job = functools.partial(_decode_entry if cache else _probe_entry, load_size=load_size)
+        with _job_runner(workers, len(candidates)) as run:
+            outcomes = tqdm(run(job, candidates), total=len(candidates), disable=not progress,
+                            desc="decoding" if cache else "checking", unit="img")
+            for path, outcome in zip(candidates, outcomes):
+                self._admit(path, *outcome, capacity=len(candidates))
+        if not self.paths:
+            path, reason = self.skipped[0]
+            raise InputError(f"none of the {len(candidates)} images could be read (first: {path}: {reason})")
+        if self.skipped:
+            log.warning("skipped %d of %d images that could not be read: %s", len(self.skipped), len(candidates),
+                        "; ".join(f"{path} ({reason})" for path, reason in self.skipped))
+        if self._pixels is not None:
+            self._pixels = self._pixels[:len(self.paths)]
+            self._pixels.flags.writeable = False  # items are views of the cache
+
+    def _admit(self, path: Path, pixels: np.ndarray | None, original: tuple[int, int] | None,
+               reason: str | None, capacity: int) -> None:
+        if reason is not None:
+            if self.on_bad_image == "error":
+                raise BadImageError(path, reason)
+            self.skipped.append((path, reason))
+            return
+        width, height = original
+        if min(width, height) < self.min_size:
+            raise InputError(f"{path}: {width}x{height} px is smaller than the classifier's "
+                             f"receptive field/crop ({self.min_size} px)")
+        size = pixels.shape[:2] if pixels is not None else resized_shape(height, width, self.load_size)
+        if pixels is not None:
+            if self._pixels is None:
+                self._pixels = np.empty((capacity, *pixels.shape), dtype=np.uint8)
+            elif pixels.shape != self._pixels.shape[1:]:
+                h0, w0 = self._pixels.shape[1:3]
+                raise InputError(f"{path}: {size[1]}x{size[0]} px after resizing, but {self.paths[0]} is "
+                                 f"{w0}x{h0} px; cached images must share one size: set load_size "
+                                 "(for images of one aspect ratio) or use cache=False")
+            self._pixels[len(self.paths)] = pixels
+        self.paths.append(path)
+        self.sizes.append(tuple(size))
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> np.ndarray:
+        """uint8 H x W x 3 (read-only when cached)."""
+        if self._pixels is not None:
+            return self._pixels[index]
+        return resize_image(read_image(self.paths[index]), self.load_size)
+
+
+# ----------------------------------------------------------------------------- dataset
+
+class RealFakeDataset(Dataset):
+    """Real images (label 0, indices 0..n_real-1) then fake ones (label 1), cropped, flipped, in [-1, 1].
+
+    Augmentation draws from a generator seeded by (seed, epoch, index) alone, so an item is
+    the same whichever worker builds it and in whatever order. A key may be `index` (uses
+    `self.epoch`) or `(epoch, index)`, which is what `make_loader` feeds it (see EpochBatches).
+    """
+
+    def __init__(self, real: ImageSet, fake: ImageSet, crop_size: int | None, train: bool, seed: int = 0):
+        if seed < 0:
+            raise InputError(f"seed must be a non-negative integer, got {seed}")
+        self.real, self.fake, self.crop_size, self.train, self.seed = real, fake, crop_size, train, seed
+        self.n_real, self.n_fake = len(real), len(fake)
+        self.labels = np.concatenate([np.zeros(self.n_real, np.int64), np.ones(self.n_fake, np.int64)])
+        self.epoch = 0
+        self._check_sizes()
+
+    def _check_sizes(self) -> None:
+        entries = [*zip(self.real.paths, self.real.sizes), *zip(self.fake.paths, self.fake.sizes)]
+        first_path, (h0, w0) = entries[0]
+        for path, (height, width) in entries:
+            if self.crop_size is not None and min(height, width) < self.crop_size:
+                raise InputError(f"{path}: {width}x{height} px (after resizing) is smaller than the crop "
+                                 f"({self.crop_size} px); raise load_size or lower crop_size")
+            if self.crop_size is None and (height, width) != (h0, w0):
+                raise InputError(f"{path}: {width}x{height} px but {first_path} is {w0}x{h0} px; "
+                                 "images of different sizes need crop_size (or load_size) to be batched")
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    @property
+    def paths(self) -> list[Path]:
+        """File of each item, in item order (reals then fakes)."""
+        return [*self.real.paths, *self.fake.paths]
+
+    @property
+    def cached(self) -> bool:
+        """True when items come from memory, so loader worker processes would buy little."""
+        return self.real.cached and self.fake.cached
+
+    def path(self, index: int) -> Path:
+        return self.real.paths[index] if index < self.n_real else self.fake.paths[index - self.n_real]
+
+    def __len__(self) -> int:
+        return self.n_real + self.n_fake
+
+    def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, int, int]:
+        epoch, index = key if isinstance(key, tuple) else (self.epoch, key)
+        index = int(index)
+        if not 0 <= index < len(self):
+            raise IndexError(f"index {index} out of range for {len(self)} images")
+        pixels = self.real[index] if index < self.n_real else self.fake[index - self.n_real]
+        pixels = self._augment(pixels, np.random.default_rng([self.seed, int(epoch), index]))
+        chw = np.ascontiguousarray(pixels.transpose(2, 0, 1), dtype=np.float32)  # always a fresh copy
+        return torch.from_numpy(chw).div_(127.5).sub_(1.0), int(self.labels[index]), index
+
+    def _augment(self, pixels: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        height, width = pixels.shape[:2]
+        size = self.crop_size
+        if self.train:
+            if size is not None:
+                top, left = int(rng.integers(0, height - size + 1)), int(rng.integers(0, width - size + 1))
+                pixels = pixels[top:top + size, left:left + size]
+            return pixels[:, ::-1] if rng.random() < 0.5 else pixels
+        if size is None:
+            return pixels
+        # torchvision CenterCrop's rounding, so eval crops match the public pipeline.
+        top, left = int(round((height - size) / 2.0)), int(round((width - size) / 2.0))
+        return pixels[top:top + size, left:left + size]
+
+
+# ----------------------------------------------------------------------------- batching
+
+def _cycled_permutations(n: int, length: int, rng: np.random.Generator) -> np.ndarray:
+    """`length` indices from back-to-back fresh permutations of range(n)."""
+    return np.concatenate([rng.permutation(n) for _ in range(math.ceil(length / n))])[:length]
+
+
+class BalancedBatchSampler(Sampler[list[int]]):
+    """Batches of batch_size/2 real and batch_size/2 fake indices; an epoch covers the larger class once.
+
+    The order depends only on (seed, epoch). The smaller class cycles through fresh
+    permutations; the final batch is topped up from the larger class's next permutation,
+    so every batch has the same size. With world_size > 1, rank r takes batches r, r+W, ...
+    """
+
+    def __init__(self, n_real: int, n_fake: int, batch_size: int, seed: int = 0, *,
+                 rank: int = 0, world_size: int = 1):
+        super().__init__()
+        if batch_size < 2 or batch_size % 2:
+            raise InputError(f"batch_size must be even (half real, half fake), got {batch_size}")
+        if n_real < 1 or n_fake < 1:
+            raise InputError(f"balanced batches need real and fake images, got {n_real} real and {n_fake} fake")
+        self.n_real, self.n_fake, self.half, self.seed = n_real, n_fake, batch_size // 2, seed
+        self.rank, self.world_size, self.epoch = rank, world_size, 0
+        self._per_rank = math.ceil(math.ceil(max(n_real, n_fake) / self.half) / world_size)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return self._per_rank
+
+    def __iter__(self) -> Iterator[list[int]]:
+        length = self._per_rank * self.world_size * self.half
+        real = _cycled_permutations(self.n_real, length, np.random.default_rng([self.seed, self.epoch, 0]))
+        fake = _cycled_permutations(self.n_fake, length, np.random.default_rng([self.seed, self.epoch, 1]))
+        fake += self.n_real
+        for batch in range(self.rank, self._per_rank * self.world_size, self.world_size):
+            part = slice(batch * self.half, (batch + 1) * self.half)
+            yield real[part].tolist() + fake[part].tolist()
+
+
+class SequentialBatches(Sampler[list[int]]):
+    """Evaluation batches in index order, the last one possibly short; rank r takes indices r, r+W, ..."""
+
+    def __init__(self, n: int, batch_size: int, *, rank: int = 0, world_size: int = 1):
+        super().__init__()
+        if batch_size < 1:
+            raise InputError(f"batch_size must be positive, got {batch_size}")
+        self.indices, self.batch_size = list(range(rank, n, world_size)), batch_size
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.indices) / self.batch_size)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for start in range(0, len(self.indices), self.batch_size):
+            yield self.indices[start:start + self.batch_size]
+
+
+class EpochBatches(Sampler[list[tuple[int, int]]]):
+    """Wraps a batch sampler so each index travels to the dataset as (epoch, index).
+
+    Why determinism holds across worker counts: persistent DataLoader workers keep the copy
+    of the dataset made when they started, so an epoch set on the main process's dataset
+    never reaches them. The batch sampler runs in the main process, though, and its output
+    is what workers receive: tagging each index with the epoch gives every worker the exact
+    (seed, epoch, index) that seeds the item's augmentation, whichever worker gets the batch.
+    """
+
+    def __init__(self, batches: Sampler[list[int]]):
+        super().__init__()
+        self.batches, self.epoch = batches, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+        if hasattr(self.batches, "set_epoch"):
+            self.batches.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        epoch = self.epoch  # fixed for the whole pass even if set_epoch is called mid-way
+        for batch in self.batches:
+            yield [(epoch, index) for index in batch]
+
+
+def make_loader(dataset: RealFakeDataset, batch_size: int, train: bool, seed: int = 0, workers: int = 0,
+                device_type: str = "cpu", *, rank: int = 0, world_size: int = 1) -> DataLoader:
+    """Balanced shuffled batches for training, sequential unshuffled ones (nothing dropped) for eval."""
+    if train:
+        batches = BalancedBatchSampler(dataset.n_real, dataset.n_fake, batch_size, seed,
+                                       rank=rank, world_size=world_size)
+    else:
+        batches = SequentialBatches(len(dataset), batch_size, rank=rank, world_size=world_size)
+    return DataLoader(dataset, batch_sampler=EpochBatches(batches), num_workers=workers,
+                      pin_memory=device_type == "cuda", persistent_workers=workers > 0)
+
+
+def set_epoch(loader: DataLoader, epoch: int) -> None:
+    """Select the epoch whose batch order and augmentation the loader's next pass uses."""
+    for part in (loader.batch_sampler, loader.dataset):
+        if hasattr(part, "set_epoch"):
+            part.set_epoch(epoch)
+
+
+def load_split(real_source: str | os.PathLike, fake_source: str | os.PathLike, split: str | None = None,
+               load_size: int | None = None, crop_size: int | None = None, min_size: int = 0,
+               on_bad_image: str = "skip", cache: bool = True, workers: int = 0, train: bool = False,
+               seed: int = 0, progress: bool = False) -> RealFakeDataset:
+    """list_images + ImageSet for both classes + RealFakeDataset, in one call."""
+    sets = [ImageSet(list_images(source, split), load_size=load_size, min_size=min_size,
+                     on_bad_image=on_bad_image, cache=cache, workers=workers, progress=progress)
+            for source in (real_source, fake_source)]
+    return RealFakeDataset(*sets, crop_size=crop_size, train=train, seed=seed)

@@ -1,0 +1,50 @@
+"""Device and precision choices shared by training, evaluation, the attacks and the benchmarks.
+
+`--device auto|cpu|cuda[:i]` and `--precision auto|fp32|bf16` resolve here, in one place.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import ContextManager
+
+import torch
+
+from forensics.errors import InputError
+
+PRECISIONS = ("auto", "fp32", "bf16")
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise InputError(f"--device {name!r}: expected auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise InputError(f"--device {name}: CUDA is not available on this machine (use cpu or auto)")
+    return device
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """`auto` means bf16 autocast on CUDA and fp32 on CPU (bitwise-reproducible there)."""
+    if precision not in PRECISIONS:
+        raise InputError(f"--precision {precision!r}: expected one of {', '.join(PRECISIONS)}")
+    if precision == "auto":
+        return "bf16" if device.type == "cuda" else "fp32"
+    return precision
+
+
+def autocast(device: torch.device, precision: str) -> ContextManager:
+    """bf16 autocast for the forward pass; a no-op context for fp32."""
+    if precision == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def configure_backends(device: torch.device) -> None:
+    """Fast defaults: cuDNN autotuning and TF32 matmuls for any fp32 work left on CUDA."""
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True

@@ -1,0 +1,144 @@
+"""Run a classifier over test sets: patch probabilities, image scores, metrics, tables and PR curves.
+
+`predict` serves validation during training; `evaluate` is what `patchscope eval` runs.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from forensics import checkpoint, config as configs, data
+from forensics.atomic import write_json, write_text
+from forensics.device import autocast, configure_backends, resolve_device, resolve_precision
+from forensics.errors import InputError
+from forensics.receptive import receptive_field
+from forensics.scoring import AGGREGATIONS, append_csv, compute_metrics, image_scores, plot_pr_curves
+
+log = logging.getLogger("patchscope.eval")
+
+
+@torch.no_grad()
+def predict(model: torch.nn.Module, loader, device: torch.device, precision: str = "fp32",
+            memory_format: torch.memory_format = torch.channels_last,
+            keep_logits: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Patch P(fake) maps (N x H' x W', float32, CPU) — or logits when `keep_logits` — and labels."""
+    model.eval()
+    outputs, labels = [], []
+    for x, y, _ in tqdm(loader, desc="scoring", leave=False, disable=None):
+        x = x.to(device, non_blocking=True, memory_format=memory_format)
+        with autocast(device, precision):
+            logits = model(x)
+        logits = logits.float()
+        outputs.append((logits if keep_logits else torch.softmax(logits, dim=1)[:, 1]).cpu())
+        labels.append(y)
+    if not outputs:
+        raise InputError("nothing to score: the test set is empty")
+    return torch.cat(outputs), torch.cat(labels)
+
+
+def parse_test_spec(spec: str) -> tuple[str, str, str]:
+    """`name=real_dir,fake_dir` -> (name, real, fake)."""
+    name, sep, paths = spec.partition("=")
+    real, comma, fake = paths.partition(",")
+    if not sep or not comma or not name or not real or not fake:
+        raise InputError(f"--test {spec!r}: expected NAME=REAL_DIR,FAKE_DIR")
+    return name, real, fake
+
+
+@dataclass
+class EvalConfig:
+    run: str = ""                                   # classifier run directory or .safetensors file
+    tests: list[str] = field(default_factory=list)  # NAME=REAL,FAKE test sets
+    out: str | None = None                          # results folder (default: <run>/eval)
+    which: str = "best"                             # best | last checkpoint of a run directory
+    split: str = "test"                             # split folder used when the sources have splits
+    aggregation: str = "after_softmax"              # image score used for accuracy and the PR curve
+    load_size: int | None = None                    # None: as the classifier was trained
+    crop_size: int | None = None
+    batch_size: int = 64
+    device: str = "auto"
+    precision: str = "auto"
+    workers: int = 0
+    on_bad_image: str = "skip"
+    force: bool = False                             # replace an existing metrics.json
+
+
+def evaluate(config: EvalConfig) -> dict[str, Any]:
+    """Score every test set with every aggregation; write metrics.json, metrics.csv, pr_curve.png."""
+    if not config.tests:
+        raise InputError("no test set given (--test NAME=REAL_DIR,FAKE_DIR)")
+    if config.aggregation not in AGGREGATIONS:
+        raise InputError(f"--aggregation {config.aggregation!r}: expected one of {', '.join(AGGREGATIONS)}")
+    specs = [parse_test_spec(s) for s in config.tests]
+    names = [name for name, _, _ in specs]
+    if len(set(names)) != len(names):
+        raise InputError(f"--test names must differ, got {', '.join(names)}")
+    device = resolve_device(config.device)
+    precision = resolve_precision(config.precision, device)
+    configure_backends(device)
+    model, meta = checkpoint.load_classifier(config.run, config.which, device)
+    model = model.to(memory_format=torch.channels_last)
+    trained = meta.get("config", {})
+    load_size = config.load_size or trained.get("load_size")
+    crop_size = config.crop_size or trained.get("crop_size")
+    out = Path(config.out) if config.out else _run_dir(config.run) / "eval"
+    if (out / "metrics.json").exists() and not config.force:
+        raise InputError(f"{out}/metrics.json exists; pass --force to replace it or choose another --out")
+    rf_size = receptive_field(model).size
+    min_size = min(rf_size, crop_size or load_size or rf_size)
+
+    results: dict[str, Any] = {}
+    curves = {}
+    rows = []
+    for name, real, fake in specs:
+        dataset = data.load_split(real, fake, config.split, load_size=load_size, crop_size=crop_size,
+                                  min_size=min_size, on_bad_image=config.on_bad_image, cache=False,
+                                  workers=config.workers, train=False, seed=0)
+        loader = data.make_loader(dataset, config.batch_size, train=False, workers=config.workers,
+                                  device_type=device.type)
+        logits, labels = predict(model, loader, device, precision, keep_logits=True)
+        patch_probs = torch.softmax(logits, dim=1)[:, 1]
+        per_mode = {}
+        for mode in AGGREGATIONS:
+            scores = image_scores(logits, mode)
+            per_mode[mode] = compute_metrics(scores, labels, patch_probs=patch_probs)
+            rows.append({"run": str(config.run), "test_set": name, "aggregation": mode, **per_mode[mode]})
+        results[name] = per_mode
+        chosen = image_scores(logits, config.aggregation)
+        curves[name] = (chosen.numpy(), labels.numpy())
+        _write_scores(out / f"scores_{name}.csv", dataset, chosen, labels)
+        m = per_mode[config.aggregation]
+        log.info("%s: AP %.4f, accuracy %.4f (real %.4f, fake %.4f), n=%d",
+                 name, m["ap"], m["acc"], m["acc_real"], m["acc_fake"], m["n"])
+    summary = {"run": str(config.run), "checkpoint_epoch": meta.get("epoch"), "model": meta.get("model"),
+               "aggregation": config.aggregation, "load_size": load_size, "crop_size": crop_size,
+               "split": config.split, "results": results}
+    out.mkdir(parents=True, exist_ok=True)
+    write_text(out / "config.yaml", configs.to_yaml(config))
+    write_json(out / "metrics.json", summary)
+    append_csv(out / "metrics.csv", rows)
+    plot_pr_curves(curves, out / "pr_curve.png", title=f"{meta.get('model')} ({config.aggregation})")
+    return {**summary, "out": str(out)}
+
+
+def _run_dir(run: str) -> Path:
+    path = Path(run)
+    return path if path.is_dir() else path.parent
+
+
+def _write_scores(path: Path, dataset: data.RealFakeDataset, scores: torch.Tensor, labels: torch.Tensor) -> None:
+    """Per-image scores, for the analysis stages (easiest/hardest images, heatmaps)."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    writer.writerow(["path", "label", "score"])
+    for path_, label, score in zip(map(dataset.path, range(len(dataset))), labels.tolist(), scores.tolist()):
+        writer.writerow([str(path_), label, f"{score:.6f}"])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_text(path, buffer.getvalue())

@@ -1,0 +1,246 @@
+"""The patch classifier training loop: patch-wise cross entropy, Adam, early stopping, resume.
+
+`fit(TrainConfig)` is what `patchscope train` runs; the retrain stage of the attacks calls it too.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from tqdm import tqdm
+
+from forensics import checkpoint, config as configs, data
+from forensics.atomic import append_line, write_text
+from forensics.device import autocast, configure_backends, resolve_device, resolve_precision
+from forensics.errors import InputError
+from forensics.evaluate import predict
+from forensics.models import build_model
+from forensics.receptive import receptive_field
+from forensics.scoring import compute_metrics, patch_cross_entropy
+
+log = logging.getLogger("patchscope.train")
+
+# Early-stopping patience of the public code, in epochs; other models use DEFAULT_PATIENCE.
+MODEL_PATIENCE = {"xception_block1": 50, "xception_block2": 20}
+DEFAULT_PATIENCE = 10
+# Settings a resumed run may change; everything else must match the saved config.
+RESUMABLE_CHANGES = {"max_epochs", "patience", "device", "workers", "tensorboard", "eval_batch_size"}
+
+
+@dataclass
+class TrainConfig:
+    real: str = ""                  # real images: folder with train/ and val/, a flat folder, or a manifest
+    fake: str = ""                  # fake images, same layouts
+    out: str = ""                   # run directory (created; an existing run is resumed or refused)
+    model: str = "xception_block2"  # registered patch classifier name
+    load_size: int | None = 299     # Lanczos-resize the shorter side to this, once, at load time
+    crop_size: int | None = 299     # random crop when training, centre crop for validation
+    init: str = "xavier"            # xavier (the paper's: gain 0.02) | kaiming (PyTorch default)
+    batch_size: int = 32            # images per step: half real, half fake
+    lr: float = 1e-3                # Adam learning rate
+    beta1: float = 0.9              # Adam betas
+    beta2: float = 0.999
+    max_epochs: int = 1000          # hard limit on epochs
+    patience: int | None = None     # epochs without a new best val patch accuracy before stopping (None: per model)
+    seed: int = 0                   # initial weights, batch order and augmentation all derive from it
+    device: str = "auto"            # auto | cpu | cuda | cuda:N
+    precision: str = "auto"         # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16
+    channels_last: bool = True      # NHWC memory layout: faster convolutions on CPU and GPU
+    compile: bool = False           # torch.compile the model
+    workers: int | None = None      # DataLoader worker processes (None: 0 when cached, else up to 8)
+    cache: bool | None = None       # keep decoded images in memory (None: when they fit in 4 GiB)
+    on_bad_image: str = "skip"      # skip | error for unreadable images
+    train_split: str = "train"      # split folder names
+    val_split: str = "val"
+    eval_batch_size: int = 64       # batch size for validation
+    tensorboard: bool = False       # also log to TensorBoard (needs the tensorboard extra)
+
+
+def patience_for(config: TrainConfig) -> int:
+    if config.patience is not None:
+        return config.patience
+    return MODEL_PATIENCE.get(config.model, DEFAULT_PATIENCE)
+
+
+def cache_fits(n_images: int, size: int | None, limit_bytes: float = 4 * 2**30) -> bool:
+    return size is not None and n_images * size * size * 3 <= limit_bytes
+
+
+def _prepare_run_dir(config: TrainConfig, resume: bool) -> Path:
+    out = Path(config.out)
+    if not config.out:
+        raise InputError("no run directory given (--out)")
+    saved = out / "config.yaml"
+    if saved.exists():
+        if not resume:
+            raise InputError(f"{out}: already holds a run; pass --resume to continue it, "
+                             f"or choose another --out")
+        old = configs.read_yaml(saved)
+        changed = sorted(k for k, v in configs.to_dict(config).items()
+                         if k not in RESUMABLE_CHANGES and old.get(k) != v)
+        if changed:
+            raise InputError(f"{out}: cannot resume with different {', '.join(changed)} "
+                             f"(saved: {', '.join(f'{k}={old.get(k)!r}' for k in changed)})")
+    elif resume and (out / "resume.pt").exists():
+        raise InputError(f"{out}: resume state without config.yaml; not a complete run directory")
+    out.mkdir(parents=True, exist_ok=True)
+    write_text(saved, configs.to_yaml(config))
+    return out
+
+
+def _load_split(config: TrainConfig, split: str, train: bool,
+                min_size: int) -> tuple[data.RealFakeDataset, int]:
+    """The dataset of one split and the DataLoader worker count that suits it."""
+    cache = config.cache
+    if cache is None:
+        n = len(data.list_images(config.real, split)) + len(data.list_images(config.fake, split))
+        cache = cache_fits(n, config.load_size)
+    # Cached images only need cropping and flipping: worker processes would cost more than they save.
+    workers = config.workers if config.workers is not None else (0 if cache else 8)
+    dataset = data.load_split(config.real, config.fake, split, load_size=config.load_size,
+                              crop_size=config.crop_size, min_size=min_size,
+                              on_bad_image=config.on_bad_image, cache=cache, workers=workers,
+                              train=train, seed=config.seed)
+    return dataset, workers
+
+
+def _truncate_log(path: Path, last_epoch: int) -> None:
+    """Drop log lines of epochs after the last checkpoint, so a resumed run does not repeat them."""
+    if not path.exists():
+        return
+    kept = [line for line in path.read_text().splitlines()
+            if line.strip() and json.loads(line).get("epoch", 0) <= last_epoch]
+    write_text(path, "".join(line + "\n" for line in kept))
+
+
+def fit(config: TrainConfig, resume: bool = False,
+        on_epoch_end: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+    """Train a patch classifier; returns a summary (best epoch, best val patch accuracy, run dir).
+
+    Early stopping: after every epoch the model scores the validation split (centre crops)
+    and its patch accuracy is compared with the best so far. A strictly higher accuracy
+    saves `best` and resets the count; otherwise the count of epochs without improvement
+    grows, and training stops once it reaches the patience, or after `max_epochs` epochs.
+    `last` and the resume state are saved after every epoch.
+    """
+    if config.batch_size < 2 or config.batch_size % 2:
+        raise InputError(f"--batch-size {config.batch_size}: must be even (half real, half fake)")
+    device = resolve_device(config.device)
+    precision = resolve_precision(config.precision, device)
+    configure_backends(device)
+    out = _prepare_run_dir(config, resume)
+    patience = patience_for(config)
+
+    model = build_model(config.model, seed=config.seed, init=config.init)
+    rf = receptive_field(model)
+    min_size = min(rf.size, config.crop_size or config.load_size or rf.size)
+    train_set, train_workers = _load_split(config, config.train_split, True, min_size)
+    val_set, val_workers = _load_split(config, config.val_split, False, min_size)
+    memory_format = torch.channels_last if config.channels_last else torch.contiguous_format
+    model = model.to(device, memory_format=memory_format)
+    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, betas=(config.beta1, config.beta2))
+
+    state = {"epoch": 0, "best_acc": -math.inf, "best_epoch": 0, "since_best": 0, "finished": False}
+    if resume and (out / "resume.pt").exists():
+        saved = checkpoint.load_resume_state(out / "resume.pt")
+        last, _ = checkpoint.load_classifier(out, "last")
+        model.load_state_dict(last.state_dict())
+        optimizer.load_state_dict(saved["optimizer"])
+        state = saved["state"]
+        _truncate_log(out / "metrics.jsonl", state["epoch"])
+        log.info("resuming %s after epoch %d", out, state["epoch"])
+    if state["finished"]:
+        log.info("%s: training already finished (%s)", out, state.get("stop_reason"))
+        return _summary(out, state)
+
+    step_model = torch.compile(model) if config.compile else model
+    train_loader = data.make_loader(train_set, config.batch_size, train=True, seed=config.seed,
+                                    workers=train_workers, device_type=device.type)
+    val_loader = data.make_loader(val_set, config.eval_batch_size, train=False, seed=config.seed,
+                                  workers=val_workers, device_type=device.type)
+    writer = _tensorboard(out) if config.tensorboard else None
+
+    for epoch in range(state["epoch"] + 1, config.max_epochs + 1):
+        record = _train_epoch(step_model, optimizer, train_loader, epoch, device, precision, memory_format)
+        probs, labels = predict(step_model, val_loader, device, precision, memory_format)
+        val = compute_metrics(probs.mean(dim=(1, 2)), labels, patch_probs=probs)
+        improved = val["patch_acc"] > state["best_acc"]
+        state.update(epoch=epoch, since_best=0 if improved else state["since_best"] + 1)
+        if improved:
+            state.update(best_acc=val["patch_acc"], best_epoch=epoch)
+        if state["since_best"] >= patience or epoch == config.max_epochs:
+            state.update(finished=True, stop_reason=(
+                f"no improvement for {patience} epochs" if state["since_best"] >= patience
+                else f"reached max_epochs={config.max_epochs}"))
+        record.update(val_patch_acc=val["patch_acc"], val_ap=val["ap"], val_acc=val["acc"],
+                      best_val_patch_acc=state["best_acc"], best_epoch=state["best_epoch"],
+                      epochs_since_best=state["since_best"])
+        append_line(out / "metrics.jsonl", json.dumps(record))
+        meta = {"epoch": epoch, "config": configs.to_dict(config), "val": val}
+        if improved:
+            checkpoint.save_classifier(out / "best", model, meta)
+        checkpoint.save_classifier(out / "last", model, meta)
+        checkpoint.save_resume_state(out / "resume.pt", {"optimizer": optimizer.state_dict(), "state": state})
+        log.info("epoch %d: loss %.4f, train patch acc %.4f, val patch acc %.4f, val AP %.4f%s",
+                 epoch, record["train_loss"], record["train_patch_acc"], val["patch_acc"], val["ap"],
+                 " (best)" if improved else "")
+        if writer is not None:
+            for key, value in record.items():
+                if isinstance(value, (int, float)) and key != "epoch":
+                    writer.add_scalar(key, value, epoch)
+        if on_epoch_end is not None:
+            on_epoch_end(record)
+        if state["finished"]:
+            log.info("stopped after epoch %d: %s", epoch, state["stop_reason"])
+            break
+    if writer is not None:
+        writer.close()
+    return _summary(out, state)
+
+
+def _train_epoch(model, optimizer, loader, epoch, device, precision, memory_format) -> dict[str, Any]:
+    model.train()
+    data.set_epoch(loader, epoch)
+    total_loss = torch.zeros((), device=device)
+    correct = torch.zeros((), device=device, dtype=torch.long)
+    patches = images = 0
+    start = time.perf_counter()
+    for x, y, _ in tqdm(loader, desc=f"epoch {epoch}", leave=False, disable=None):
+        x = x.to(device, non_blocking=True, memory_format=memory_format)
+        y = y.to(device, non_blocking=True)
+        with autocast(device, precision):
+            logits = model(x)
+        loss = patch_cross_entropy(logits, y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        # Accumulate on the device: no host sync per step.
+        total_loss += loss.detach() * len(y)
+        correct += ((logits[:, 1] > logits[:, 0]).long() == y[:, None, None]).sum()
+        patches += logits[:, 0].numel()
+        images += len(y)
+    seconds = time.perf_counter() - start
+    return {"epoch": epoch, "train_loss": total_loss.item() / max(images, 1),
+            "train_patch_acc": correct.item() / max(patches, 1), "images": images,
+            "seconds": round(seconds, 3), "images_per_s": round(images / max(seconds, 1e-9), 2),
+            "lr": optimizer.param_groups[0]["lr"]}
+
+
+def _tensorboard(out: Path):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise InputError("--tensorboard needs the tensorboard package: pip install 'patchscope[tensorboard]'") from None
+    return SummaryWriter(str(out / "tensorboard"))
+
+
+def _summary(out: Path, state: dict[str, Any]) -> dict[str, Any]:
+    return {"run": str(out), "epochs": state["epoch"], "best_epoch": state["best_epoch"],
+            "best_val_patch_acc": state["best_acc"], "finished": state["finished"],
+            "stop_reason": state.get("stop_reason")}

@@ -1,0 +1,87 @@
+"""Training: learning an easy split, early stopping, checkpoints, resume and run-directory rules."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from forensics import checkpoint
+from forensics.errors import InputError
+from forensics.evaluate import EvalConfig, evaluate
+from forensics.train import TrainConfig, fit
+
+
+def tiny_config(dataset, out, **overrides) -> TrainConfig:
+    settings = dict(real=str(dataset / "real"), fake=str(dataset / "fake"), out=str(out),
+                    model="xception_block1", load_size=32, crop_size=32, batch_size=16,
+                    max_epochs=3, patience=10, device="cpu", seed=0, init="kaiming")
+    settings.update(overrides)
+    return TrainConfig(**settings)
+
+
+def test_tiny_run_learns_an_easy_split_to_high_ap(builtin_dataset, tmp_path):
+    summary = fit(tiny_config(builtin_dataset, tmp_path / "run", max_epochs=12))
+    assert summary["finished"] and summary["epochs"] == 12
+    result = evaluate(EvalConfig(run=str(tmp_path / "run"),
+                                 tests=[f"easy={builtin_dataset / 'real'},{builtin_dataset / 'fake'}"],
+                                 device="cpu"))
+    metrics = result["results"]["easy"]["after_softmax"]
+    assert metrics["ap"] > 0.95
+    assert metrics["n_real"] == 48 and metrics["n_fake"] == 48
+    out = tmp_path / "run" / "eval"
+    for name in ("metrics.json", "metrics.csv", "pr_curve.png", "scores_easy.csv", "config.yaml"):
+        assert (out / name).is_file(), name
+    lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["epoch"] for line in lines] == list(range(1, 13))
+
+
+def test_resume_after_interruption_gives_the_same_weights_as_an_uninterrupted_run(builtin_dataset, tmp_path):
+    fit(tiny_config(builtin_dataset, tmp_path / "straight"))
+
+    def interrupt(record):
+        if record["epoch"] == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        fit(tiny_config(builtin_dataset, tmp_path / "resumed"), on_epoch_end=interrupt)
+    summary = fit(tiny_config(builtin_dataset, tmp_path / "resumed"), resume=True)
+    assert summary["epochs"] == 3
+    for which in ("last", "best"):
+        a, meta_a = checkpoint.load_classifier(tmp_path / "straight", which)
+        b, meta_b = checkpoint.load_classifier(tmp_path / "resumed", which)
+        assert meta_a["epoch"] == meta_b["epoch"]
+        for (key, va), vb in zip(a.state_dict().items(), b.state_dict().values()):
+            assert torch.equal(va, vb), key
+    log = lambda run: [json.loads(x) for x in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+    straight, resumed = log("straight"), log("resumed")
+    assert [r["epoch"] for r in resumed] == [1, 2, 3]
+    assert [r["train_loss"] for r in straight] == [r["train_loss"] for r in resumed]
+
+
+def test_early_stopping_waits_exactly_patience_epochs_without_improvement(builtin_dataset, tmp_path):
+    # lr 0: the weights never change, so epoch 1 is the best and no later epoch improves on it.
+    summary = fit(tiny_config(builtin_dataset, tmp_path / "run", lr=1e-12, max_epochs=20, patience=2))
+    assert summary["best_epoch"] == 1 and summary["epochs"] == 3
+    assert "no improvement for 2 epochs" in summary["stop_reason"]
+
+
+def test_existing_run_is_refused_without_resume_and_a_finished_run_is_not_retrained(builtin_dataset, tmp_path):
+    cfg = tiny_config(builtin_dataset, tmp_path / "run", max_epochs=1)
+    fit(cfg)
+    with pytest.raises(InputError, match="already holds a run; pass --resume"):
+        fit(cfg)
+    before = (tmp_path / "run" / "last.safetensors").read_bytes()
+    assert fit(cfg, resume=True)["epochs"] == 1
+    assert (tmp_path / "run" / "last.safetensors").read_bytes() == before
+
+
+def test_resume_refuses_a_changed_model(builtin_dataset, tmp_path):
+    fit(tiny_config(builtin_dataset, tmp_path / "run", max_epochs=1))
+    with pytest.raises(InputError, match="cannot resume with different model"):
+        fit(tiny_config(builtin_dataset, tmp_path / "run", model="resnet18_layer1"), resume=True)
+
+
+def test_odd_batch_size_is_refused(builtin_dataset, tmp_path):
+    with pytest.raises(InputError, match="must be even"):
+        fit(tiny_config(builtin_dataset, tmp_path / "run", batch_size=15))
