@@ -1,4 +1,4 @@
-"""Real/fake image data: listing folders and manifests, decoding, one-time resize cache, batching.
+"""Real/fake image data: listing folders and manifests, decoding, one-time resize cache, the dataset.
 
 Used by `forensics.train` (and through it eval and analysis) to turn image folders into balanced, reproducible batches.
 """
@@ -8,7 +8,6 @@ import contextlib
 import csv
 import functools
 import logging
-import math
 import multiprocessing
 import os
 from pathlib import Path
@@ -17,9 +16,11 @@ from typing import Callable, Iterator, Sequence
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import Dataset
 from tqdm import tqdm
 
+from forensics.batching import (BalancedBatchSampler, EpochBatches, SequentialBatches,  # noqa: F401 - re-exported
+                                make_loader, set_epoch)
 from forensics.errors import InputError
 
 log = logging.getLogger("patchscope.data")
@@ -371,112 +372,6 @@ class RealFakeDataset(Dataset):
         # torchvision CenterCrop's rounding, so eval crops match the public pipeline.
         top, left = int(round((height - size) / 2.0)), int(round((width - size) / 2.0))
         return pixels[top:top + size, left:left + size]
-
-
-# ----------------------------------------------------------------------------- batching
-
-def _cycled_permutations(n: int, length: int, rng: np.random.Generator) -> np.ndarray:
-    """`length` indices from back-to-back fresh permutations of range(n)."""
-    return np.concatenate([rng.permutation(n) for _ in range(math.ceil(length / n))])[:length]
-
-
-class BalancedBatchSampler(Sampler[list[int]]):
-    """Batches of batch_size/2 real and batch_size/2 fake indices; an epoch covers the larger class once.
-
-    The order depends only on (seed, epoch). The smaller class cycles through fresh
-    permutations; the final batch is topped up from the larger class's next permutation,
-    so every batch has the same size. With world_size > 1, rank r takes batches r, r+W, ...
-    """
-
-    def __init__(self, n_real: int, n_fake: int, batch_size: int, seed: int = 0, *,
-                 rank: int = 0, world_size: int = 1):
-        super().__init__()
-        if batch_size < 2 or batch_size % 2:
-            raise InputError(f"batch_size must be even (half real, half fake), got {batch_size}")
-        if n_real < 1 or n_fake < 1:
-            raise InputError(f"balanced batches need real and fake images, got {n_real} real and {n_fake} fake")
-        self.n_real, self.n_fake, self.half, self.seed = n_real, n_fake, batch_size // 2, seed
-        self.rank, self.world_size, self.epoch = rank, world_size, 0
-        self._per_rank = math.ceil(math.ceil(max(n_real, n_fake) / self.half) / world_size)
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = int(epoch)
-
-    def __len__(self) -> int:
-        return self._per_rank
-
-    def __iter__(self) -> Iterator[list[int]]:
-        length = self._per_rank * self.world_size * self.half
-        real = _cycled_permutations(self.n_real, length, np.random.default_rng([self.seed, self.epoch, 0]))
-        fake = _cycled_permutations(self.n_fake, length, np.random.default_rng([self.seed, self.epoch, 1]))
-        fake += self.n_real
-        for batch in range(self.rank, self._per_rank * self.world_size, self.world_size):
-            part = slice(batch * self.half, (batch + 1) * self.half)
-            yield real[part].tolist() + fake[part].tolist()
-
-
-class SequentialBatches(Sampler[list[int]]):
-    """Evaluation batches in index order, the last one possibly short; rank r takes indices r, r+W, ..."""
-
-    def __init__(self, n: int, batch_size: int, *, rank: int = 0, world_size: int = 1):
-        super().__init__()
-        if batch_size < 1:
-            raise InputError(f"batch_size must be positive, got {batch_size}")
-        self.indices, self.batch_size = list(range(rank, n, world_size)), batch_size
-
-    def __len__(self) -> int:
-        return math.ceil(len(self.indices) / self.batch_size)
-
-    def __iter__(self) -> Iterator[list[int]]:
-        for start in range(0, len(self.indices), self.batch_size):
-            yield self.indices[start:start + self.batch_size]
-
-
-class EpochBatches(Sampler[list[tuple[int, int]]]):
-    """Wraps a batch sampler so each index travels to the dataset as (epoch, index).
-
-    Why determinism holds across worker counts: persistent DataLoader workers keep the copy
-    of the dataset made when they started, so an epoch set on the main process's dataset
-    never reaches them. The batch sampler runs in the main process, though, and its output
-    is what workers receive: tagging each index with the epoch gives every worker the exact
-    (seed, epoch, index) that seeds the item's augmentation, whichever worker gets the batch.
-    """
-
-    def __init__(self, batches: Sampler[list[int]]):
-        super().__init__()
-        self.batches, self.epoch = batches, 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = int(epoch)
-        if hasattr(self.batches, "set_epoch"):
-            self.batches.set_epoch(epoch)
-
-    def __len__(self) -> int:
-        return len(self.batches)
-
-    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
-        epoch = self.epoch  # fixed for the whole pass even if set_epoch is called mid-way
-        for batch in self.batches:
-            yield [(epoch, index) for index in batch]
-
-
-def make_loader(dataset: RealFakeDataset, batch_size: int, train: bool, seed: int = 0, workers: int = 0,
-                device_type: str = "cpu", *, rank: int = 0, world_size: int = 1) -> DataLoader:
-    """Balanced shuffled batches for training, sequential unshuffled ones (nothing dropped) for eval."""
-    if train:
-        batches = BalancedBatchSampler(dataset.n_real, dataset.n_fake, batch_size, seed,
-                                       rank=rank, world_size=world_size)
-    else:
-        batches = SequentialBatches(len(dataset), batch_size, rank=rank, world_size=world_size)
-    return DataLoader(dataset, batch_sampler=EpochBatches(batches), num_workers=workers,
-                      pin_memory=device_type == "cuda", persistent_workers=workers > 0)
-
-
-def set_epoch(loader: DataLoader, epoch: int) -> None:
-    """Select the epoch whose batch order and augmentation the loader's next pass uses."""
-    for part in (loader.batch_sampler, loader.dataset):
-        if hasattr(part, "set_epoch"):
-            part.set_epoch(epoch)
 
 
 def load_split(real_source: str | os.PathLike, fake_source: str | os.PathLike, split: str | None = None,
