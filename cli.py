@@ -75,7 +75,7 @@ def main(verbose: bool) -> None:
 @click.option("--seed", type=int, help="Seeds initial weights, batch order and augmentation.  [default: 0]")
 @click.option("--device", help="auto | cpu | cuda | cuda:N.  [default: auto]")
 @click.option("--precision", type=click.Choice(["auto", "fp32", "bf16"]),
-              help="auto = bf16 autocast on CUDA, fp32 on CPU.  [default: auto]")
+              help="auto = bf16 autocast on CUDA and on CPUs with native bf16 (AVX512-BF16/AMX), else fp32.  [default: auto]")
 @click.option("--channels-last/--no-channels-last", default=None, help="NHWC memory layout.  [default: on]")
 @click.option("--compile/--no-compile", default=None, help="torch.compile the model.  [default: off]")
 @click.option("--workers", type=click.IntRange(0), help="DataLoader workers.  [default: 0 when cached, else 8]")
@@ -156,7 +156,12 @@ def _metrics_table(summary: dict[str, Any]) -> str:
 
 @main.command()
 def models() -> None:
-    """List the patch classifiers with their receptive field and parameter count."""
+    """List the patch classifiers with their receptive field and parameter count.
+
+    \b
+    Example:
+      patchscope models
+    """
     from forensics.models import build_model, count_parameters, model_names
     from forensics.receptive import receptive_field
 

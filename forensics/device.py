@@ -5,6 +5,9 @@
 from __future__ import annotations
 
 import contextlib
+import functools
+import re
+from pathlib import Path
 from typing import ContextManager
 
 import torch
@@ -26,12 +29,23 @@ def resolve_device(name: str = "auto") -> torch.device:
     return device
 
 
+@functools.lru_cache(maxsize=1)
+def cpu_has_native_bf16() -> bool:
+    """True when the CPU computes bf16 in hardware (AVX512-BF16 or AMX), where bf16 roughly
+    halves the step time; elsewhere bf16 is emulated and slower than fp32."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return bool(re.search(r"\b(avx512_bf16|amx_bf16)\b", flags))
+
+
 def resolve_precision(precision: str, device: torch.device) -> str:
-    """`auto` means bf16 autocast on CUDA and fp32 on CPU (bitwise-reproducible there)."""
+    """`auto`: bf16 autocast on CUDA and on CPUs with native bf16, else fp32."""
     if precision not in PRECISIONS:
         raise InputError(f"--precision {precision!r}: expected one of {', '.join(PRECISIONS)}")
     if precision == "auto":
-        return "bf16" if device.type == "cuda" else "fp32"
+        return "bf16" if device.type == "cuda" or cpu_has_native_bf16() else "fp32"
     return precision
 
 

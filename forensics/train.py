@@ -50,7 +50,7 @@ class TrainConfig:
     patience: int | None = None     # epochs without a new best val patch accuracy before stopping (None: per model)
     seed: int = 0                   # initial weights, batch order and augmentation all derive from it
     device: str = "auto"            # auto | cpu | cuda | cuda:N
-    precision: str = "auto"         # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16
+    precision: str = "auto"         # auto (bf16 on CUDA and on CPUs with native bf16, else fp32) | fp32 | bf16
     channels_last: bool = True      # NHWC memory layout: faster convolutions on CPU and GPU
     compile: bool = False           # torch.compile the model
     workers: int | None = None      # DataLoader worker processes (None: 0 when cached, else up to 8)
@@ -139,7 +139,12 @@ def fit(config: TrainConfig, resume: bool = False,
 
     model = build_model(config.model, seed=config.seed, init=config.init)
     rf = receptive_field(model)
+    # An image smaller than one receptive field cannot be judged patch by patch (the crop caps
+    # the check: deep blocks at small sizes see the whole input from every cell, as in the paper).
     min_size = min(rf.size, config.crop_size or config.load_size or rf.size)
+    if config.crop_size and config.crop_size < rf.size:
+        log.warning("%s sees %d px per output cell, more than its %d px input: every cell sees the "
+                    "whole image", config.model, rf.size, config.crop_size)
     train_set, train_workers = _load_split(config, config.train_split, True, min_size)
     val_set, val_workers = _load_split(config, config.val_split, False, min_size)
     memory_format = torch.channels_last if config.channels_last else torch.contiguous_format

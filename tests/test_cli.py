@@ -1,0 +1,105 @@
+"""The command line: help with examples, one-line errors with exit code 2, train -> eval, the demo."""
+from __future__ import annotations
+
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from cli import main
+
+COMMANDS = ["train", "eval", "models", "demo"]
+
+
+def run(*args: str):
+    return CliRunner().invoke(main, list(args), catch_exceptions=False)
+
+
+@pytest.mark.parametrize("command", [None, *COMMANDS])
+def test_help_shows_an_example(command):
+    result = run(*([command] if command else []), "--help")
+    assert result.exit_code == 0
+    assert "Example" in result.output and "patchscope" in result.output
+
+
+def test_missing_folder_is_one_line_and_exit_code_2(tmp_path):
+    result = run("train", "--real", str(tmp_path / "nope"), "--fake", str(tmp_path / "nope2"),
+                 "--out", str(tmp_path / "run"))
+    assert result.exit_code == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "nope" in lines[0]
+    assert "Traceback" not in result.output
+
+
+def test_empty_folder_is_refused(tmp_path):
+    (tmp_path / "real").mkdir()
+    (tmp_path / "fake").mkdir()
+    result = run("train", "--real", str(tmp_path / "real"), "--fake", str(tmp_path / "fake"),
+                 "--out", str(tmp_path / "run"))
+    assert result.exit_code == 2 and "real" in result.stderr
+
+
+def test_images_smaller_than_the_receptive_field_are_refused(tmp_path):
+    from PIL import Image
+
+    for kind in ("real", "fake"):
+        for split in ("train", "val"):
+            folder = tmp_path / kind / split
+            folder.mkdir(parents=True)
+            Image.new("RGB", (12, 12), (10, 20, 30)).save(folder / "a.png")
+    result = run("train", "--real", str(tmp_path / "real"), "--fake", str(tmp_path / "fake"),
+                 "--out", str(tmp_path / "run"), "--model", "xception_block1", "--crop-size", "32",
+                 "--load-size", "32")
+    assert result.exit_code == 2
+    assert "a.png" in result.stderr and "receptive field" in result.stderr
+
+
+def test_eval_of_something_that_is_not_a_run_is_refused(tmp_path):
+    result = run("eval", str(tmp_path), "--test", f"x={tmp_path},{tmp_path}")
+    assert result.exit_code == 2 and "best.safetensors" in result.stderr
+
+
+def test_bad_test_spec_is_refused(tmp_path):
+    result = run("eval", str(tmp_path), "--test", "no-equals-sign")
+    assert result.exit_code == 2 and "NAME=REAL_DIR,FAKE_DIR" in result.stderr
+
+
+def test_unknown_config_key_is_refused(tmp_path):
+    config = tmp_path / "c.yaml"
+    config.write_text("train:\n  modle: xception_block1\n")
+    result = run("train", "--config", str(config), "--out", str(tmp_path / "run"))
+    assert result.exit_code == 2 and "unknown setting 'modle'" in result.stderr
+
+
+def test_train_then_eval_from_the_command_line(builtin_dataset, tmp_path):
+    config = tmp_path / "c.yaml"
+    config.write_text("train:\n  model: xception_block1\n  init: kaiming\n  max_epochs: 2\n")
+    result = run("train", "--config", str(config), "--real", str(builtin_dataset / "real"),
+                 "--fake", str(builtin_dataset / "fake"), "--out", str(tmp_path / "run"),
+                 "--load-size", "32", "--crop-size", "32", "--batch-size", "16", "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    assert summary["epochs"] == 2
+    saved = (tmp_path / "run" / "config.yaml").read_text()
+    assert "model: xception_block1" in saved and "batch_size: 16" in saved  # YAML and flags resolved
+    result = run("eval", str(tmp_path / "run"), "--test", f"a={builtin_dataset / 'real'},{builtin_dataset / 'fake'}",
+                 "--test", f"b={builtin_dataset / 'real'},{builtin_dataset / 'fake'}", "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    rows = [line.split() for line in result.stdout.splitlines()[1:3]]
+    assert [row[0] for row in rows] == ["a", "b"] and rows[0][1:] == rows[1][1:]
+    result = run("eval", str(tmp_path / "run"), "--test", f"a={builtin_dataset / 'real'},{builtin_dataset / 'fake'}")
+    assert result.exit_code == 2 and "--force" in result.stderr
+
+
+@pytest.mark.slow
+def test_quick_demo_runs_end_to_end(tmp_path):
+    result = run("demo", "--out", str(tmp_path / "demo"), "--quick")
+    assert result.exit_code == 0, result.output
+    assert "AP of the patch classifier" in result.stdout
+    metrics = json.loads((tmp_path / "demo" / "eval" / "metrics.json").read_text())
+    ap = metrics["results"]["builtin"]["after_softmax"]["ap"]
+    assert 0.0 <= ap <= 1.0
+    for name in ("data/dataset.json", "classifier/best.safetensors", "eval/pr_curve.png"):
+        assert (tmp_path / "demo" / name).is_file(), name
+    again = run("demo", "--out", str(tmp_path / "demo"), "--quick")  # cached stages are reused
+    assert again.exit_code == 0 and "AP of the patch classifier" in again.stdout
