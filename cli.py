@@ -123,8 +123,11 @@ def train(config: str | None, resume: bool, **options: Any) -> None:
 @click.option("--workers", type=click.IntRange(0), help="DataLoader workers.  [default: 0]")
 @click.option("--on-bad-image", type=click.Choice(["skip", "error"]), help="[default: skip]")
 @click.option("--force", is_flag=True, default=None, help="Replace an existing metrics.json.")
+@click.option("--heatmaps", type=click.IntRange(0), default=0,
+              help="Also write heatmap pages of the N easiest and N hardest test images per class "
+                   "(OUT/heatmaps/NAME/heatmaps.html).  [default: 0 = none]")
 @_user_errors
-def evaluate(run: str, config: str | None, tests: tuple[str, ...], **options: Any) -> None:
+def evaluate(run: str, config: str | None, tests: tuple[str, ...], heatmaps: int, **options: Any) -> None:
     """Score test sets with a trained classifier: AP, accuracy, ROC AUC, PR curve.
 
     \b
@@ -134,14 +137,21 @@ def evaluate(run: str, config: str | None, tests: tuple[str, ...], **options: An
     \b
     Example:
       patchscope eval runs/xb2 --test pgan=data/real,data/pgan --test sg=data/real,data/sg
+      patchscope eval runs/xb2 --test pgan=data/real,data/pgan --heatmaps 10
     """
     from forensics.evaluate import EvalConfig, evaluate as run_eval
 
     layers = _layers(config, "eval")
     cli = {**_overrides(options), "run": run, **({"tests": list(tests)} if tests else {})}
-    summary = run_eval(configs.resolve(EvalConfig, layers, cli, source=config or "options"))
+    cfg = configs.resolve(EvalConfig, layers, cli, source=config or "options")
+    summary = run_eval(cfg)
     click.echo(_metrics_table(summary))
     click.echo(f"results: {summary['out']}")
+    if heatmaps:
+        from analysis.heatmaps import write_eval_heatmaps
+
+        for name, written in write_eval_heatmaps(cfg, heatmaps).items():
+            click.echo(f"heatmaps ({name}): {written['page']}")
 
 
 def _metrics_table(summary: dict[str, Any]) -> str:

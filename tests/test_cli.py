@@ -89,6 +89,10 @@ def test_train_then_eval_from_the_command_line(builtin_dataset, tmp_path):
     assert [row[0] for row in rows] == ["a", "b"] and rows[0][1:] == rows[1][1:]
     result = run("eval", str(tmp_path / "run"), "--test", f"a={builtin_dataset / 'real'},{builtin_dataset / 'fake'}")
     assert result.exit_code == 2 and "--force" in result.stderr
+    result = run("eval", str(tmp_path / "run"), "--test", f"a={builtin_dataset / 'real'},{builtin_dataset / 'fake'}",
+                 "--force", "--heatmaps", "2", "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "run" / "eval" / "heatmaps" / "a" / "heatmaps.html").is_file()
 
 
 @pytest.mark.slow
