@@ -165,6 +165,67 @@ def _metrics_table(summary: dict[str, Any]) -> str:
 
 
 @main.command()
+@click.argument("run")
+@click.option("--config", type=click.Path(dir_okay=False), help="YAML settings (its `patches:` section, or the whole file).")
+@click.option("--real", help="Real images: a folder with split subfolders, a flat folder, or a .txt/.csv manifest.")
+@click.option("--fake", help="Fake images, same layouts.")
+@click.option("--out", help="Results folder.  [default: RUN/patches]")
+@click.option("--split", help="Split folder used when a source has splits.  [default: test]")
+@click.option("-n", "--n", "n", type=click.IntRange(1),
+              help="Images kept, one patch each: per class, or overall with --overall.  [default: 100]")
+@click.option("--per-class/--overall", default=None,
+              help="Top N reals and top N fakes, or the top N images of both together.  [default: per class]")
+@click.option("--face-parser", type=click.Path(dir_okay=False),
+              help="BiSeNet weights (79999_iter.pth, published with zllrunning/face-parsing.PyTorch) for "
+                   "face-part classes.  [default: none: flat/edge/texture classes from local gradients]")
+@click.option("--seed", type=click.IntRange(0), help="Seeds the random baseline patch of each image.  [default: 0]")
+@click.option("--which", type=click.Choice(["best", "last"]), help="Checkpoint of a run directory.  [default: best]")
+@click.option("--load-size", type=click.IntRange(1), help="[default: as trained]")
+@click.option("--crop-size", type=click.IntRange(1), help="[default: as trained]")
+@click.option("--batch-size", type=click.IntRange(1), help="[default: 64]")
+@click.option("--device", help="auto | cpu | cuda | cuda:N.  [default: auto]")
+@click.option("--precision", type=click.Choice(["auto", "fp32", "bf16"]), help="[default: auto]")
+@click.option("--workers", type=click.IntRange(0), help="DataLoader workers.  [default: 0]")
+@click.option("--on-bad-image", type=click.Choice(["skip", "error"]), help="[default: skip]")
+@click.option("--sheet-max", type=click.IntRange(1), help="Patches on each contact sheet.  [default: 225]")
+@click.option("--crops/--no-crops", "save_crops", default=None, help="One PNG per top patch.  [default: on]")
+@click.option("--force", is_flag=True, default=None, help="Replace an existing patches.json.")
+@_user_errors
+def patches(run: str, config: str | None, **options: Any) -> None:
+    """Find each image's most predictive patch and what it shows.
+
+    \b
+    For every image, the output cell most sure of the image's true class is mapped to
+    its receptive-field box; the N surest images are kept (one patch each). A segmenter
+    labels each patch with the class covering most of it, and one random patch per kept
+    image gives the baseline. Writes OUT/patches.json (cells, boxes, classes),
+    OUT/crops/, OUT/sheet_{real,fake}.png and OUT/histogram_{real,fake}.png/.json.
+
+    \b
+    Example:
+      patchscope patches runs/xb2 --real data/real --fake data/pgan -n 1000 \\
+          --face-parser weights/79999_iter.pth
+    """
+    from analysis.patches import PatchesConfig, run_patches
+
+    cli = {**_overrides(options), "run": run}
+    cfg = configs.resolve(PatchesConfig, _layers(config, "patches"), cli, source=config or "options")
+    summary = run_patches(**configs.to_dict(cfg))
+    click.echo(_histogram_table(summary))
+    click.echo(f"results: {summary['out']}")
+
+
+def _histogram_table(summary: dict[str, Any]) -> str:
+    names = summary["histograms"]
+    lines = [f"{'class':<12} " + " ".join(f"{name + ' top':>10} {name + ' rand':>10}" for name in names)]
+    for cls in summary["classes"]:
+        cells = [f"{h['top']['fractions'][cls]:>10.3f} {h['baseline']['fractions'][cls]:>10.3f}"
+                 for h in names.values()]
+        lines.append(f"{cls:<12} " + " ".join(cells))
+    return "\n".join(lines)
+
+
+@main.command()
 def models() -> None:
     """List the patch classifiers with their receptive field and parameter count.
 

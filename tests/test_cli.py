@@ -8,7 +8,7 @@ from click.testing import CliRunner
 
 from cli import main
 
-COMMANDS = ["train", "eval", "models", "demo"]
+COMMANDS = ["train", "eval", "patches", "models", "demo"]
 
 
 def run(*args: str):
@@ -93,6 +93,10 @@ def test_train_then_eval_from_the_command_line(builtin_dataset, tmp_path):
                  "--force", "--heatmaps", "2", "--device", "cpu")
     assert result.exit_code == 0, result.output
     assert (tmp_path / "run" / "eval" / "heatmaps" / "a" / "heatmaps.html").is_file()
+    result = run("patches", str(tmp_path / "run"), "--real", str(builtin_dataset / "real"),
+                 "--fake", str(builtin_dataset / "fake"), "-n", "4", "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    assert "flat" in result.stdout and (tmp_path / "run" / "patches" / "patches.json").is_file()
 
 
 @pytest.mark.slow
