@@ -225,6 +225,52 @@ def _histogram_table(summary: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+@main.command("invert")
+@click.option("--config", type=click.Path(dir_okay=False), help="YAML settings (its `invert:` section, or the whole file).")
+@click.option("--generator", help="Generator checkpoint (PGAN, StyleGAN, StyleGAN2 or Glow; any format load_generator reads).")
+@click.option("--images", help="Images to invert: a flat folder, a folder with splits (see --split), or a .txt/.csv manifest.")
+@click.option("--out", help="Output folder; an existing one is refused unless --resume.")
+@click.option("--split", help="Split folder of --images when it has train/val/test.")
+@click.option("--space", type=click.Choice(["auto", "z", "w", "w+"]),
+              help="Latent space searched; auto = w+ for StyleGAN/StyleGAN2, z otherwise.  [default: auto]")
+@click.option("--steps", type=click.IntRange(0), help="Adam steps per image.  [default: 300]")
+@click.option("--lr", type=click.FloatRange(0, min_open=True), help="Adam learning rate.  [default: 0.05]")
+@click.option("--lambda-mse", type=click.FloatRange(0), help="Weight of the pixel MSE.  [default: 1.0]")
+@click.option("--lambda-lpips", type=click.FloatRange(0), help="Weight of LPIPS; 0 = MSE only.  [default: 1.0]")
+@click.option("--lpips-net", type=click.Choice(["alex", "vgg", "squeeze"]), help="LPIPS backbone.  [default: alex]")
+@click.option("--lpips-weights", type=click.Path(dir_okay=False),
+              help="torchvision weights of the LPIPS backbone (alexnet-owt-7be5be79.pth, vgg16-397923af.pth or "
+                   "squeezenet1_1-b8a52dc0.pth).  [default: $TORCH_HOME/hub/checkpoints]")
+@click.option("--lpips-random/--no-lpips-random", default=None,
+              help="Random LPIPS backbone: smoke tests only, its distances are not perceptual.  [default: off]")
+@click.option("--batch-size", type=click.IntRange(1), help="Images optimised together; results do not depend on it.  [default: 8]")
+@click.option("--seed", type=int, help="z of image i starts at latent i of this seed's stream.  [default: 0]")
+@click.option("--device", help="auto | cpu | cuda | cuda:N.  [default: auto]")
+@click.option("--on-bad-image", type=click.Choice(["skip", "error"]), help="Unreadable images.  [default: skip]")
+@click.option("--resume", is_flag=True, help="Continue the inversion in --out; finished images are kept.")
+@_user_errors
+def invert(config: str | None, resume: bool, **options: Any) -> None:
+    """Project images into a generator's latent space (GAN inversion): reprojected fakes.
+
+    \b
+    Every image is resized (Lanczos) to the generator's resolution and its latent is found
+    with Adam, minimising lambda-mse * MSE + lambda-lpips * LPIPS; each image keeps its best
+    latent. OUT receives the reprojections as PNG under the images' own names, latents.pt
+    ({name: latent}), metrics.json (per-image MSE and LPIPS) and config.yaml. Work is saved
+    after every batch; --resume continues without redoing finished images.
+
+    \b
+    Example:
+      patchscope invert --generator weights/stylegan2-ffhq-256.pt --images data/real/test \\
+          --out data/sg2_reprojected --lpips-weights weights/alexnet-owt-7be5be79.pth
+    """
+    from attacks.invert import InvertConfig, invert_folder
+
+    cfg = configs.resolve(InvertConfig, _layers(config, "invert"), _overrides(options), source=config or "options")
+    summary = invert_folder(cfg, resume=resume)
+    click.echo(json.dumps(summary, indent=2))
+
+
 @main.command()
 def models() -> None:
     """List the patch classifiers with their receptive field and parameter count.
