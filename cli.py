@@ -122,25 +122,35 @@ def train(config: str | None, resume: bool, **options: Any) -> None:
 @click.option("--precision", type=click.Choice(["auto", "fp32", "bf16"]), help="[default: auto]")
 @click.option("--workers", type=click.IntRange(0), help="DataLoader workers.  [default: 0]")
 @click.option("--on-bad-image", type=click.Choice(["skip", "error"]), help="[default: skip]")
-@click.option("--force", is_flag=True, default=None, help="Replace an existing metrics.json.")
+@click.option("--force", is_flag=True, default=None, help="Replace an existing metrics.json (and robustness results).")
 @click.option("--heatmaps", type=click.IntRange(0), default=0,
               help="Also write heatmap pages of the N easiest and N hardest test images per class "
                    "(OUT/heatmaps/NAME/heatmaps.html).  [default: 0 = none]")
+@click.option("--perturb", multiple=True,
+              help="Also score every test set under a test-time perturbation, KIND:LEVEL[,LEVEL...]: jpeg:95,75,50 "
+                   "(quality) or blur:1,2 (Gaussian sigma, px); repeat for both kinds "
+                   "(OUT/robustness/NAME/robustness.{csv,json,png}).  [default: none]")
 @_user_errors
-def evaluate(run: str, config: str | None, tests: tuple[str, ...], heatmaps: int, **options: Any) -> None:
+def evaluate(run: str, config: str | None, tests: tuple[str, ...], heatmaps: int, perturb: tuple[str, ...],
+             **options: Any) -> None:
     """Score test sets with a trained classifier: AP, accuracy, ROC AUC, PR curve.
 
     \b
     Writes OUT/metrics.json (every test set, every aggregation), appends to
-    OUT/metrics.csv, draws OUT/pr_curve.png and keeps per-image scores.
+    OUT/metrics.csv, draws OUT/pr_curve.png and keeps per-image scores. With
+    --perturb, each test set is also scored clean and at every perturbation
+    level (Wang et al.'s robustness sweep: AP and accuracy against the level).
 
     \b
     Example:
       patchscope eval runs/xb2 --test pgan=data/real,data/pgan --test sg=data/real,data/sg
       patchscope eval runs/xb2 --test pgan=data/real,data/pgan --heatmaps 10
+      patchscope eval runs/xb2 --test pgan=data/real,data/pgan --perturb jpeg:95,75,50,30 --perturb blur:1,2,3
     """
     from forensics.evaluate import EvalConfig, evaluate as run_eval
+    from forensics.perturb import parse_perturbations
 
+    perturbations = parse_perturbations(perturb)
     layers = _layers(config, "eval")
     cli = {**_overrides(options), "run": run, **({"tests": list(tests)} if tests else {})}
     cfg = configs.resolve(EvalConfig, layers, cli, source=config or "options")
@@ -152,6 +162,13 @@ def evaluate(run: str, config: str | None, tests: tuple[str, ...], heatmaps: int
 
         for name, written in write_eval_heatmaps(cfg, heatmaps).items():
             click.echo(f"heatmaps ({name}): {written['page']}")
+    if perturbations:
+        from analysis.robustness import evaluate_robustness_tests, format_robustness_table
+
+        sweep = evaluate_robustness_tests(cfg, perturbations)
+        for name, rows in sweep["results"].items():
+            click.echo(f"robustness ({name}):\n{format_robustness_table(rows)}")
+        click.echo(f"robustness results: {sweep['out']}")
 
 
 def _metrics_table(summary: dict[str, Any]) -> str:
@@ -269,6 +286,49 @@ def invert(config: str | None, resume: bool, **options: Any) -> None:
     cfg = configs.resolve(InvertConfig, _layers(config, "invert"), _overrides(options), source=config or "options")
     summary = invert_folder(cfg, resume=resume)
     click.echo(json.dumps(summary, indent=2))
+
+
+@main.command()
+@click.option("--real", required=True, help="Real images: a flat folder, a folder with train/val/test, or a .txt/.csv manifest.")
+@click.option("--fake", required=True, help="Fake images, same layouts.")
+@click.option("--out", required=True, help="Folder for spectra.png, spectrum_{real,fake,diff}.npy and spectra.json.")
+@click.option("--split", default="test", show_default=True, help="Split folder used when a source has splits.")
+@click.option("--size", type=click.IntRange(3), help="Side of the square every image is brought to.  [default: shorter side of the first real image]")
+@click.option("--fit", type=click.Choice(["crop", "resize"]), default="crop", show_default=True,
+              help="crop: centre crop; resize: Lanczos-resize the shorter side to --size, then centre crop.")
+@click.option("--max-images", type=click.IntRange(1), default=2000, show_default=True,
+              help="Images averaged per set; larger sets are subsampled evenly.")
+@click.option("--color", type=click.Choice(["gray", "mean"]), default="gray", show_default=True,
+              help="gray: filter the luma; mean: filter each channel and average their spectra.")
+@click.option("--on-bad-image", type=click.Choice(["skip", "error"]), default="skip", show_default=True,
+              help="Unreadable images.")
+@click.option("--force", is_flag=True, help="Replace an existing spectra.json in --out.")
+@_user_errors
+def spectra(real: str, fake: str, out: str, **options: Any) -> None:
+    """Average high-pass spectra of a real and a fake set, and their difference.
+
+    \b
+    Each image minus its 3x3 median-filtered version is Fourier transformed; the log
+    magnitudes, DC at the centre, are averaged over the set (Wang et al.). Periodic
+    traces of a generator's upsampling show as bright spots away from the centre.
+    Writes OUT/spectra.png (real, fake, fake minus real), the three arrays as .npy,
+    and OUT/spectra.json with summary numbers.
+
+    \b
+    Example:
+      patchscope spectra --real data/real --fake data/pgan --out runs/spectra/pgan --size 128
+    """
+    from analysis.spectra import compare_spectra
+
+    result = compare_spectra(real, fake, out, progress=True, **options)
+    summary = result["summary"]
+    largest = summary["difference"]["largest"]
+    click.echo(f"{'set':<6} {'n':>6} {'mean':>8} {'high band':>10}")
+    for name in ("real", "fake"):
+        click.echo(f"{name:<6} {result['n_' + name]:>6} {summary[name]['mean']:>8.4f} "
+                   f"{summary[name]['high_band_mean']:>10.4f}")
+    click.echo(f"largest difference {largest['value']:+.4f} at fx={largest['fx']:+.4f}, fy={largest['fy']:+.4f} cycles/px")
+    click.echo(f"results: {result['out']}")
 
 
 @main.command()

@@ -76,6 +76,9 @@ class Perturbation:
     def __post_init__(self) -> None:
         if self.kind not in PERTURBATION_KINDS:
             raise ValueError(f"unknown perturbation {self.kind!r}; expected one of {', '.join(PERTURBATION_KINDS)}")
+        problem = _level_problem(self.kind, float(self.level))
+        if problem:
+            raise ValueError(f"{self.kind} level {self.level!r}: {problem}")
 
     @property
     def name(self) -> str:
@@ -92,15 +95,23 @@ def _format_level(level: float) -> str:
     return str(int(level)) if float(level).is_integer() else repr(float(level))
 
 
+def _level_problem(kind: str, value: float) -> str | None:
+    """Why `value` is not a valid level of `kind`, or None."""
+    if kind == "jpeg" and not (value.is_integer() and 1 <= value <= 100):
+        return "JPEG quality must be an integer from 1 to 100"
+    if kind == "blur" and not (math.isfinite(value) and value >= 0):
+        return "blur sigma must be a finite number >= 0 (px)"
+    return None
+
+
 def _parse_level(kind: str, text: str, spec: str) -> float:
     try:
         value = float(text)
     except ValueError:
         raise InputError(f"perturbation {spec!r}: level {text!r} is not a number ({_SPEC_FORMAT})") from None
-    if kind == "jpeg" and not (value.is_integer() and 1 <= value <= 100):
-        raise InputError(f"perturbation {spec!r}: JPEG quality {text!r} must be an integer from 1 to 100")
-    if kind == "blur" and not (math.isfinite(value) and value >= 0):
-        raise InputError(f"perturbation {spec!r}: blur sigma {text!r} must be a finite number >= 0 (px)")
+    problem = _level_problem(kind, value)
+    if problem:
+        raise InputError(f"perturbation {spec!r}: level {text!r}: {problem}")
     return value
 
 
