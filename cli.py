@@ -15,9 +15,9 @@ import click
 
 from forensics import config as configs
 from forensics.errors import InputError
-from generators.errors import CheckpointError
+from generators.errors import CheckpointError, DatasetError
 
-USER_ERRORS = (InputError, CheckpointError)
+USER_ERRORS = (InputError, CheckpointError, DatasetError)
 
 
 def _user_errors(fn: Callable) -> Callable:
@@ -30,7 +30,7 @@ def _user_errors(fn: Callable) -> Callable:
             click.echo(f"error: {err}", err=True)
             sys.exit(2)
         except KeyboardInterrupt:
-            click.echo("interrupted; re-run the same command with --resume to continue", err=True)
+            click.echo("interrupted; re-run the same command (with --resume where it has one) to continue", err=True)
             sys.exit(130)
     return wrapper
 
@@ -329,6 +329,108 @@ def spectra(real: str, fake: str, out: str, **options: Any) -> None:
                    f"{summary[name]['high_band_mean']:>10.4f}")
     click.echo(f"largest difference {largest['value']:+.4f} at fx={largest['fx']:+.4f}, fy={largest['fy']:+.4f} cycles/px")
     click.echo(f"results: {result['out']}")
+
+
+def _split_counts(train: int | None, val: int | None, test: int | None) -> dict[str, int]:
+    return {name: n for name, n in (("train", train), ("val", val), ("test", test)) if n is not None}
+
+
+@main.command()
+@click.argument("generator", type=click.Path(dir_okay=False))
+@click.option("--out", required=True, type=click.Path(file_okay=False),
+              help="Dataset folder: OUT/{train,val,test}/NNNNNN.png and OUT/manifest.json.")
+@click.option("--train", type=click.IntRange(0), help="Images in train/ (seed SEED).")
+@click.option("--val", type=click.IntRange(0), help="Images in val/ (seed SEED + 2).")
+@click.option("--test", type=click.IntRange(0), help="Images in test/ (seed SEED + 1).")
+@click.option("--seed", type=int, default=0, show_default=True,
+              help="Latents of image n are row n of RandomState(split seed).randn; the paper used 0.")
+@click.option("--size", type=click.IntRange(1), help="Lanczos-resize to SIZE x SIZE after rounding to uint8.  "
+                                                     "[default: as generated]")
+@click.option("--psi", type=float, help="Truncation toward the average w (style generators).  "
+                                        "[default: the generator's: 0.7 StyleGAN, 1 StyleGAN2]")
+@click.option("--truncation-cutoff", type=click.IntRange(1),
+              help="Truncate only the first N layers.  [default: 8 StyleGAN, all StyleGAN2]")
+@click.option("--noise-mode", type=click.Choice(["const", "random", "none"]),
+              help="Per-layer noise of style generators; random is not reproducible.  [default: const]")
+@click.option("--temperature", type=click.FloatRange(0), help="Glow sampling temperature.  [default: 0.7]")
+@click.option("--batch-size", type=click.IntRange(1), default=16, show_default=True,
+              help="Images generated per step before they are written.")
+@click.option("--chunk", type=click.IntRange(1), default=8, show_default=True,
+              help="Rows per network call. Kernels round differently for other batch shapes, so this "
+                   "(not --batch-size) fixes the bytes; it is recorded with the seed.")
+@click.option("--device", default="auto", show_default=True, help="auto | cpu | cuda | cuda:N.")
+@click.option("--precision", type=click.Choice(["fp32", "bf16"]), default="fp32", show_default=True,
+              help="fp32 turns TF32 off on CUDA; bf16 autocast is faster and changes pixels.")
+@click.option("--writers", type=click.IntRange(1), default=4, show_default=True, help="Threads encoding PNGs.")
+@_user_errors
+def sample(generator: str, out: str, train: int | None, val: int | None, test: int | None, psi: float | None,
+           truncation_cutoff: int | None, noise_mode: str | None, temperature: float | None,
+           **options: Any) -> None:
+    """Sample a generator checkpoint into PNG train/val/test folders, as the paper did.
+
+    \b
+    Pixels are clip(rint((x + 1) / 2 * 255)), then Lanczos to --size. Image n of a split
+    depends only on the seed, n and --chunk, never on --batch-size. Re-running the same
+    command resumes: finished images are kept, missing ones made, --train/--val/--test may
+    grow; other generator, options, seed or size are refused.
+
+    \b
+    Example:
+      patchscope sample pgan_celebahq_1024.pkl --out data/pgan --size 128 \\
+          --train 10000 --val 500 --test 500
+    """
+    from generators.sampling import sample_dataset
+
+    counts = _split_counts(train, val, test)
+    if not counts:
+        raise click.UsageError("give at least one of --train, --val, --test")
+    opts = {k: v for k, v in (("psi", psi), ("truncation_cutoff", truncation_cutoff), ("noise_mode", noise_mode),
+                              ("temperature", temperature)) if v is not None}
+    summary = sample_dataset(generator, out, counts, opts=opts, **options)
+    click.echo(json.dumps(summary, indent=2))
+
+
+@main.command()
+@click.argument("sources", nargs=-1, required=True, type=click.Path())
+@click.option("--out", required=True, type=click.Path(file_okay=False),
+              help="Folder for the prepared reals, with manifest.json.")
+@click.option("--generator", type=click.Path(dir_okay=False),
+              help="Checkpoint whose output resolution the reals are resized to.")
+@click.option("--resolution", type=click.IntRange(1), help="That resolution, without loading a checkpoint.")
+@click.option("--size", type=click.IntRange(1), help="Working size, as given to `sample --size`.  "
+                                                     "[default: the resolution]")
+@click.option("--crop", type=click.Choice(["center", "none"]), default="center", show_default=True,
+              help="center: the largest centred square; none: squash the whole image.")
+@click.option("--train", type=click.IntRange(0), help="Cap train/ of split folders, or deal this many flat images.")
+@click.option("--val", type=click.IntRange(0), help="Same for val/.")
+@click.option("--test", type=click.IntRange(0), help="Same for test/.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Shuffles flat images before they are dealt.")
+@click.option("--on-bad-image", type=click.Choice(["skip", "error"]), default="skip", show_default=True,
+              help="skip: count and name unreadable files in the log.")
+@click.option("--workers", type=click.IntRange(1), default=4, show_default=True, help="Threads decoding and encoding.")
+@_user_errors
+def prepare(sources: tuple[str, ...], generator: str | None, resolution: int | None, train: int | None,
+            val: int | None, test: int | None, **options: Any) -> None:
+    """Pass real images through a generator's pre-processing, saved like its samples.
+
+    \b
+    Centre crop, Lanczos to the generator's resolution, uint8, then Lanczos to --size: the
+    steps a sampled fake takes, so real and fake differ in content only, not in format
+    (REFERENCE §7). SOURCES are images, .txt lists of paths, or folders; train/val/test
+    subfolders are kept. 16-bit, grey, palette and RGBA inputs become 8-bit RGB.
+
+    \b
+    Example:
+      patchscope prepare celebahq/ --generator pgan_celebahq_1024.pkl --size 128 --out data/real
+    """
+    from generators.prepare import generator_resolution, prepare_reals
+
+    if (generator is None) == (resolution is None):
+        raise click.UsageError("give exactly one of --generator and --resolution")
+    resolution = resolution or generator_resolution(generator)
+    summary = prepare_reals(list(sources), resolution=resolution, counts=_split_counts(train, val, test) or None,
+                            **options)
+    click.echo(json.dumps(summary, indent=2))
 
 
 @main.command()

@@ -1,0 +1,264 @@
+"""Real images through a generator's training pre-processing, written like its samples (REFERENCE §7).
+
+Used by `patchscope prepare` and the demo: centre crop, Lanczos to the generator's resolution,
+uint8 (what a lossless PNG at that size holds), then Lanczos to the working size, as the fakes.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image, ImageOps
+
+from generators.errors import DatasetError
+from generators.formats import load_generator
+from generators.sampling import (MANIFEST, SPLIT_SEED_OFFSETS, check_same_settings, is_complete_png, read_manifest,
+                                 remove_stale_temps, resize_lanczos, write_manifest, write_png)
+
+LOG = logging.getLogger("patchscope.prepare")
+IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm"})
+CROPS = ("center", "none")
+LISTED_IN_LOG = 20  # unreadable files named in the log line; the manifest lists them all
+
+
+@dataclass(frozen=True)
+class RealImage:
+    """One input image and where it goes: `out/<split>/<name>.png` (no split: `out/<name>.png`)."""
+
+    source: Path
+    split: str | None
+    name: str
+
+    @property
+    def output(self) -> str:
+        return f"{self.split}/{self.name}.png" if self.split else f"{self.name}.png"
+
+
+def generator_resolution(path: str | os.PathLike) -> int:
+    """The output resolution of the generator in a checkpoint (what its training images were)."""
+    return int(load_generator(path).resolution)
+
+
+# ----------------------------------------------------------------------------- reading
+
+def read_rgb(path: str | os.PathLike) -> Image.Image:
+    """Decode fully into an 8-bit RGB image, upright by its EXIF orientation.
+
+    16-bit and 32-bit grey are rescaled to 0..255 (Pillow's own conversion clips them to white);
+    float grey is taken as [0, 1] unless its values exceed 1; alpha is dropped; palettes expanded.
+    """
+    with Image.open(path) as image, warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # palette-transparency notes: the alpha is dropped anyway
+        image.load()
+        image = ImageOps.exif_transpose(image)
+        if image.mode.startswith("I"):
+            values = np.asarray(image).astype(np.int64).clip(0, 65535)
+            grey = ((values * 255 + 32767) // 65535).astype(np.uint8)
+        elif image.mode == "F":
+            values = np.nan_to_num(np.asarray(image, dtype=np.float64), nan=0.0, posinf=255.0, neginf=0.0)
+            scale = 255.0 if values.size and values.max() <= 1.0 else 1.0
+            grey = np.rint(values * scale).clip(0, 255).astype(np.uint8)
+        else:
+            return image.convert("RGB")
+    return Image.fromarray(np.repeat(grey[..., None], 3, axis=2))
+
+
+def preprocess(image: Image.Image, resolution: int, size: int | None = None, crop: str = "center") -> Image.Image:
+    """Centre-crop to a square (crop="center") or squash (crop="none"), Lanczos to `resolution`,
+    then Lanczos to `size` — the same two resizes a sampled fake goes through."""
+    if crop not in CROPS:
+        raise DatasetError(f"crop must be one of {CROPS}, not {crop!r}")
+    if crop == "center":
+        width, height = image.size
+        side = min(width, height)
+        left, top = (width - side) // 2, (height - side) // 2
+        image = image.crop((left, top, left + side, top + side))
+    return resize_lanczos(resize_lanczos(image, resolution), size)
+
+
+def _explain(error: Exception) -> str:
+    if isinstance(error, FileNotFoundError):
+        return "file not found"
+    if isinstance(error, Image.UnidentifiedImageError):
+        return "not an image Pillow can identify"
+    return f"corrupt or truncated ({type(error).__name__}: {error})"
+
+
+# ----------------------------------------------------------------------------- listing
+
+def collect_images(sources: Sequence[str | os.PathLike]) -> list[RealImage]:
+    """Every image in `sources` (image files, `.txt` lists of paths, folders walked recursively);
+    a folder with train/val/test subfolders keeps those splits. Hidden files are skipped."""
+    found: list[RealImage] = []
+    for source in map(Path, sources):
+        if not source.exists():
+            raise DatasetError(f"{source}: no such image, folder or .txt list")
+        if source.is_file() and source.suffix.lower() == ".txt":
+            lines = [line.strip() for line in source.read_text().splitlines()]
+            found += [RealImage(source.parent / line, None, Path(line).stem) for line in lines if line]
+        elif source.is_file():
+            found.append(RealImage(source, None, source.stem))
+        elif splits := [s for s in SPLIT_SEED_OFFSETS if (source / s).is_dir()]:
+            found += [image for split in splits for image in _walk(source / split, split)]
+        else:
+            found += _walk(source, None)
+    if not found:
+        raise DatasetError(f"no images found in {', '.join(map(str, sources))} "
+                           f"(expected files ending in {', '.join(sorted(IMAGE_SUFFIXES))})")
+    return _unique_names(found)
+
+
+def _walk(folder: Path, split: str | None) -> list[RealImage]:
+    images = []
+    for root, dirs, files in os.walk(folder, followlinks=True):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        for name in sorted(files):
+            path = Path(root, name)
+            if not name.startswith(".") and path.suffix.lower() in IMAGE_SUFFIXES:
+                images.append(RealImage(path, split, path.relative_to(folder).with_suffix("").as_posix()))
+    return images
+
+
+def _unique_names(images: list[RealImage]) -> list[RealImage]:
+    """Two inputs with one output name (a.jpg and a.png, or two sources) get -2, -3... in input order."""
+    seen: dict[str, int] = {}
+    unique = []
+    for image in images:
+        key = image.output
+        seen[key] = seen.get(key, 0) + 1
+        unique.append(image if seen[key] == 1 else RealImage(image.source, image.split, f"{image.name}-{seen[key]}"))
+    return unique
+
+
+def assign_splits(images: list[RealImage], counts: dict[str, int] | None, seed: int = 0) -> list[RealImage]:
+    """Without counts: folder splits kept, flat inputs stay flat. With counts: split folders are
+    capped at counts[split] (in name order); flat inputs are shuffled by `seed` and dealt to the
+    splits in the order given."""
+    labelled = [image for image in images if image.split]
+    if labelled and len(labelled) != len(images):
+        raise DatasetError("some sources have train/val/test folders and some do not; prepare them separately")
+    if counts is None:
+        return images
+    unknown = sorted(set(counts) - set(SPLIT_SEED_OFFSETS))
+    if unknown:
+        raise DatasetError(f"unknown split(s) {unknown}; splits are {sorted(SPLIT_SEED_OFFSETS)}")
+    if labelled:
+        return [image for split, n in counts.items() for image in [i for i in images if i.split == split][:n]]
+    if sum(counts.values()) > len(images):
+        raise DatasetError(f"asked for {sum(counts.values())} images ({counts}) but the sources hold {len(images)}")
+    order = np.random.RandomState(seed).permutation(len(images))
+    dealt, position = [], 0
+    for split, n in counts.items():
+        dealt += [RealImage(images[k].source, split, images[k].name) for k in order[position:position + n]]
+        position += n
+    return dealt
+
+
+# ----------------------------------------------------------------------------- preparing
+
+def prepare_reals(sources: Sequence[str | os.PathLike], out: str | os.PathLike, resolution: int,
+                  size: int | None = None, crop: str = "center", counts: dict[str, int] | None = None,
+                  seed: int = 0, on_bad_image: str = "skip",
+                  progress: bool | Callable[[str, int, int], None] = True, workers: int = 4) -> dict[str, Any]:
+    """Write every source image through `preprocess` to `out/[<split>/]<name>.png` with a manifest.
+
+    resolution:   the generator's output size (`generator_resolution(checkpoint)`)
+    size:         working size both reals and fakes are Lanczos-resized to (None: resolution)
+    counts:       split caps, or how many flat images to deal to each split (see `assign_splits`)
+    on_bad_image: skip (count and name them in the log, logger `patchscope.prepare`) or error
+
+    Resumable: whole outputs are kept, missing ones made; other settings, or sources that now map
+    to other files, are refused with a DatasetError.
+    """
+    if resolution < 1 or (size or 1) < 1 or workers < 1 or on_bad_image not in ("skip", "error") or crop not in CROPS:
+        raise DatasetError(f"need resolution, size, workers >= 1, crop in {CROPS}, on_bad_image skip|error "
+                           f"(got {resolution}, {size}, {workers}, {crop!r}, {on_bad_image!r})")
+    out = Path(out)
+    images = assign_splits(collect_images(sources), counts, seed)
+    files = {image.output: str(image.source.resolve()) for image in images}
+    settings = {"kind": "reals", "sources": [str(Path(s).resolve()) for s in sources], "resolution": resolution,
+                "size": size, "crop": crop, "counts": counts, "seed": seed}
+    manifest = _claim_folder(out, settings, files)
+    to_do = [image for image in images if not is_complete_png(out / image.output)]
+    for folder in {(out / image.output).parent for image in images}:
+        folder.mkdir(parents=True, exist_ok=True)
+        remove_stale_temps(folder)
+    written, unreadable, upsampled = _write_all(to_do, out, resolution, size, crop, on_bad_image, progress, workers)
+    if unreadable:
+        named = "; ".join(f"{path} ({reason})" for path, reason in unreadable[:LISTED_IN_LOG])
+        more = f"; and {len(unreadable) - LISTED_IN_LOG} more" if len(unreadable) > LISTED_IN_LOG else ""
+        LOG.warning("skipped %d unreadable image(s): %s%s", len(unreadable), named, more)
+    if upsampled:
+        LOG.warning("%d image(s) were smaller than %d px and were upsampled; fakes never are", upsampled, resolution)
+    write_manifest(out, {**manifest, "unreadable": dict(unreadable)})
+    existing = {image.output for image in images} - {image.output for image in to_do}
+    splits: dict[str, dict[str, int]] = {}
+    for image in images:
+        entry = splits.setdefault(image.split or ".", {"count": 0, "existing": 0, "written": 0})
+        entry["count"] += 1
+        entry["existing"] += image.output in existing
+        entry["written"] += image.output in written
+    return {"out": str(out), "manifest": str(out / MANIFEST), "splits": splits,
+            "unreadable": [path for path, _ in unreadable], "upsampled": upsampled}
+
+
+def _claim_folder(out: Path, settings: dict[str, Any], files: dict[str, str]) -> dict[str, Any]:
+    recorded = read_manifest(out, settings["kind"])
+    old_files = recorded.get("files", {})
+    if any(is_complete_png(out / name) for name in old_files):
+        check_same_settings(out, recorded, settings)
+        moved = [name for name, source in files.items() if old_files.get(name, source) != source]
+        if moved:
+            raise DatasetError(f"{out}: {moved[0]} was made from {old_files[moved[0]]}, now it would come from "
+                               f"{files[moved[0]]} (the sources changed); use a new --out folder")
+    manifest = {**settings, "pipeline": "crop, Pillow Lanczos to resolution, uint8, Pillow Lanczos to size, PNG",
+                "files": {**old_files, **files}}
+    out.mkdir(parents=True, exist_ok=True)
+    write_manifest(out, manifest)
+    return manifest
+
+
+def _write_all(images: list[RealImage], out: Path, resolution: int, size: int | None, crop: str,
+               on_bad_image: str, progress: bool | Callable[[str, int, int], None],
+               workers: int) -> tuple[set[str], list[tuple[str, str]], int]:
+    """Process in a thread pool (Pillow releases the GIL while decoding, resizing and encoding);
+    returns the outputs written, the unreadable (path, reason) pairs and how many were upsampled."""
+    def process(image: RealImage) -> tuple[str | None, bool]:
+        try:
+            picture = read_rgb(image.source)
+        except Exception as error:  # decoders raise OSError, SyntaxError, ValueError, struct.error...
+            return _explain(error), False
+        write_png(out / image.output, preprocess(picture, resolution, size, crop))
+        return None, min(picture.size) < resolution
+
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=len(images), desc="prepare", unit="img", leave=False,
+               disable=callable(progress) or not progress or not images)
+    written: set[str] = set()
+    unreadable: list[tuple[str, str]] = []
+    upsampled = 0
+    pool = ThreadPoolExecutor(workers)
+    try:
+        for done, (image, (problem, small)) in enumerate(zip(images, pool.map(process, images)), 1):
+            if problem and on_bad_image == "error":
+                raise DatasetError(f"{image.source}: {problem}")
+            if problem:
+                unreadable.append((str(image.source), problem))
+            else:
+                written.add(image.output)
+            upsampled += small
+            bar.update()
+            if callable(progress):
+                progress("reals", done, len(images))
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)  # after an error or ^C, start nothing new
+        bar.close()
+    return written, unreadable, upsampled

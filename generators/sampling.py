@@ -1,0 +1,404 @@
+"""Sampling a generator into a PNG dataset `<out>/<split>/<index:06d>.png`, resumable, with a manifest.
+
+Used by `patchscope sample`, the retrain stage and the demo; `generators.prepare` shares its
+dataset-folder helpers (atomic PNG writes, manifests) so real and fake sets are written alike.
+
+Reproducibility: image i of a split depends only on (generator, options, split seed, i, `chunk`),
+never on `batch_size`, the requested count or where an interrupted run resumed. Kernels round
+differently for different batch shapes (on a 2-core CPU, 1, 2-3 and >= 4 rows give three
+different last bits, and about one pixel in 10^4 flips after rounding to uint8), so the
+network always runs on `chunk` rows aligned to absolute indices, [k·chunk, (k+1)·chunk),
+padded past the end of a split with the stream's next latents. Bytes are identical for the
+same device kind and library versions; another device or precision may flip a few pixels.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import inspect
+import json
+import logging
+import os
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import numpy as np
+import torch
+from PIL import Image
+
+from generators.base import Generator, StyleGenerator
+from generators.errors import DatasetError
+from generators.formats import checkpoint_sha256, load_generator
+from generators.glow import GlowGenerator
+
+LOG = logging.getLogger("patchscope.sample")
+MANIFEST = "manifest.json"
+# The paper's seeds: train S, test S + 1, val S + 2 (seeds 0/1/2 for its PGAN sets).
+SPLIT_SEED_OFFSETS = {"train": 0, "test": 1, "val": 2}
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+PNG_END = b"IEND\xaeB`\x82"  # the IEND chunk's type and CRC: the last 8 bytes of every whole PNG
+SCALAR_TYPES = (bool, int, float, str, type(None))
+
+Progress = Callable[[str, int, int], None]  # (split, images done so far, images to do)
+
+
+# ----------------------------------------------------------------------------- dataset folders
+
+def replace_atomically(path: Path, write: Callable[[BinaryIO], None]) -> None:
+    """Write through `write` to a temporary name in the same folder, then rename over `path`,
+    so a crash never leaves half a file under the final name."""
+    handle, temp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(handle, "wb") as file:
+            write(file)
+        os.replace(temp, path)
+    except BaseException:
+        Path(temp).unlink(missing_ok=True)
+        raise
+
+
+def write_png(path: Path, pixels: np.ndarray | Image.Image) -> None:
+    """uint8 H x W x 3 pixels (or an RGB image) to a PNG, atomically; same pixels, same bytes."""
+    image = pixels if isinstance(pixels, Image.Image) else Image.fromarray(pixels)
+    replace_atomically(path, lambda file: image.save(file, format="PNG"))
+
+
+def is_complete_png(path: Path) -> bool:
+    """A PNG that ends with its IEND chunk. Files written by `write_png` are whole or absent; this
+    also catches a truncated file copied in from elsewhere."""
+    try:
+        with open(path, "rb") as file:
+            head = file.read(8)
+            file.seek(0, os.SEEK_END)
+            if file.tell() < 20:
+                return False
+            file.seek(-8, os.SEEK_END)
+            return head == PNG_SIGNATURE and file.read(8) == PNG_END
+    except OSError:
+        return False
+
+
+def remove_stale_temps(folder: Path) -> int:
+    """Delete temporary files an interrupted `write_png` left behind; returns how many."""
+    stale = [p for p in folder.glob(".*.png.*.tmp") if p.is_file()] if folder.is_dir() else []
+    for path in stale:
+        path.unlink(missing_ok=True)
+    return len(stale)
+
+
+def resize_lanczos(image: Image.Image, size: int | None) -> Image.Image:
+    """Pillow Lanczos to `size` x `size` (the paper's working-size resize), or as is."""
+    if size is None or image.size == (size, size):
+        return image
+    return image.resize((size, size), Image.Resampling.LANCZOS)
+
+
+def _plain(value: Any) -> Any:
+    """JSON's view of a value (tuples become lists), so recorded and requested settings compare."""
+    return json.loads(json.dumps(value))
+
+
+def read_manifest(out: Path, kind: str) -> dict[str, Any]:
+    """The manifest of a dataset folder of this kind ({} for a new or empty folder). A non-empty
+    folder without one, or one made by the other command, may hold someone else's files: refused."""
+    path = out / MANIFEST
+    if not path.is_file():
+        if out.is_dir() and any(out.iterdir()):
+            raise DatasetError(f"{out}: not empty and has no {MANIFEST}; choose an empty or new folder")
+        return {}
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, ValueError) as error:
+        raise DatasetError(f"{path}: unreadable manifest ({error}); move the folder away or fix the file") from None
+    if not isinstance(manifest, dict) or manifest.get("kind") != kind:
+        found = manifest.get("kind") if isinstance(manifest, dict) else None
+        raise DatasetError(f"{path}: a manifest of kind {found!r}, not {kind!r}; choose another folder")
+    return manifest
+
+
+def write_manifest(out: Path, manifest: Mapping[str, Any]) -> Path:
+    text = json.dumps(manifest, indent=2) + "\n"
+    replace_atomically(out / MANIFEST, lambda file: file.write(text.encode()))
+    return out / MANIFEST
+
+
+def check_same_settings(out: Path, recorded: Mapping[str, Any], requested: Mapping[str, Any]) -> None:
+    """Refuse, in one line naming the first differing setting, to add to a folder made with other
+    settings; None on either side of a `*_sha256` key means "not known" and is not compared."""
+    for key, value in _plain(dict(requested)).items():
+        old = recorded.get(key)
+        if key.endswith("_sha256") and (old is None or value is None):
+            continue
+        while isinstance(old, dict) and isinstance(value, dict) and old != value:
+            sub = next(k for k in [*value, *old] if old.get(k) != value.get(k))
+            key, old, value = f"{key}.{sub}", old.get(sub), value.get(sub)
+        if old != value:
+            raise DatasetError(f"{out}: made with {key}={_short(old)}, asked for {key}={_short(value)}; "
+                               f"use a new --out folder (existing images are never replaced)")
+
+
+def _short(value: Any, limit: int = 120) -> str:
+    text = json.dumps(value, sort_keys=True)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+# ----------------------------------------------------------------------------- latents
+
+class LatentSource:
+    """The latents (and Glow's split-level noise) of one split, handed out chunk after chunk.
+
+    The stock `sample_latents` / `sample_split_noise` are rows of `RandomState(key).randn(n, width)`.
+    The legacy generator keeps its spare Gaussian between calls, so drawing on from one
+    RandomState equals their `randn(start + n, width)[start:]` without redrawing the prefix every
+    chunk (quadratic in long runs). A subclass that overrides them is asked for every chunk.
+    """
+
+    def __init__(self, generator: Generator, seed: int) -> None:
+        self.generator, self.seed, self.start = generator, seed, 0
+        stock = type(generator).sample_latents is Generator.sample_latents
+        self.latents = np.random.RandomState(seed) if stock else None
+        self.glow = isinstance(generator, GlowGenerator)
+        self.shapes = generator.split_shapes if self.glow else []
+        stock_noise = self.glow and type(generator).sample_split_noise is GlowGenerator.sample_split_noise
+        self.noise = np.random.RandomState([seed, 1]) if stock_noise else None  # as sample_split_noise seeds it
+
+    def take(self, n: int) -> tuple[torch.Tensor, dict[str, Any]]:
+        start, self.start = self.start, self.start + n
+        if self.latents is not None:
+            z = torch.from_numpy(self.latents.randn(n, self.generator.latent_dim).astype(np.float32))
+        else:
+            z = self.generator.sample_latents(n, self.seed, start)
+        if not self.glow:
+            return z, {}
+        if self.noise is None:
+            return z, {"split_noise": self.generator.sample_split_noise(n, self.seed, start)}
+        sizes = [int(np.prod(shape)) for shape in self.shapes]
+        rows = self.noise.randn(n, sum(sizes)).astype(np.float32)
+        parts = np.split(rows, np.cumsum(sizes)[:-1], axis=1)
+        return z, {"split_noise": [torch.from_numpy(np.ascontiguousarray(part)).reshape(n, *shape)
+                                   for part, shape in zip(parts, self.shapes)]}
+
+
+# ----------------------------------------------------------------------------- generator settings
+
+def split_seeds(seed: int, splits: list[str]) -> dict[str, int]:
+    unknown = [s for s in splits if s not in SPLIT_SEED_OFFSETS]
+    if unknown:
+        raise DatasetError(f"unknown split(s) {unknown}; splits are {sorted(SPLIT_SEED_OFFSETS)}")
+    return {s: seed + SPLIT_SEED_OFFSETS[s] for s in splits}
+
+
+def resolve_options(generator: Generator, opts: Mapping[str, Any] | None) -> dict[str, Any]:
+    """Forward options made explicit: the generator's own defaults filled in, `noise_mode` const for
+    style generators (random noise would make images irreproducible); unknown names refused."""
+    opts = dict(opts or {})
+    accepted = [name for name, p in inspect.signature(generator.forward).parameters.items()
+                if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and name != "z"]
+    unknown = sorted(set(opts) - set(accepted))
+    if unknown:
+        raise DatasetError(f"option(s) {unknown} do not apply to {type(generator).__name__} "
+                           f"(accepted: {', '.join(accepted)})")
+    for name, value in opts.items():
+        if not isinstance(value, SCALAR_TYPES):
+            raise DatasetError(f"option {name} must be a number, string or none to be recorded, "
+                               f"not {type(value).__name__}")
+    if isinstance(generator, StyleGenerator):
+        opts.setdefault("noise_mode", "const")
+    for name in ("psi", "truncation_cutoff", "temperature", "alpha"):
+        if name in accepted and name not in opts and hasattr(generator, name):
+            opts[name] = getattr(generator, name)
+    return dict(sorted(opts.items()))
+
+
+def weights_sha256(generator: Generator) -> str:
+    """Digest of every parameter and buffer that shapes the images (the discriminator excluded),
+    so a resumed run can tell the same weights even without the checkpoint file."""
+    digest = hashlib.sha256()
+    tensors = [*generator.named_parameters(), *generator.named_buffers()]
+    for name, tensor in sorted(tensors, key=lambda item: item[0]):
+        if name.startswith("discriminator."):
+            continue
+        data = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}:{data.dtype}:{list(data.shape)};".encode())
+        digest.update(data.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except RuntimeError as error:
+        raise DatasetError(f"unknown device {device!r} (expected auto, cpu, cuda or cuda:N)") from error
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise DatasetError(f"device {device!r} asked for but CUDA is not available here")
+    return resolved
+
+
+@contextlib.contextmanager
+def sampling_arithmetic(device: torch.device, precision: str) -> Iterator[None]:
+    """fp32: true fp32 (no TF32 convs or matmuls on CUDA, fixed cuDNN algorithms); bf16: autocast."""
+    if precision not in ("fp32", "bf16"):
+        raise DatasetError(f"precision must be fp32 or bf16, not {precision!r}")
+    if device.type != "cuda":
+        with torch.autocast(device.type, torch.bfloat16, enabled=precision == "bf16"):
+            yield
+        return
+    flags = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32, torch.backends.cudnn.benchmark)
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cudnn.benchmark = False
+    try:
+        with torch.autocast("cuda", torch.bfloat16, enabled=precision == "bf16"):
+            yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32, torch.backends.cudnn.benchmark = flags
+
+
+def to_pixels(images: torch.Tensor) -> np.ndarray:
+    """Generator output N x 3 x H x W in [-1, 1] -> uint8 N x H x W x 3: clip(rint((x + 1) / 2 · 255))."""
+    if images.ndim != 4 or images.shape[1] != 3:
+        raise DatasetError(f"generator returned {list(images.shape)}; expected N x 3 x H x W images")
+    pixels = ((images.float() + 1) / 2 * 255).round().clamp(0, 255).to(torch.uint8)
+    return pixels.permute(0, 2, 3, 1).cpu().numpy()
+
+
+# ----------------------------------------------------------------------------- sampling
+
+def sample_dataset(generator: Generator | str | os.PathLike, out: str | os.PathLike, counts: Mapping[str, int],
+                   seed: int = 0, size: int | None = None, batch_size: int = 16, device: str | torch.device = "cpu",
+                   opts: Mapping[str, Any] | None = None, generator_file: str | os.PathLike | None = None,
+                   progress: bool | Progress = True, *, chunk: int = 8, precision: str = "fp32",
+                   writers: int = 4) -> dict[str, Any]:
+    """Write `counts[split]` images per split to `out/<split>/<index:06d>.png` and `out/manifest.json`.
+
+    generator:  a `Generator`, or a checkpoint path read with `load_generator`
+    counts:     images per split, e.g. {"train": 10000, "val": 500, "test": 500}
+    seed:       train uses seed, test seed + 1, val seed + 2 (the paper's seeds 0/1/2)
+    size:       Lanczos-resize every image to size x size after rounding to uint8 (None: as generated)
+    batch_size: images generated per step before they are written (rounded up to whole chunks)
+    opts:       forward options (psi, truncation_cutoff, noise_mode, temperature, alpha...)
+    progress:   a tqdm bar, nothing, or a callable (split, done, to_do) called after every step
+    chunk:      rows per network call; fixes the arithmetic, so it is recorded with the seed
+    precision:  fp32 (no TF32 on CUDA) or bf16 autocast; recorded, since it changes pixels
+    writers:    threads encoding PNGs
+
+    Re-running into the same folder resumes: existing whole images are kept untouched, missing
+    ones are made, counts may grow; other settings are refused with a DatasetError.
+    """
+    if isinstance(generator, (str, os.PathLike)):
+        generator_file = generator_file or generator
+        generator = load_generator(generator)
+    counts = {str(split): int(n) for split, n in counts.items()}
+    if any(n < 0 for n in counts.values()) or batch_size < 1 or chunk < 1 or writers < 1 or (size or 1) < 1:
+        raise DatasetError(f"counts must be >= 0 and batch_size, chunk, writers, size >= 1 "
+                           f"(got counts={counts}, batch_size={batch_size}, chunk={chunk}, size={size})")
+    out = Path(out)
+    settings = {"kind": "samples", "generator_sha256": checkpoint_sha256(generator_file) if generator_file else None,
+                "weights_sha256": weights_sha256(generator), "generator": generator.describe(),
+                "options": resolve_options(generator, opts), "seed": seed,
+                "split_seeds": split_seeds(seed, list(counts)), "resolution": generator.resolution,
+                "size": size, "chunk": chunk, "precision": precision}
+    target = resolve_device(device)
+    manifest, done = _claim_folder(out, settings, counts, target, generator_file)
+    generator.to(target).eval()
+    summary: dict[str, Any] = {"out": str(out), "manifest": str(out / MANIFEST), "splits": {}}
+    began = time.perf_counter()
+    with ThreadPoolExecutor(writers) as pool, sampling_arithmetic(target, precision):
+        for split, count in counts.items():
+            folder = out / split
+            folder.mkdir(parents=True, exist_ok=True)
+            remove_stale_temps(folder)
+            written = _sample_split(generator, folder, count, done[split], manifest["split_seeds"][split],
+                                    settings["options"], size, -(-batch_size // chunk), chunk, target, pool,
+                                    _progress_for(progress, split, count - len(done[split])))
+            summary["splits"][split] = {"seed": manifest["split_seeds"][split], "count": count,
+                                        "existing": len(done[split]), "written": written}
+    seconds = time.perf_counter() - began
+    made = sum(s["written"] for s in summary["splits"].values())
+    summary.update(seconds=round(seconds, 3), images_per_s=round(made / seconds, 3) if made else 0.0)
+    LOG.info("sampled %d new images into %s (%.1f images/s)", made, out, summary["images_per_s"])
+    return summary
+
+
+def _claim_folder(out: Path, settings: dict[str, Any], counts: dict[str, int], device: torch.device,
+                  generator_file: str | os.PathLike | None) -> tuple[dict[str, Any], dict[str, set[int]]]:
+    """Check the folder may take this request, write the merged manifest, list the finished images."""
+    recorded = read_manifest(out, settings["kind"])
+    splits = sorted(set(counts) | set(recorded.get("counts", {})))
+    done = {split: _finished_indices(out / split) for split in splits}
+    if any(done.values()):
+        check_same_settings(out, recorded, {k: v for k, v in settings.items() if k != "split_seeds"})
+        if recorded.get("device") != device.type:
+            LOG.warning("%s was sampled on %s, now %s: kernels may round a few pixels differently",
+                        out, recorded.get("device"), device.type)
+    for split, count in counts.items():
+        beyond = [i for i in done[split] if i >= count]
+        if beyond:
+            raise DatasetError(f"{out / split}: already holds image {max(beyond):06d}.png; ask for at least "
+                               f"{max(beyond) + 1} {split} images or use a new --out folder")
+    merged_counts = {**recorded.get("counts", {}), **counts}
+    seeds = {**recorded.get("split_seeds", {}), **settings["split_seeds"]}
+    manifest = {**_plain(settings), "split_seeds": seeds, "counts": merged_counts,
+                "latents": "numpy RandomState(split seed).randn, row i = image i",
+                "pixels": "clip(rint((x + 1) / 2 * 255)) to uint8, then Pillow Lanczos to size",
+                "generator_file": str(generator_file) if generator_file else recorded.get("generator_file"),
+                "device": device.type, "torch": torch.__version__}
+    out.mkdir(parents=True, exist_ok=True)
+    write_manifest(out, manifest)
+    return manifest, {split: {i for i in done[split] if i < counts.get(split, 0)} for split in splits}
+
+
+def _finished_indices(folder: Path) -> set[int]:
+    if not folder.is_dir():
+        return set()
+    return {int(p.stem) for p in folder.glob("[0-9][0-9][0-9][0-9][0-9][0-9].png") if is_complete_png(p)}
+
+
+def _progress_for(progress: bool | Progress, split: str, to_do: int) -> Callable[[int], None]:
+    """A `step(n)` that advances the bar or calls the user's callback with the running total."""
+    if callable(progress):
+        total = [0]
+
+        def report(n: int) -> None:
+            total[0] += n
+            progress(split, total[0], to_do)
+        return report
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=to_do, desc=f"sample {split}", unit="img", disable=not progress or to_do == 0, leave=False)
+    return bar.update
+
+
+def _sample_split(generator: Generator, folder: Path, count: int, done: set[int], seed: int,
+                  options: dict[str, Any], size: int | None, chunks_per_step: int, chunk: int,
+                  device: torch.device, pool: ThreadPoolExecutor, step: Callable[[int], None]) -> int:
+    source = LatentSource(generator, seed)
+    pending: list[tuple[torch.Tensor, dict[str, Any], list[int], int]] = []
+    written = 0
+    for start in range(0, count, chunk):
+        z, extra = source.take(chunk)  # always drawn, so the next chunk's rows stay aligned
+        wanted = [i for i in range(start, min(start + chunk, count)) if i not in done]
+        if wanted:
+            pending.append((z, extra, wanted, start))
+        if pending and (len(pending) == chunks_per_step or start + chunk >= count):
+            written += _render_step(generator, folder, pending, options, size, device, pool)
+            step(sum(len(p[2]) for p in pending))
+            pending = []
+    return written
+
+
+def _render_step(generator: Generator, folder: Path, pending: list, options: dict[str, Any],
+                 size: int | None, device: torch.device, pool: ThreadPoolExecutor) -> int:
+    jobs = []
+    for z, extra, wanted, start in pending:
+        extra = {k: [t.to(device) for t in v] for k, v in extra.items()}
+        with torch.no_grad():
+            pixels = to_pixels(generator(z.to(device), **options, **extra))
+        jobs += [(folder / f"{i:06d}.png", pixels[i - start]) for i in wanted]
+    list(pool.map(lambda job: write_png(job[0], resize_lanczos(Image.fromarray(job[1]), size)), jobs))
+    return len(jobs)
