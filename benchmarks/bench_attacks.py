@@ -1,0 +1,105 @@
+"""Attack step times with random weights: seconds per optimisation step, one function per workload.
+
+Run: `python benchmarks/bench_attacks.py [--device cuda] [--workloads exaggerate] [--sizes small,256,1024]`.
+Prints one table row per (workload, size, precision); nothing here is asserted.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from attacks.perceptual import load_lpips
+from attacks.shift import ClassifierInput, ShiftExaggeration
+from forensics.device import configure_backends, resolve_device
+from forensics.models import build_model
+from generators.pgan import build_pgan_zoo
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One benchmarked size: the generator's resolution and the classifier that judges it."""
+
+    generator_px: int
+    classifier: str
+    classifier_px: int  # the classifier's input size: generator output is resized to it
+
+
+# small: the embedded demo's scale (32 px, xception_block1 at 32 px). 256 and 1024: the published
+# pytorch_GAN_zoo and official PGAN celebA-HQ sizes, judged at 299 px as the public code trains.
+SETTINGS = {
+    "small": Setting(32, "xception_block1", 32),
+    "256": Setting(256, "xception_block2", 299),
+    "1024": Setting(1024, "xception_block2", 299),
+}
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _timed(run: Callable[[], object], device: torch.device) -> float:
+    _sync(device)
+    start = time.perf_counter()
+    run()
+    _sync(device)
+    return time.perf_counter() - start
+
+
+def bench_exaggerate(setting: Setting, batch: int, precision: str, device: torch.device, iters: int) -> float:
+    """Seconds per exaggerate step: G(z) and G(z − w), the classifier at its input size, LPIPS
+    (alex), the backward pass to w and Adam — `ShiftExaggeration.fit` itself, set-up excluded."""
+    torch.manual_seed(0)
+    generator, _ = build_pgan_zoo(setting.generator_px)
+    classifier = build_model(setting.classifier, seed=0)
+    lpips = load_lpips("alex", device=device, allow_random=True)  # random weights time like real ones
+    attack = ShiftExaggeration(generator.eval(), classifier, lpips, lam=1.0,
+                               classifier_input=ClassifierInput(setting.classifier_px, setting.classifier_px),
+                               device=device, precision=precision)
+
+    def fit(steps: int) -> None:
+        attack.fit(steps=steps, batch=batch, lr=0.01, progress=False)
+
+    fit(2)  # warm-up: allocator, cuDNN autotuning
+    # A fit also scores its final shift once; the difference of two fits leaves only the steps.
+    return (_timed(lambda: fit(1 + iters), device) - _timed(lambda: fit(1), device)) / iters
+
+
+WORKLOADS: dict[str, Callable[[Setting, int, str, torch.device, int], float]] = {
+    "exaggerate": bench_exaggerate,
+}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--workloads", default=",".join(WORKLOADS))
+    parser.add_argument("--sizes", default="small,256", help=f"of {', '.join(SETTINGS)}")
+    parser.add_argument("--batch", type=int, default=None, help="[default: 16 on CUDA; on CPU 8 small, 2 larger]")
+    parser.add_argument("--precisions", default="fp32,bf16")
+    parser.add_argument("--iters", type=int, default=3)
+    args = parser.parse_args()
+    logging.getLogger("patchscope.perceptual").setLevel(logging.ERROR)  # the random-LPIPS warning
+    device = resolve_device(args.device)
+    configure_backends(device)
+    print(f"device {device}, torch {torch.__version__}, threads {torch.get_num_threads()}")
+    print(f"{'workload':<11} {'size':>5} {'G px':>5} {'classifier':<16} {'C px':>5} {'batch':>5} "
+          f"{'precision':<9} {'s/step':>8} {'img/s':>8}")
+    for workload in args.workloads.split(","):
+        for size in args.sizes.split(","):
+            setting = SETTINGS[size]
+            batch = args.batch or (16 if device.type == "cuda" else 8 if size == "small" else 2)
+            for precision in args.precisions.split(","):
+                seconds = WORKLOADS[workload](setting, batch, precision, device, args.iters)
+                print(f"{workload:<11} {size:>5} {setting.generator_px:>5} {setting.classifier:<16} "
+                      f"{setting.classifier_px:>5} {batch:>5} {precision:<9} {seconds:>8.3f} {batch / seconds:>8.1f}",
+                      flush=True)
+
+
+if __name__ == "__main__":
+    main()
