@@ -1,0 +1,40 @@
+"""Shared pieces of the command line: one-line user errors, option layering.
+
+Used by every command module of `cli`.
+"""
+from __future__ import annotations
+
+import functools
+import sys
+from typing import Any, Callable
+
+import click
+
+from forensics import config as configs
+from forensics.errors import InputError
+from generators.errors import CheckpointError, DatasetError
+
+USER_ERRORS = (InputError, CheckpointError, DatasetError)
+
+
+def user_errors(fn: Callable) -> Callable:
+    """Turn a user error into one line on stderr and exit code 2, without a traceback."""
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except USER_ERRORS as err:
+            click.echo(f"error: {err}", err=True)
+            sys.exit(2)
+        except KeyboardInterrupt:
+            click.echo("interrupted; re-run the same command (with --resume where it has one) to continue", err=True)
+            sys.exit(130)
+    return wrapper
+
+
+def overrides(kwargs: dict[str, Any], drop: tuple[str, ...] = ("config",)) -> dict[str, Any]:
+    return {k: v for k, v in kwargs.items() if k not in drop and v is not None}
+
+
+def config_layers(config_path: str | None, section: str) -> dict[str, Any]:
+    return configs.read_yaml(config_path, section) if config_path else {}

@@ -1,0 +1,162 @@
+"""Generator commands: sample, prepare, invert, train-gan.
+
+Registered on `cli.main`; each calls one function of `generators` or `attacks`.
+"""
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import click
+
+from cli import main
+from cli.common import config_layers, overrides, user_errors
+from forensics import config as configs
+
+
+def _split_counts(train: int | None, val: int | None, test: int | None) -> dict[str, int]:
+    return {name: n for name, n in (("train", train), ("val", val), ("test", test)) if n is not None}
+
+
+@main.command()
+@click.argument("generator", type=click.Path(dir_okay=False))
+@click.option("--out", required=True, type=click.Path(file_okay=False),
+              help="Dataset folder: OUT/{train,val,test}/NNNNNN.png and OUT/manifest.json.")
+@click.option("--train", type=click.IntRange(0), help="Images in train/ (seed SEED).")
+@click.option("--val", type=click.IntRange(0), help="Images in val/ (seed SEED + 2).")
+@click.option("--test", type=click.IntRange(0), help="Images in test/ (seed SEED + 1).")
+@click.option("--seed", type=int, default=0, show_default=True,
+              help="Latents of image n are row n of RandomState(split seed).randn; the paper used 0.")
+@click.option("--size", type=click.IntRange(1), help="Lanczos-resize to SIZE x SIZE after rounding to uint8.  "
+                                                     "[default: as generated]")
+@click.option("--psi", type=float, help="Truncation toward the average w (style generators).  "
+                                        "[default: the generator's: 0.7 StyleGAN, 1 StyleGAN2]")
+@click.option("--truncation-cutoff", type=click.IntRange(1),
+              help="Truncate only the first N layers.  [default: 8 StyleGAN, all StyleGAN2]")
+@click.option("--noise-mode", type=click.Choice(["const", "random", "none"]),
+              help="Per-layer noise of style generators; random is not reproducible.  [default: const]")
+@click.option("--temperature", type=click.FloatRange(0), help="Glow sampling temperature.  [default: 0.7]")
+@click.option("--batch-size", type=click.IntRange(1), default=16, show_default=True,
+              help="Images generated per step before they are written.")
+@click.option("--chunk", type=click.IntRange(1), default=8, show_default=True,
+              help="Rows per network call. Kernels round differently for other batch shapes, so this "
+                   "(not --batch-size) fixes the bytes; it is recorded with the seed.")
+@click.option("--device", default="auto", show_default=True, help="auto | cpu | cuda | cuda:N.")
+@click.option("--precision", type=click.Choice(["fp32", "bf16"]), default="fp32", show_default=True,
+              help="fp32 turns TF32 off on CUDA; bf16 autocast is faster and changes pixels.")
+@click.option("--writers", type=click.IntRange(1), default=4, show_default=True, help="Threads encoding PNGs.")
+@user_errors
+def sample(generator: str, out: str, train: int | None, val: int | None, test: int | None, psi: float | None,
+           truncation_cutoff: int | None, noise_mode: str | None, temperature: float | None,
+           **options: Any) -> None:
+    """Sample a generator checkpoint into PNG train/val/test folders, as the paper did.
+
+    \b
+    Pixels are clip(rint((x + 1) / 2 * 255)), then Lanczos to --size. Image n of a split
+    depends only on the seed, n and --chunk, never on --batch-size. Re-running the same
+    command resumes: finished images are kept, missing ones made, --train/--val/--test may
+    grow; other generator, options, seed or size are refused.
+
+    \b
+    Example:
+      patchscope sample pgan_celebahq_1024.pkl --out data/pgan --size 128 \\
+          --train 10000 --val 500 --test 500
+    """
+    from generators.sampling import sample_dataset
+
+    counts = _split_counts(train, val, test)
+    if not counts:
+        raise click.UsageError("give at least one of --train, --val, --test")
+    opts = {k: v for k, v in (("psi", psi), ("truncation_cutoff", truncation_cutoff), ("noise_mode", noise_mode),
+                              ("temperature", temperature)) if v is not None}
+    summary = sample_dataset(generator, out, counts, opts=opts, **options)
+    click.echo(json.dumps(summary, indent=2))
+
+
+@main.command()
+@click.argument("sources", nargs=-1, required=True, type=click.Path())
+@click.option("--out", required=True, type=click.Path(file_okay=False),
+              help="Folder for the prepared reals, with manifest.json.")
+@click.option("--generator", type=click.Path(dir_okay=False),
+              help="Checkpoint whose output resolution the reals are resized to.")
+@click.option("--resolution", type=click.IntRange(1), help="That resolution, without loading a checkpoint.")
+@click.option("--size", type=click.IntRange(1), help="Working size, as given to `sample --size`.  "
+                                                     "[default: the resolution]")
+@click.option("--crop", type=click.Choice(["center", "none"]), default="center", show_default=True,
+              help="center: the largest centred square; none: squash the whole image.")
+@click.option("--train", type=click.IntRange(0), help="Cap train/ of split folders, or deal this many flat images.")
+@click.option("--val", type=click.IntRange(0), help="Same for val/.")
+@click.option("--test", type=click.IntRange(0), help="Same for test/.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Shuffles flat images before they are dealt.")
+@click.option("--on-bad-image", type=click.Choice(["skip", "error"]), default="skip", show_default=True,
+              help="skip: count and name unreadable files in the log.")
+@click.option("--workers", type=click.IntRange(1), default=4, show_default=True, help="Threads decoding and encoding.")
+@user_errors
+def prepare(sources: tuple[str, ...], generator: str | None, resolution: int | None, train: int | None,
+            val: int | None, test: int | None, **options: Any) -> None:
+    """Pass real images through a generator's pre-processing, saved like its samples.
+
+    \b
+    Centre crop, Lanczos to the generator's resolution, uint8, then Lanczos to --size: the
+    steps a sampled fake takes, so real and fake differ in content only, not in format
+    (REFERENCE §7). SOURCES are images, .txt lists of paths, or folders; train/val/test
+    subfolders are kept. 16-bit, grey, palette and RGBA inputs become 8-bit RGB.
+
+    \b
+    Example:
+      patchscope prepare celebahq/ --generator pgan_celebahq_1024.pkl --size 128 --out data/real
+    """
+    from generators.prepare import generator_resolution, prepare_reals
+
+    if (generator is None) == (resolution is None):
+        raise click.UsageError("give exactly one of --generator and --resolution")
+    resolution = resolution or generator_resolution(generator)
+    summary = prepare_reals(list(sources), resolution=resolution, counts=_split_counts(train, val, test) or None,
+                            **options)
+    click.echo(json.dumps(summary, indent=2))
+
+
+@main.command("invert")
+@click.option("--config", type=click.Path(dir_okay=False), help="YAML settings (its `invert:` section, or the whole file).")
+@click.option("--generator", help="Generator checkpoint (PGAN, StyleGAN, StyleGAN2 or Glow; any format load_generator reads).")
+@click.option("--images", help="Images to invert: a flat folder, a folder with splits (see --split), or a .txt/.csv manifest.")
+@click.option("--out", help="Output folder; an existing one is refused unless --resume.")
+@click.option("--split", help="Split folder of --images when it has train/val/test.")
+@click.option("--space", type=click.Choice(["auto", "z", "w", "w+"]),
+              help="Latent space searched; auto = w+ for StyleGAN/StyleGAN2, z otherwise.  [default: auto]")
+@click.option("--steps", type=click.IntRange(0), help="Adam steps per image.  [default: 300]")
+@click.option("--lr", type=click.FloatRange(0, min_open=True), help="Adam learning rate.  [default: 0.05]")
+@click.option("--lambda-mse", type=click.FloatRange(0), help="Weight of the pixel MSE.  [default: 1.0]")
+@click.option("--lambda-lpips", type=click.FloatRange(0), help="Weight of LPIPS; 0 = MSE only.  [default: 1.0]")
+@click.option("--lpips-net", type=click.Choice(["alex", "vgg", "squeeze"]), help="LPIPS backbone.  [default: alex]")
+@click.option("--lpips-weights", type=click.Path(dir_okay=False),
+              help="torchvision weights of the LPIPS backbone (alexnet-owt-7be5be79.pth, vgg16-397923af.pth or "
+                   "squeezenet1_1-b8a52dc0.pth).  [default: $TORCH_HOME/hub/checkpoints]")
+@click.option("--lpips-random/--no-lpips-random", default=None,
+              help="Random LPIPS backbone: smoke tests only, its distances are not perceptual.  [default: off]")
+@click.option("--batch-size", type=click.IntRange(1), help="Images optimised together; results do not depend on it.  [default: 8]")
+@click.option("--seed", type=int, help="z of image i starts at latent i of this seed's stream.  [default: 0]")
+@click.option("--device", help="auto | cpu | cuda | cuda:N.  [default: auto]")
+@click.option("--on-bad-image", type=click.Choice(["skip", "error"]), help="Unreadable images.  [default: skip]")
+@click.option("--resume", is_flag=True, help="Continue the inversion in --out; finished images are kept.")
+@user_errors
+def invert(config: str | None, resume: bool, **options: Any) -> None:
+    """Project images into a generator's latent space (GAN inversion): reprojected fakes.
+
+    \b
+    Every image is resized (Lanczos) to the generator's resolution and its latent is found
+    with Adam, minimising lambda-mse * MSE + lambda-lpips * LPIPS; each image keeps its best
+    latent. OUT receives the reprojections as PNG under the images' own names, latents.pt
+    ({name: latent}), metrics.json (per-image MSE and LPIPS) and config.yaml. Work is saved
+    after every batch; --resume continues without redoing finished images.
+
+    \b
+    Example:
+      patchscope invert --generator weights/stylegan2-ffhq-256.pt --images data/real/test \\
+          --out data/sg2_reprojected --lpips-weights weights/alexnet-owt-7be5be79.pth
+    """
+    from attacks.invert import InvertConfig, invert_folder
+
+    cfg = configs.resolve(InvertConfig, config_layers(config, "invert"), overrides(options), source=config or "options")
+    summary = invert_folder(cfg, resume=resume)
+    click.echo(json.dumps(summary, indent=2))
