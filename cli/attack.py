@@ -81,3 +81,64 @@ def _shift_table(summary: dict[str, Any]) -> str:
         k = f"{row['k']:+g}" if row["k"] else "0"
         lines.append(f"{k:>6} {row['p_fake']:>8.4f} {lpips}")
     return "\n".join(lines)
+
+
+@main.command("retrain")
+@click.option("--config", type=click.Path(dir_okay=False), help="YAML settings (its `retrain:` section, or the whole file).")
+@click.option("--classifier", help="The old classifier: run directory or .safetensors file (see --which).")
+@click.option("--generator", help="The finetuned generator checkpoint (any format load_generator reads).")
+@click.option("--out", help="Study folder; an existing one is refused unless --resume or --force.")
+@click.option("--real", help="Real images with train/val/test.  [default: the old classifier's training reals]")
+@click.option("--original-fakes",
+              help="The original generator's fakes with train/val/test; their manifest.json fixes how the finetuned "
+                   "generator is sampled.  [default: the old classifier's training fakes]")
+@click.option("--train", type=click.IntRange(1), help="Finetuned fakes in train/.  [default: as the original set]")
+@click.option("--val", type=click.IntRange(1), help="Finetuned fakes in val/.  [default: as the original set]")
+@click.option("--test", type=click.IntRange(1), help="Finetuned fakes in test/.  [default: as the original set]")
+@click.option("--seed", type=int, help="Sampling seed.  [default: the original set's, so the same latents]")
+@click.option("--which", type=click.Choice(["best", "last"]), help="Checkpoint of both classifiers.  [default: best]")
+@click.option("--aggregation", type=click.Choice(["after_softmax", "before_softmax", "vote"]),
+              help="Image score behind accuracy.  [default: after_softmax]")
+@click.option("-n", "--n", "n", type=click.IntRange(1),
+              help="Most predictive patches kept per class and classifier.  [default: 100]")
+@click.option("--face-parser", type=click.Path(dir_okay=False),
+              help="BiSeNet weights (79999_iter.pth, published with zllrunning/face-parsing.PyTorch) for "
+                   "face-part classes.  [default: none: flat/edge/texture classes from local gradients]")
+@click.option("--patch-seed", type=click.IntRange(0), help="Seeds the random baseline patch of each image.  [default: 0]")
+@click.option("--sample-batch-size", type=click.IntRange(1),
+              help="Images generated per step; does not change pixels.  [default: 16]")
+@click.option("--batch-size", type=click.IntRange(1), help="Images per scoring batch.  [default: 64]")
+@click.option("--device", help="auto | cpu | cuda | cuda:N, for sampling, training and scoring.  [default: auto]")
+@click.option("--precision", type=click.Choice(["auto", "fp32", "bf16"]),
+              help="Scoring precision; training keeps the old run's setting.  [default: auto]")
+@click.option("--workers", type=click.IntRange(0), help="DataLoader workers when scoring.  [default: 0]")
+@click.option("--on-bad-image", type=click.Choice(["skip", "error"]), help="Unreadable images.  [default: skip]")
+@click.option("--resume", is_flag=True, help="Continue the study in --out: finished stages are reused.")
+@click.option("--force", is_flag=True, help="Redo every stage in an existing --out.")
+@user_errors
+def retrain(config: str | None, train: int | None, val: int | None, test: int | None, resume: bool, force: bool,
+            **options: Any) -> None:
+    """Retrain on a finetuned generator; compare the old and the new classifier.
+
+    \b
+    The finetuned generator is sampled exactly as the original fakes were (their manifest.json:
+    size, options, seeds, chunk), a new classifier is trained on those fakes and the same reals
+    with the old classifier's training settings, and both classifiers are scored on the original
+    and the finetuned test fakes. Both classifiers' most predictive patches on the finetuned
+    fakes and the reals are labelled by a segmenter. OUT receives retrain/ (fakes, classifier,
+    evaluations), patches/{old,new}/, comparison.json/.csv (the 2x2 metrics and the patch-class
+    histograms), comparison.png and summary.txt.
+
+    \b
+    Example:
+      patchscope retrain --classifier runs/xb2 --generator runs/finetune/generator.pt \\
+          --out runs/xb2/retrain --face-parser weights/79999_iter.pth
+    """
+    from analysis.residual import RetrainStudyConfig, run_retrain_study
+
+    counts = {name: n for name, n in (("train", train), ("val", val), ("test", test)) if n is not None}
+    cli = {**overrides(options), **({"counts": counts} if counts else {})}
+    cfg = configs.resolve(RetrainStudyConfig, config_layers(config, "retrain"), cli, source=config or "options")
+    summary = run_retrain_study(cfg, resume=resume, force=force)
+    click.echo(summary["summary"], nl=False)
+    click.echo(f"results: {summary['out']}   figure: {summary['files']['comparison.png']}")

@@ -1,0 +1,324 @@
+"""Retraining against a finetuned generator: sample it exactly as the original fakes were sampled, train a
+new classifier with the old one's settings, and score old and new on both fake sets. Used by `analysis.residual`.
+"""
+from __future__ import annotations
+
+import csv
+import inspect
+import io
+import json
+import logging
+import os
+import shutil
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Mapping
+
+import yaml
+
+from forensics import config as configs, data
+from forensics.atomic import write_json, write_text
+from forensics.checkpoint import load_classifier, load_resume_state, resolve_checkpoint
+from forensics.errors import InputError
+from forensics.evaluate import EvalConfig, evaluate
+from forensics.scoring import AGGREGATIONS
+from forensics.train import RESUMABLE_CHANGES as TRAIN_RESUMABLE_CHANGES
+from forensics.train import TrainConfig, fit
+from generators import checkpoint_sha256, load_generator
+from generators.base import Generator
+from generators.sampling import MANIFEST, sample_dataset, weights_sha256
+
+log = logging.getLogger("patchscope.retrain")
+
+KIND = "patchscope-retrain"
+CLASSIFIERS = ("old", "new")          # the base classifier, the one retrained on the finetuned fakes
+TEST_SETS = ("original", "finetuned")  # fakes of the original generator, of the finetuned one (same reals)
+TEST_SPLIT = "test"
+METRIC_KEYS = ("ap", "ap_real", "acc", "acc_real", "acc_fake", "roc_auc", "n")
+STAGE_FILE = "stage.json"
+# Settings a resumed retrain may change: where and how fast it runs, never what it computes.
+RESUMABLE_CHANGES = ("device", "workers", "sample_batch_size", "eval_batch_size")
+_SAMPLING_DEFAULTS = {name: p.default for name, p in inspect.signature(sample_dataset).parameters.items()}
+
+
+# ----------------------------------------------------------------------------- cached stages
+
+def stage_is_current(folder: str | os.PathLike, inputs: Mapping[str, Any], result: str) -> bool:
+    """True when `folder` holds `result` computed from exactly these inputs (its stage.json says so)."""
+    folder = Path(folder)
+    try:
+        recorded = json.loads((folder / STAGE_FILE).read_text())
+    except (OSError, ValueError):
+        return False
+    return (folder / result).is_file() and recorded == json.loads(json.dumps(dict(inputs)))
+
+
+def record_stage(folder: str | os.PathLike, inputs: Mapping[str, Any]) -> None:
+    """Mark the results in `folder` as computed from `inputs`; written last, so a crash leaves no mark."""
+    write_json(Path(folder) / STAGE_FILE, dict(inputs))
+
+
+# ----------------------------------------------------------------------------- what to sample
+
+@dataclass(frozen=True)
+class SamplingPlan:
+    """How the finetuned generator is sampled: the original fake set's settings, so only the generator differs."""
+
+    counts: dict[str, int]    # images per split
+    seed: int                 # split seeds derive from it as in generators.sampling (same latents as the original)
+    size: int | None          # Lanczos working size (None: as generated)
+    options: dict[str, Any]   # generator forward options (psi, alpha, ...)
+    chunk: int                # rows per network call: fixes the arithmetic
+    precision: str            # fp32 | bf16
+    source: str               # where these settings were read
+
+
+def plan_sampling(original_fakes: str | os.PathLike, train_config: TrainConfig,
+                  counts: Mapping[str, int] | None = None, seed: int | None = None) -> SamplingPlan:
+    """The original set's manifest.json settings; without a manifest, the classifier's input size, the split
+    sizes of the original set and seed 0. Given counts replace those of their splits only; a given seed wins."""
+    original = Path(original_fakes)
+    manifest = read_samples_manifest(original)
+    splits = list(dict.fromkeys((train_config.train_split, train_config.val_split, TEST_SPLIT)))
+    given = {str(k): int(v) for k, v in (counts or {}).items()}
+    if manifest is not None:
+        plan = SamplingPlan(
+            counts={**{str(k): int(v) for k, v in (manifest.get("counts") or {}).items()}, **given},
+            seed=int(manifest.get("seed", 0) if seed is None else seed), size=manifest.get("size"),
+            options=dict(manifest.get("options") or {}),
+            chunk=int(manifest.get("chunk", _SAMPLING_DEFAULTS["chunk"])),
+            precision=str(manifest.get("precision", _SAMPLING_DEFAULTS["precision"])), source=str(original / MANIFEST))
+    else:
+        sizes = {split: len(data.list_images(original, split)) for split in splits if split not in given}
+        plan = SamplingPlan(
+            counts={**sizes, **given}, seed=0 if seed is None else int(seed),
+            size=train_config.load_size or train_config.crop_size, options={}, chunk=_SAMPLING_DEFAULTS["chunk"],
+            precision=_SAMPLING_DEFAULTS["precision"],
+            source=f"the classifier's input size ({original} has no {MANIFEST})")
+    missing = [split for split in splits if plan.counts.get(split, 0) < 1]
+    if missing:
+        raise InputError(f"counts {plan.counts}: the retrained classifier needs finetuned fakes in "
+                         f"{', '.join(missing)}")
+    return plan
+
+
+def read_samples_manifest(folder: Path) -> dict[str, Any] | None:
+    """The `generators.sampling` manifest of a fake set, or None when it has none (or one of another kind)."""
+    path = folder / MANIFEST
+    if not path.is_file():
+        return None
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, ValueError) as error:
+        raise InputError(f"{path}: unreadable manifest ({error}); fix or remove it") from None
+    if not isinstance(manifest, dict) or manifest.get("kind") != "samples":
+        log.info("%s: not a sampled set's manifest; using the classifier's input size instead", path)
+        return None
+    return manifest
+
+
+# ----------------------------------------------------------------------------- the result
+
+@dataclass
+class RetrainResult:
+    """What `retrain` made and measured; `metrics[classifier][test_set]` with classifier old|new and
+    test set original|finetuned (both with the same reals)."""
+
+    out: Path
+    base_checkpoint: Path               # the old classifier's weights
+    classifier: Path                    # the new classifier's run directory
+    classifier_checkpoint: Path         # its weights (same `which` as the old one)
+    fakes: Path                         # the finetuned generator's samples
+    reals: Path
+    original_fakes: Path
+    sampling: SamplingPlan
+    train: dict[str, Any]               # forensics.train.fit summary
+    aggregation: str
+    metrics: dict[str, dict[str, dict[str, float]]]
+    stages: dict[str, str] = field(default_factory=dict)  # stage -> "ran" | "reused"
+
+    def rows(self) -> list[dict[str, Any]]:
+        """The 2x2 table, one row per (classifier, test set)."""
+        return [{"classifier": who, "test_set": name, **self.metrics[who][name]}
+                for who in CLASSIFIERS for name in TEST_SETS]
+
+
+# ----------------------------------------------------------------------------- stages
+
+def _base_train_config(checkpoint: Path, meta: Mapping[str, Any]) -> TrainConfig:
+    saved = meta.get("config")
+    if not isinstance(saved, dict):
+        raise InputError(f"{checkpoint.with_suffix('.json')}: holds no training config; cannot retrain "
+                         f"with the same settings")
+    known = {f.name for f in fields(TrainConfig)}
+    dropped = sorted(set(saved) - known)
+    if dropped:
+        log.warning("%s: ignoring training settings this version does not know: %s", checkpoint, ", ".join(dropped))
+    return configs.resolve(TrainConfig, {k: v for k, v in saved.items() if k in known}, source=str(checkpoint))
+
+
+def _as_generator(generator: Generator | str | os.PathLike) -> tuple[Generator, Path | None, str]:
+    """The generator, its file (None when given as an object) and a digest that identifies it."""
+    if isinstance(generator, Generator):
+        return generator, None, weights_sha256(generator)
+    path = Path(generator)
+    loaded = load_generator(path)  # CheckpointError, naming the file, for anything that is not a generator
+    return loaded, path, checkpoint_sha256(path)
+
+
+def _changed(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
+    changed = [k for k in sorted(set(old) | set(new)) if k not in RESUMABLE_CHANGES and k != "train"
+               and old.get(k) != new.get(k)]
+    old_train, new_train = old.get("train") or {}, new.get("train") or {}
+    changed += [f"train.{k}" for k in sorted(set(old_train) | set(new_train))
+                if k not in TRAIN_RESUMABLE_CHANGES and old_train.get(k) != new_train.get(k)]
+    return changed
+
+
+def _claim(out: Path, record: dict[str, Any], resume: bool, force: bool) -> None:
+    """Refuse a folder holding anything else, or another retrain unless forced; clear it when forced."""
+    saved = out / "config.yaml"
+    if not saved.is_file():
+        if out.is_dir() and any(out.iterdir()):
+            raise InputError(f"{out}: exists and is not a retrain folder (no config.yaml); choose a new out folder")
+    else:
+        old = configs.read_yaml(saved)
+        if old.get("kind") != KIND:
+            raise InputError(f"{saved}: not a retrain config (kind {old.get('kind')!r}); choose another out folder")
+        if force:
+            for name in ("fakes", "classifier", "eval"):
+                shutil.rmtree(out / name, ignore_errors=True)
+            for name in ("metrics.json", "metrics.csv"):
+                (out / name).unlink(missing_ok=True)
+        elif not resume:
+            raise InputError(f"{out}: already holds a retrain; resume it or force it to start over")
+        else:
+            plain = json.loads(json.dumps(record))
+            changed = _changed(old, plain)
+            if changed:
+                shown = ", ".join(f"{k}={_lookup(old, k)!r}" for k in changed)
+                raise InputError(f"{out}: cannot resume with different {', '.join(changed)} (saved: {shown}); "
+                                 f"force it to start over or choose another out folder")
+    out.mkdir(parents=True, exist_ok=True)
+    write_text(saved, yaml.safe_dump(json.loads(json.dumps(record)), sort_keys=False))
+
+
+def _lookup(record: Mapping[str, Any], dotted: str) -> Any:
+    value: Any = record
+    for part in dotted.split("."):
+        value = value.get(part) if isinstance(value, Mapping) else None
+    return value
+
+
+def _finished(run_dir: Path) -> bool:
+    if not (run_dir / "resume.pt").is_file():
+        return False
+    return bool(load_resume_state(run_dir / "resume.pt")["state"].get("finished"))
+
+
+def _evaluate_cached(checkpoint: Path, tests: list[str], folder: Path, aggregation: str,
+                     settings: Mapping[str, Any]) -> tuple[dict[str, dict[str, float]], str]:
+    """Metrics of one classifier on every test set: read back when computed from the same weights and sets."""
+    inputs = {"checkpoint_sha256": checkpoint_sha256(checkpoint), "tests": tests, "split": TEST_SPLIT,
+              "aggregation": aggregation, "on_bad_image": settings["on_bad_image"]}
+    if stage_is_current(folder, inputs, "metrics.json"):
+        summary, how = json.loads((folder / "metrics.json").read_text()), "reused"
+    else:
+        summary = evaluate(EvalConfig(run=str(checkpoint), tests=tests, out=str(folder), split=TEST_SPLIT,
+                                      aggregation=aggregation, force=True, **settings))
+        record_stage(folder, inputs)
+        how = "ran"
+    results = summary["results"]
+    return {name: {k: results[name][aggregation][k] for k in METRIC_KEYS} for name in TEST_SETS}, how
+
+
+def _write_table(out: Path, result: RetrainResult) -> None:
+    write_json(out / "metrics.json", {
+        "base_checkpoint": str(result.base_checkpoint), "classifier": str(result.classifier),
+        "fakes": str(result.fakes), "reals": str(result.reals), "original_fakes": str(result.original_fakes),
+        "aggregation": result.aggregation, "split": TEST_SPLIT, "metrics": result.metrics})
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=["classifier", "test_set", *METRIC_KEYS], lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(result.rows())
+    write_text(out / "metrics.csv", buffer.getvalue())
+
+
+# ----------------------------------------------------------------------------- the stage chain
+
+def retrain(base_run: str | os.PathLike, finetuned_generator: Generator | str | os.PathLike,
+            original_fakes: str | os.PathLike | None, reals: str | os.PathLike | None, out: str | os.PathLike,
+            counts: Mapping[str, int] | None = None, seed: int | None = None, *,
+            which: str = "best",                          # best | last checkpoint of both classifiers
+            aggregation: str = "after_softmax",           # image score behind accuracy (metrics.json has all)
+            device: str = "auto",                         # sampling, training and scoring
+            precision: str = "auto",                      # scoring precision; training keeps the old run's
+            sample_batch_size: int = 16,                  # images per sampling step (does not change pixels)
+            eval_batch_size: int = 64,
+            workers: int = 0,                             # DataLoader workers when scoring
+            on_bad_image: str = "skip",
+            train_overrides: Mapping[str, Any] | None = None,  # TrainConfig fields to change (default: none)
+            resume: bool = True,                          # continue a retrain in `out`; False refuses one
+            force: bool = False,                          # redo every stage in `out`
+            progress: bool = True) -> RetrainResult:
+    """Sample the finetuned generator like the original fakes, train a new classifier on them, score both.
+
+    original_fakes / reals default to the old classifier's training sets; counts and seed to the
+    original set's manifest.json (the same latents, now through the finetuned generator). OUT gets
+    fakes/ (generators.sampling), classifier/ (forensics.train, same TrainConfig but fake = fakes/),
+    eval/{old,new}/ (forensics.evaluate on the test splits), config.yaml and metrics.json/.csv (2x2).
+    Every stage is cached: re-running resumes sampling and training and reuses finished evaluations.
+    """
+    if aggregation not in AGGREGATIONS:
+        raise InputError(f"aggregation {aggregation!r}: expected one of {', '.join(AGGREGATIONS)}")
+    base_checkpoint = resolve_checkpoint(base_run, which)  # one line naming a missing run
+    _, base_meta = load_classifier(base_checkpoint)
+    base_config = _base_train_config(base_checkpoint, base_meta)
+    reals, original_fakes = reals or base_config.real, original_fakes or base_config.fake
+    if not reals or not original_fakes:
+        raise InputError(f"{base_checkpoint}: records no training reals/fakes; give reals and original_fakes")
+    reals, original_fakes, out = Path(reals), Path(original_fakes), Path(out)
+    generator, generator_file, generator_sha = _as_generator(finetuned_generator)
+    plan = plan_sampling(original_fakes, base_config, counts, seed)
+    fakes, run_dir = out / "fakes", out / "classifier"
+    train_config = configs.resolve(TrainConfig, configs.to_dict(base_config), train_overrides,
+                                   {"real": str(reals), "fake": str(fakes), "out": str(run_dir), "device": device},
+                                   source="retrain")
+    record = {"kind": KIND, "base_checkpoint": str(base_checkpoint),
+              "base_checkpoint_sha256": checkpoint_sha256(base_checkpoint),
+              "generator": str(generator_file) if generator_file else "(in memory)", "generator_sha256": generator_sha,
+              "reals": str(reals), "original_fakes": str(original_fakes), "sampling": asdict(plan),
+              "which": which, "aggregation": aggregation, "precision": precision, "on_bad_image": on_bad_image,
+              "device": device, "workers": workers, "sample_batch_size": sample_batch_size,
+              "eval_batch_size": eval_batch_size, "train": configs.to_dict(train_config)}
+    _claim(out, record, resume, force)
+    stages = {}
+
+    log.info("sampling %s into %s (settings of %s)", generator_file or "the finetuned generator", fakes, plan.source)
+    sampled = sample_dataset(generator, fakes, plan.counts, seed=plan.seed, size=plan.size,
+                             batch_size=sample_batch_size, device=device, opts=plan.options,
+                             generator_file=generator_file, progress=progress, chunk=plan.chunk,
+                             precision=plan.precision)
+    stages["sample"] = "ran" if any(s["written"] for s in sampled["splits"].values()) else "reused"
+
+    finished_before = _finished(run_dir)
+    train_summary = fit(train_config, resume=True)
+    stages["train"] = "reused" if finished_before else "ran"
+
+    tests = [f"original={reals},{original_fakes}", f"finetuned={reals},{fakes}"]
+    settings = {"batch_size": eval_batch_size, "device": device, "precision": precision, "workers": workers,
+                "on_bad_image": on_bad_image}
+    new_checkpoint = resolve_checkpoint(run_dir, which)
+    metrics = {}
+    for who, checkpoint in zip(CLASSIFIERS, (base_checkpoint, new_checkpoint)):
+        metrics[who], stages[f"eval_{who}"] = _evaluate_cached(checkpoint, tests, out / "eval" / who,
+                                                               aggregation, settings)
+    result = RetrainResult(out=out, base_checkpoint=base_checkpoint, classifier=run_dir,
+                           classifier_checkpoint=new_checkpoint, fakes=fakes, reals=reals,
+                           original_fakes=original_fakes, sampling=plan, train=train_summary,
+                           aggregation=aggregation, metrics=metrics, stages=stages)
+    _write_table(out, result)
+    for row in result.rows():
+        log.info("%s classifier on %s fakes: AP %.4f, accuracy %.4f (fake %.4f)", row["classifier"],
+                 row["test_set"], row["ap"], row["acc"], row["acc_fake"])
+    return result
