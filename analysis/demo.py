@@ -12,6 +12,7 @@ from typing import Any
 
 import click
 
+from analysis.report import write_report
 from forensics import config as configs
 from forensics.builtin_images import dataset_complete, write_builtin_dataset
 from forensics.evaluate import EvalConfig, evaluate
@@ -73,5 +74,7 @@ def run_demo(out: str | Path, quick: bool = False, force: bool = False,
                                  out=str(eval_out), force=True))
     metrics = result["results"]["builtin"]["after_softmax"]
     _stage("eval", started, f"AP {metrics['ap']:.4f}, accuracy {metrics['acc']:.4f} on {metrics['n']} test images")
+    page = write_report(out, title="patchscope demo")
     click.echo(f"\nAP of the patch classifier: {metrics['ap']:.4f}   (results: {eval_out})")
-    return {"train": summary, "eval": metrics, "out": str(out)}
+    click.echo(f"report: {page}")
+    return {"train": summary, "eval": metrics, "out": str(out), "report": str(page)}

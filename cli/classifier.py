@@ -258,3 +258,31 @@ def models() -> None:
         rf = receptive_field(model)
         click.echo(f"{name:<18} {model.feature_channels:>8} {count_parameters(model) / 1e6:>8.3f}M "
                    f"{rf.size:>13} px {model.output_size(299):>6}x{model.output_size(299)}")
+
+
+@main.command()
+@click.argument("run_dir")
+@click.option("--out", type=click.Path(),
+              help="Where to write the page: an .html file, or a folder for report.html.  [default: RUN_DIR/report.html]")
+@click.option("--title", help="Page title.  [default: patchscope report: NAME OF RUN_DIR]")
+@user_errors
+def report(run_dir: str, out: str | None, title: str | None) -> None:
+    """Write one self-contained HTML page of everything a run directory holds.
+
+    \b
+    RUN_DIR and its subfolders are searched for what the stages write: training
+    log and checkpoints, eval metrics and PR curves, robustness sweeps, heatmaps,
+    most predictive patches, spectra, exaggeration, finetuning and retraining.
+    Each folder found becomes a section (figures, tables, settings) in pipeline
+    order. Images are embedded, so the page opens anywhere without other files,
+    network or scripts. The page is a view of the results: writing it again replaces it.
+
+    \b
+    Example:
+      patchscope report runs/demo
+      patchscope report runs/xb2 --out reports/xb2.html --title "xception_block2 on PGAN"
+    """
+    from analysis.report import write_report
+
+    path = write_report(run_dir, out=out, title=title)
+    click.echo(f"report: {path}")

@@ -8,7 +8,7 @@ from click.testing import CliRunner
 
 from cli import main
 
-COMMANDS = ["train", "eval", "patches", "spectra", "sample", "prepare", "invert", "exaggerate", "retrain", "models", "demo"]
+COMMANDS = ["train", "eval", "patches", "spectra", "sample", "prepare", "invert", "exaggerate", "retrain", "report", "models", "demo"]
 
 
 def run(*args: str):
@@ -107,7 +107,7 @@ def test_quick_demo_runs_end_to_end(tmp_path):
     metrics = json.loads((tmp_path / "demo" / "eval" / "metrics.json").read_text())
     ap = metrics["results"]["builtin"]["after_softmax"]["ap"]
     assert 0.0 <= ap <= 1.0
-    for name in ("data/dataset.json", "classifier/best.safetensors", "eval/pr_curve.png"):
+    for name in ("data/dataset.json", "classifier/best.safetensors", "eval/pr_curve.png", "report.html"):
         assert (tmp_path / "demo" / name).is_file(), name
     again = run("demo", "--out", str(tmp_path / "demo"), "--quick")  # cached stages are reused
     assert again.exit_code == 0 and "AP of the patch classifier" in again.stdout
