@@ -142,6 +142,16 @@ class PGANZooGenerator(Generator):
             x = alpha * previous_rgb + (1.0 - alpha) * x
         return x
 
+    def add_scale(self, depth: int) -> None:
+        """Double the output resolution (the zoo's `addScale`): a new conv pair of `depth`
+        channels and its toRGB, initialised from the global RNG, on the network's device."""
+        device = self.formatLayer.module.weight.device
+        self.scaleLayers.append(nn.ModuleList([_conv(self.depths[-1], depth, 3, self.equalized),
+                                               _conv(depth, depth, 3, self.equalized)]).to(device))
+        self.toRGBLayers.append(_conv(depth, self.dim_output, 1, self.equalized).to(device))
+        self.depths.append(depth)
+        self.resolution *= 2
+
     def zoo_config(self) -> dict[str, Any]:
         """The zoo `config` entries that rebuild this network."""
         return {"depthScale0": self.depths[0], "depthOtherScales": list(self.depths[1:]),
@@ -165,6 +175,7 @@ class PGANZooDiscriminator(nn.Module):
         self.resolution = 4 * 2 ** len(depth_other_scales)
         self.leaky_relu_leak = leaky_relu_leak
         self.minibatch_stddev = minibatch_stddev
+        self.equalized = equalized
         self.alpha = alpha
         self.scaleLayers = nn.ModuleList()  # the zoo's creation order, as in the generator
         self.fromRGBLayers = nn.ModuleList()
@@ -178,6 +189,17 @@ class PGANZooDiscriminator(nn.Module):
             self.scaleLayers.append(nn.ModuleList([_conv(depth, depth, 3, equalized),
                                                    _conv(depth, previous, 3, equalized)]))
             self.fromRGBLayers.append(_conv(dim_input, depth, 1, equalized))
+
+    def add_scale(self, depth: int) -> None:
+        """Double the input resolution (the zoo's `addScale`): a new fromRGB and conv pair
+        of `depth` channels in front, initialised from the global RNG, on the network's device."""
+        device = self.decisionLayer.module.weight.device
+        dim_input = self.fromRGBLayers[0].module.weight.shape[1]
+        self.scaleLayers.append(nn.ModuleList([_conv(depth, depth, 3, self.equalized),
+                                               _conv(depth, self.depths[-1], 3, self.equalized)]).to(device))
+        self.fromRGBLayers.append(_conv(dim_input, depth, 1, self.equalized).to(device))
+        self.depths.append(depth)
+        self.resolution *= 2
 
     def forward(self, x: torch.Tensor, alpha: float | None = None,
                 return_features: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:

@@ -1,0 +1,308 @@
+"""Training a small progressive GAN (Karras et al., as pytorch_GAN_zoo does it) on a folder of images,
+saved as a pytorch_GAN_zoo checkpoint. `train_gan(GANTrainConfig)` is what `patchscope train-gan` runs.
+
+The run directory holds `config.yaml`, `metrics.jsonl`, `generator.pt` (the latest snapshot,
+readable by `generators.load_generator`), `generator_{r}px.pt` at the end of each scale, and
+`resume.pt` (weights, optimizer states and counters; `torch.load(weights_only=True)`).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, BinaryIO, Callable
+
+import torch
+import yaml
+from tqdm import tqdm
+
+from generators.gan_growing import GrowingGAN
+from generators.gan_images import TrainingImages, TrainingInputError, to_model_range
+from generators.gan_schedule import batch_indices, draw_step, fade_alpha, scale_depths, scale_resolutions
+from generators.pgan import save_pgan_zoo
+
+log = logging.getLogger("patchscope.gan")
+
+RESUME_FILE = "resume.pt"
+GENERATOR_FILE = "generator.pt"
+# Settings a resumed run may change (`out` may be spelt differently); all others must equal the saved ones.
+RESUMABLE_CHANGES = {"out", "device", "snapshot_images", "log_images", "channels_last"}
+
+
+@dataclass
+class GANTrainConfig:
+    images: str = ""              # folder of real PNG/JPEG images, searched recursively
+    out: str = ""                 # run directory (created; an existing run is resumed or refused)
+    resolution: int = 32          # final resolution, a power of two; growing starts at 4 px
+    latent_dim: int = 128         # latent vector size (the zoo's celebAHQ models: 512)
+    fmap_base: int = 1024         # channels at r px: min(fmap_max, fmap_base // r)
+    fmap_max: int = 64            # (16384 and 512 give the zoo's celebAHQ depths)
+    batch_size: int = 32          # images per step
+    scale_images: int = 40_000    # real images shown at each scale (kimg budget x 1000)
+    fade_images: int = 20_000     # the first this many of a new scale fade it in (alpha 1 -> 0)
+    lr: float = 1e-3              # Adam learning rate, both networks
+    beta1: float = 0.0            # Adam betas (Karras et al.)
+    beta2: float = 0.99
+    lambda_gp: float = 10.0       # WGAN-GP gradient penalty weight
+    drift: float = 0.001          # weight of D(real)^2
+    ema_half_life: int = 5_000    # images over which the averaged generator's memory halves
+    mirror: bool = True           # flip half the real images left-right
+    seed: int = 0                 # weights, batch order and every draw derive from it
+    snapshot_images: int = 20_000  # save generator.pt and resume.pt this often (and at each scale's end)
+    log_images: int = 2_000       # one metrics.jsonl line per this many images
+    device: str = "auto"          # auto | cpu | cuda | cuda:N
+    channels_last: bool = True    # NHWC convolutions: faster on CPU and GPU
+
+    def depths(self) -> list[int]:
+        return scale_depths(self.resolution, self.fmap_base, self.fmap_max)
+
+    def steps_per_scale(self) -> int:
+        return math.ceil(self.scale_images / self.batch_size)
+
+    def ema_beta(self) -> float:
+        """Per-step decay of the average: its weight of old steps halves every `ema_half_life` images."""
+        return 0.5 ** (self.batch_size / self.ema_half_life) if self.ema_half_life > 0 else 0.0
+
+
+@dataclass
+class Progress:
+    """Where a run stands: everything else about a step derives from these counters."""
+
+    scale: int = 0         # index of the scale being trained (0: 4 px)
+    step: int = 0          # steps done at this scale
+    images: int = 0        # real images shown in all
+    finished: bool = False
+
+
+def check_config(config: GANTrainConfig) -> None:
+    """Refuse settings that cannot train, in one line naming the setting."""
+    problems = []
+    try:
+        scale_resolutions(config.resolution)
+    except ValueError as error:
+        problems.append(str(error))
+    if config.batch_size < 2:
+        problems.append(f"batch_size must be >= 2 for minibatch stddev, not {config.batch_size}")
+    if config.scale_images < 1:
+        problems.append(f"scale_images must be >= 1, not {config.scale_images}")
+    # A scale must end at full weight (alpha 0), so its last step lies past the fade.
+    fade_limit = (config.steps_per_scale() - 1) * config.batch_size if config.batch_size >= 1 else 0
+    if config.batch_size >= 1 and not 0 <= config.fade_images <= fade_limit:
+        problems.append(f"fade_images must be within 0 .. {fade_limit} (the last step of a scale "
+                        f"must train at alpha 0), not {config.fade_images}")
+    if config.lr <= 0 or config.log_images < 1 or config.snapshot_images < 0 or config.ema_half_life < 0:
+        problems.append("lr and log_images must be positive, snapshot_images and ema_half_life >= 0")
+    if not config.out:
+        problems.append("no run directory given (--out)")
+    if problems:
+        raise TrainingInputError("; ".join(problems))
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise TrainingInputError(f"--device {name}: expected auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise TrainingInputError(f"--device {name}: CUDA is not available on this machine")
+    return device
+
+
+def _replace_atomic(path: Path, write: Callable[[BinaryIO], None]) -> None:
+    """Write through `write` to a temporary name beside `path`, then rename: never half a file."""
+    handle, temp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(handle, "wb") as stream:
+            write(stream)
+        os.replace(temp, path)
+    except BaseException:
+        Path(temp).unlink(missing_ok=True)
+        raise
+
+
+def _prepare_run_dir(config: GANTrainConfig, resume: bool) -> Path:
+    out = Path(config.out)
+    saved = out / "config.yaml"
+    current = dataclasses.asdict(config)
+    if saved.exists():
+        if not resume:
+            raise TrainingInputError(f"{out}: already holds a GAN run; pass --resume to continue it, "
+                                     f"or choose another --out")
+        old = yaml.safe_load(saved.read_text()) or {}
+        changed = sorted(k for k, v in current.items() if k not in RESUMABLE_CHANGES and old.get(k) != v)
+        if changed:
+            raise TrainingInputError(f"{out}: cannot resume with different {', '.join(changed)} "
+                                     f"(saved: {', '.join(f'{k}={old.get(k)!r}' for k in changed)})")
+    out.mkdir(parents=True, exist_ok=True)
+    _replace_atomic(saved, lambda stream: stream.write(yaml.safe_dump(current, sort_keys=False).encode()))
+    return out
+
+
+def _load_resume(path: Path) -> dict[str, Any]:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # a torn or foreign file: name it, never execute it
+        raise TrainingInputError(f"{path}: unreadable resume state ({type(error).__name__}); "
+                                 f"remove it to start over") from None
+
+
+def _truncate_log(path: Path, images: int) -> None:
+    """Drop log lines written after the snapshot being resumed, so none is repeated."""
+    if path.exists():
+        kept = [line for line in path.read_text().splitlines()
+                if line.strip() and json.loads(line).get("images", 0) <= images]
+        _replace_atomic(path, lambda stream: stream.write("".join(line + "\n" for line in kept).encode()))
+
+
+def _append_line(path: Path, line: str) -> None:
+    with open(path, "a") as stream:
+        stream.write(line + "\n")
+        stream.flush()
+        os.fsync(stream.fileno())
+
+
+class LossMeter:
+    """Sums of the step losses on the device, read (one host sync) once per log interval."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, torch.Tensor] = {}
+        self.steps = 0
+
+    def add(self, losses: dict[str, torch.Tensor]) -> None:
+        for key, value in losses.items():
+            self.sums[key] = self.sums[key] + value if key in self.sums else value.clone()
+        self.steps += 1
+
+    def take(self) -> dict[str, float]:
+        means = {key: round(value.item() / max(self.steps, 1), 6) for key, value in self.sums.items()}
+        self.sums, self.steps = {}, 0
+        return means
+
+
+def _crossed(images: int, step_images: int, every: int) -> bool:
+    """Whether the last step (of `step_images` images) passed a multiple of `every`."""
+    return every > 0 and images // every > (images - step_images) // every
+
+
+def _snapshot(out: Path, gan: GrowingGAN, progress: Progress, config: GANTrainConfig,
+              end_of_scale: bool) -> None:
+    """generator.pt (zoo format; avgG, netG, netD), the scale's own file at its end, then resume.pt."""
+    extra = {"learningRate": config.lr, "lambdaGP": config.lambda_gp, "epsilonD": config.drift,
+             "miniBatchSize": config.batch_size, "imagesSeen": progress.images,
+             "imagesAtScale": progress.step * config.batch_size}
+    targets = [out / GENERATOR_FILE] + ([out / f"generator_{gan.resolution}px.pt"] if end_of_scale else [])
+    for target in targets:
+        save_pgan_zoo(gan.average, target, net_generator=gan.generator, discriminator=gan.discriminator,
+                      extra_config=extra)
+    state = {"networks": gan.state_dict(), "progress": dataclasses.asdict(progress)}
+    _replace_atomic(out / RESUME_FILE, lambda stream: torch.save(state, stream))
+
+
+def _real_batch(images: TrainingImages, config: GANTrainConfig, progress: Progress, flip: torch.Tensor,
+                device: torch.device, memory_format: torch.memory_format) -> torch.Tensor:
+    pool = images.at(4 * 2**progress.scale)
+    indices = batch_indices(len(images), config.batch_size, progress.step, config.seed, progress.scale)
+    real = to_model_range(pool[indices])
+    if config.mirror:
+        real = torch.where(flip[:, None, None, None], real.flip(3), real)
+    return real.to(device, non_blocking=True, memory_format=memory_format)
+
+
+class GANTrainer:
+    """A progressive GAN run: the images, the growing networks (`gan`), the counters (`progress`)
+    and the run directory. `run()` trains to the end; `train_gan` is the one-call form.
+
+    Each scale is trained for `scale_images` real images; a new scale first fades in over
+    `fade_images`. Every step: one WGAN-GP critic step (lambda 10, drift 0.001) and one
+    generator step, Adam (lr 1e-3, betas 0, 0.99), then the averaged generator is updated.
+    Snapshots every `snapshot_images` and at each scale's end; `resume=True` continues from the
+    last one and ends with exactly the weights an uninterrupted run would have (on CPU).
+    """
+
+    def __init__(self, config: GANTrainConfig, resume: bool = False) -> None:
+        check_config(config)
+        self.config = config
+        self.device = resolve_device(config.device)
+        self.images = TrainingImages(config.images, config.resolution)
+        self.out = _prepare_run_dir(config, resume)
+        self.gan = GrowingGAN(config.depths(), config.latent_dim, config.seed, lr=config.lr,
+                              betas=(config.beta1, config.beta2), ema_beta=config.ema_beta(),
+                              device=self.device, channels_last=config.channels_last)
+        self.progress = Progress()
+        self.alpha = 0.0
+        metrics = self.out / "metrics.jsonl"
+        if resume and (self.out / RESUME_FILE).exists():
+            saved = _load_resume(self.out / RESUME_FILE)
+            self.gan.load_state_dict(saved["networks"])
+            self.progress = Progress(**saved["progress"])
+            self.alpha = float(self.gan.generator.alpha)
+            _truncate_log(metrics, self.progress.images)
+            log.info("resuming %s at %d px after %d images", self.out, self.gan.resolution, self.progress.images)
+        elif metrics.exists():
+            metrics.unlink()  # a run that stopped before its first snapshot starts over
+        log.info("training on %d images from %s; channels per scale %s", len(self.images),
+                 self.images.folder, config.depths())
+
+    def step(self) -> dict[str, torch.Tensor]:
+        """Train one step at the current scale, growing first when the last scale is done."""
+        config, progress, batch = self.config, self.progress, self.config.batch_size
+        if progress.step >= config.steps_per_scale():
+            self.gan.grow()
+            progress.scale, progress.step = progress.scale + 1, 0
+        self.alpha = fade_alpha(progress.scale, progress.step * batch, config.fade_images)
+        self.gan.set_alpha(self.alpha)
+        draws = draw_step(config.seed, progress.scale, progress.step, batch, config.latent_dim)
+        real = _real_batch(self.images, config, progress, draws.flip, self.device, self.gan.memory_format)
+        losses = self.gan.train_step(real, draws.z_critic.to(self.device), draws.z_generator.to(self.device),
+                                     draws.mix.to(self.device), config.lambda_gp, config.drift)
+        progress.step += 1
+        progress.images += batch
+        progress.finished = progress.step == config.steps_per_scale() and progress.scale == len(config.depths()) - 1
+        return losses
+
+    def run(self, on_snapshot: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+        """Train until the last scale is done; `on_snapshot(progress)` follows every snapshot."""
+        config, progress, batch = self.config, self.progress, self.config.batch_size
+        steps = config.steps_per_scale()
+        meter = LossMeter()
+        bar = tqdm(total=steps * batch * len(config.depths()), initial=progress.images, unit="img",
+                   desc="train-gan", disable=None, dynamic_ncols=True)
+        started = interval_start = time.perf_counter()
+        while not progress.finished:
+            meter.add(self.step())
+            bar.update(batch)
+            end_of_scale = progress.step == steps
+            if end_of_scale or _crossed(progress.images, batch, config.log_images):
+                now = time.perf_counter()
+                interval_images = meter.steps * batch
+                record = {"images": progress.images, "kimg": round(progress.images / 1000, 3),
+                          "resolution": self.gan.resolution, "alpha": round(self.alpha, 6), **meter.take(),
+                          "seconds": round(now - started, 3),
+                          "images_per_s": round(interval_images / max(now - interval_start, 1e-9), 2)}
+                interval_start = now
+                _append_line(self.out / "metrics.jsonl", json.dumps(record))
+                bar.set_postfix(res=self.gan.resolution, alpha=f"{self.alpha:.2f}",
+                                w_dist=f"{record['wasserstein']:.3f}")
+            if end_of_scale or _crossed(progress.images, batch, config.snapshot_images):
+                _snapshot(self.out, self.gan, progress, config, end_of_scale)
+                if on_snapshot is not None:
+                    on_snapshot(dataclasses.asdict(progress))
+        bar.close()
+        return {"run": str(self.out), "generator": str(self.out / GENERATOR_FILE),
+                "resolution": self.gan.resolution, "images": progress.images, "finished": progress.finished,
+                "seconds": round(time.perf_counter() - started, 3)}
+
+
+def train_gan(config: GANTrainConfig, resume: bool = False,
+              on_snapshot: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+    """Grow a PGAN from 4 px to `config.resolution` and save it (see `GANTrainer`); returns a
+    summary: run directory, generator path, resolution, images shown, seconds."""
+    return GANTrainer(config, resume).run(on_snapshot)
