@@ -1,6 +1,6 @@
 """Attack step times with random weights: seconds per optimisation step, one function per workload.
 
-Run: `python benchmarks/bench_attacks.py [--device cuda] [--workloads exaggerate] [--sizes small,256,1024]`.
+Run: `python benchmarks/bench_attacks.py [--device cuda] [--workloads exaggerate,finetune] [--sizes small,256,1024]`.
 Prints one table row per (workload, size, precision); nothing here is asserted.
 """
 from __future__ import annotations
@@ -13,6 +13,7 @@ from typing import Callable
 
 import torch
 
+from attacks.finetune import GeneratorFinetuner
 from attacks.perceptual import load_lpips
 from attacks.shift import ClassifierInput, ShiftExaggeration
 from forensics.device import configure_backends, resolve_device
@@ -70,8 +71,30 @@ def bench_exaggerate(setting: Setting, batch: int, precision: str, device: torch
     return (_timed(lambda: fit(1 + iters), device) - _timed(lambda: fit(1), device)) / iters
 
 
+def bench_finetune(setting: Setting, batch: int, precision: str, device: torch.device, iters: int) -> float:
+    """Seconds per finetune step (eq. 4): a WGAN-GP critic step with gradient penalty and drift, then a
+    generator step with the GAN loss and the classifier's loss at its input size, and the average update —
+    `GeneratorFinetuner.run` itself without logging or checkpoint files, set-up excluded."""
+    torch.manual_seed(0)
+    generator, discriminator = build_pgan_zoo(setting.generator_px)
+    generator.discriminator = discriminator
+    classifier = build_model(setting.classifier, seed=0)
+    side = setting.generator_px
+    reals = torch.randint(0, 256, (max(2 * batch, 16), 3, side, side), dtype=torch.uint8)
+    attack = GeneratorFinetuner(generator, classifier, reals, device=device, precision=precision,
+                                classifier_input=ClassifierInput(setting.classifier_px, setting.classifier_px))
+
+    def run(steps: int) -> None:
+        attack.run(attack.step + steps, batch, progress=False)
+
+    run(1)  # warm-up: allocator, cuDNN autotuning
+    # A run ends by keeping its state as the last good one; the difference of two runs leaves only the steps.
+    return (_timed(lambda: run(1 + iters), device) - _timed(lambda: run(1), device)) / iters
+
+
 WORKLOADS: dict[str, Callable[[Setting, int, str, torch.device, int], float]] = {
     "exaggerate": bench_exaggerate,
+    "finetune": bench_finetune,
 }
 
 

@@ -83,6 +83,98 @@ def _shift_table(summary: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+@main.command("finetune")
+@click.option("--config", type=click.Path(dir_okay=False), help="YAML settings (its `finetune:` section, or the whole file).")
+@click.option("--generator", help="Generator checkpoint WITH its discriminator: pytorch_GAN_zoo PGAN .pt, or StyleGAN2 "
+                                  "(rosinality .pt with d, NVlabs pickle with D).")
+@click.option("--classifier", help="Frozen classifier: run directory or .safetensors file (see --which).")
+@click.option("--real", help="Real images the GAN keeps training on: a folder (train/ is used when present), or a manifest.")
+@click.option("--out", help="Output folder; an existing one is refused unless --resume or --force.")
+@click.option("--which", type=click.Choice(["best", "last"]), help="Checkpoint of a classifier run directory.  [default: best]")
+@click.option("--real-split", help="Split folder of --real to train on.  [default: train when present]")
+@click.option("--steps", type=click.IntRange(0), help="Finetuning steps (n-critic D updates + one G update each).  [default: 1000]")
+@click.option("--batch-size", type=click.IntRange(2), help="Fakes and reals per step.  [default: 8]")
+@click.option("--classifier-weight", type=click.FloatRange(0),
+              help="Weight of L_real(G, C), the frozen classifier's loss towards 'real'; 0 = GAN loss only.  [default: 1.0]")
+@click.option("--lr", type=click.FloatRange(0, min_open=True), help="Adam learning rate of G and D.  [default: 1e-3 PGAN, 2e-3 StyleGAN2]")
+@click.option("--beta1", type=click.FloatRange(0, 1, max_open=True), help="Adam beta1.  [default: 0.0]")
+@click.option("--beta2", type=click.FloatRange(0, 1, max_open=True), help="Adam beta2.  [default: 0.99]")
+@click.option("--n-critic", type=click.IntRange(1), help="Discriminator updates per generator update.  [default: 1]")
+@click.option("--ema-beta", type=click.FloatRange(0, 1, max_open=True),
+              help="Per-step decay of the generator's moving average, which is what is saved.  [default: 0.999]")
+@click.option("--lambda-gp", type=click.FloatRange(0), help="PGAN: WGAN-GP gradient penalty weight.  [default: 10]")
+@click.option("--drift", type=click.FloatRange(0), help="PGAN: weight of D(real)^2.  [default: 0.001]")
+@click.option("--r1-gamma", type=click.FloatRange(0), help="StyleGAN2: R1 penalty weight gamma.  [default: 10]")
+@click.option("--r1-every", type=click.IntRange(1), help="StyleGAN2: R1 every k-th D step (lazy when > 1).  [default: 1]")
+@click.option("--mirror/--no-mirror", default=None, help="Flip half the real images left-right.  [default: on]")
+@click.option("--max-loss", type=click.FloatRange(0, min_open=True),
+              help="Divergence guard: a D or G loss above this (or any non-finite loss) stops the run.  [default: 1e4]")
+@click.option("--seed", type=click.IntRange(0), help="Every draw of step s derives from (seed, s).  [default: 0]")
+@click.option("--checkpoint-every", type=click.IntRange(0), help="Save generator.pt and resume.pt every N steps (and at the end).  [default: 100]")
+@click.option("--log-every", type=click.IntRange(0), help="One metrics.jsonl line every N steps; 0 = none.  [default: 50]")
+@click.option("--eval-n", type=click.IntRange(1), help="Fresh samples and reals the classifier judges per log line.  [default: 64]")
+@click.option("--eval-seed", type=click.IntRange(0), help="Held-out latents for the log, the table and the grid.  [default: seed + 1]")
+@click.option("--compare-n", type=click.IntRange(1), help="Samples per generator in before_after.json.  [default: 256]")
+@click.option("--grid-rows", type=click.IntRange(0), help="Latents shown in grid.png; 0 = no grid.  [default: 6]")
+@click.option("--aggregation", type=click.Choice(["after_softmax", "before_softmax", "vote"]),
+              help="Image P(fake) used for accuracy, AP and captions.  [default: after_softmax]")
+@click.option("--load-size", type=click.IntRange(1), help="Classifier input: resize the generator output to this.  [default: as trained]")
+@click.option("--crop-size", type=click.IntRange(1), help="Classifier input: centre crop.  [default: as trained]")
+@click.option("--lpips-net", type=click.Choice(["alex", "vgg", "squeeze"]), help="LPIPS backbone for drift from the original.  [default: alex]")
+@click.option("--lpips-weights", type=click.Path(dir_okay=False),
+              help="torchvision weights of the LPIPS backbone; without them drift is not reported.  "
+                   "[default: $TORCH_HOME/hub/checkpoints]")
+@click.option("--lpips-random/--no-lpips-random", default=None,
+              help="Random LPIPS backbone: smoke tests only, its distances are not perceptual.  [default: off]")
+@click.option("--cache-real/--no-cache-real", default=None, help="Keep decoded reals in memory.  [default: when they fit in 4 GiB]")
+@click.option("--on-bad-image", type=click.Choice(["skip", "error"]), help="Unreadable real images.  [default: skip]")
+@click.option("--device", help="auto | cpu | cuda | cuda:N.  [default: auto]")
+@click.option("--precision", type=click.Choice(["auto", "fp32", "bf16"]),
+              help="auto = bf16 autocast on CUDA and on CPUs with native bf16 (AVX512-BF16/AMX), else fp32.  [default: auto]")
+@click.option("--resume", is_flag=True, help="Continue the run in --out from resume.pt (a finished run is re-scored; more --steps go on).")
+@click.option("--force", is_flag=True, help="Start again in an existing --out.")
+@user_errors
+def finetune(config: str | None, resume: bool, force: bool, **options: Any) -> None:
+    """Finetune a generator so a frozen classifier calls its samples real (eq. 4).
+
+    \b
+    The generator keeps training with its discriminator and its own GAN loss on the real
+    images (PGAN: WGAN-GP + drift; StyleGAN2: logistic + R1), while the classifier's patch
+    loss towards "real" on its samples is added with --classifier-weight. The moving
+    average of the generator is saved in the source's own format (OUT/generator.pt, readable
+    wherever a generator is asked for), with resume.pt every --checkpoint-every steps; a
+    non-finite or exploding loss stops the run and keeps the last good checkpoint. OUT also
+    receives metrics.jsonl, before_after.json/.csv (classifier accuracy, acc_fake, AP and
+    P(fake) on original vs finetuned samples of the same held-out latents, LPIPS between
+    them), grid.png (original | finetuned, captioned with P(fake)) and config.yaml.
+
+    \b
+    Example:
+      patchscope finetune --generator weights/pgan-celebahq-256.pt --classifier runs/xb2 \\
+          --real data/real --out runs/xb2/finetune --steps 2000 \\
+          --lpips-weights weights/alexnet-owt-7be5be79.pth
+    """
+    from analysis.finetune_study import FinetuneConfig, run_finetune
+
+    cfg = configs.resolve(FinetuneConfig, config_layers(config, "finetune"), overrides(options), source=config or "options")
+    summary = run_finetune(cfg, resume=resume, force=force)
+    click.echo(_finetune_table(summary))
+    if summary["stopped"]:
+        click.echo(f"stopped early: {summary['stopped']}; kept the checkpoint of step {summary['steps']}", err=True)
+    click.echo(f"results: {summary['out']}" + (f"   generator: {summary['generator']}" if summary["generator"] else "")
+               + (f"   grid: {summary['grid']}" if summary["grid"] else ""))
+
+
+def _finetune_table(summary: dict[str, Any]) -> str:
+    lines = [f"{'generator':<10} {'acc':>6} {'acc_fake':>8} {'AP':>6} {'P(fake)':>8} {'LPIPS':>7}   "
+             f"({summary['format']}, {summary['steps']} steps, held-out seed {summary['eval_seed']})"]
+    for row in summary["rows"]:
+        lpips = f"{row['lpips_to_original']:>7.4f}" if "lpips_to_original" in row else f"{'-':>7}"
+        lines.append(f"{row['generator']:<10} {row['acc']:>6.3f} {row['acc_fake']:>8.3f} {row['ap']:>6.3f} "
+                     f"{row['p_fake']:>8.4f} {lpips}")
+    return "\n".join(lines)
+
+
 @main.command("retrain")
 @click.option("--config", type=click.Path(dir_okay=False), help="YAML settings (its `retrain:` section, or the whole file).")
 @click.option("--classifier", help="The old classifier: run directory or .safetensors file (see --which).")

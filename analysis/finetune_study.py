@@ -1,0 +1,275 @@
+"""The finetuning study: `run_finetune` finetunes a generator against a frozen classifier (attacks.finetune),
+then shows original vs finetuned samples of the same latents and tabulates the classifier before and after.
+Used by the CLI (`patchscope finetune`).
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+from torch import nn
+
+from analysis.grids import image_grid, save_image, to_uint8
+from analysis.shift_grid import LARGEST_TILE
+from attacks.finetune import GeneratorFinetuner
+from attacks.finetune_eval import FINETUNED, ORIGINAL, Comparison
+from attacks.finetune_files import GENERATOR_FILE, METRICS_FILE, RESUME_FILE, written_format
+from attacks.gan_objectives import objective_for
+from attacks.perceptual import LPIPS_NETS, find_backbone_weights, load_lpips
+from attacks.real_batches import RealImages
+from attacks.shift import ClassifierInput
+from forensics import config as configs
+from forensics.atomic import write_json, write_text
+from forensics.checkpoint import load_classifier, resolve_checkpoint
+from forensics.data import BAD_IMAGE_POLICIES
+from forensics.device import configure_backends, resolve_device, resolve_precision
+from forensics.errors import InputError
+from forensics.scoring import AGGREGATIONS
+from generators import checkpoint_sha256, load_generator
+from generators.base import Generator
+
+log = logging.getLogger("patchscope.finetune")
+
+TABLE_FIELDS = ("generator", "n", "n_real", "n_fake", "acc", "acc_real", "acc_fake", "ap", "ap_real", "roc_auc",
+                "p_fake", "lpips_to_original")
+# Settings a resumed study may change: they decide how long it trains, how often it saves, and what
+# it shows at the end, not what any step computes.
+RESUMABLE_CHANGES = ("out", "steps", "device", "checkpoint_every", "compare_n", "grid_rows", "cache_real")
+GRID_TITLE = "original vs finetuned ({steps} steps), same latents; caption = P(fake)"
+SOURCES_FILE = "sources.json"  # SHA-256 of the generator and classifier files the run started from
+RESULT_FILES = (GENERATOR_FILE, RESUME_FILE, METRICS_FILE, SOURCES_FILE, "before_after.json", "before_after.csv",
+                "grid.png")
+
+
+@dataclass
+class FinetuneConfig:
+    generator: str = ""                 # checkpoint with its discriminator: pytorch_GAN_zoo PGAN or StyleGAN2
+    classifier: str = ""                # frozen classifier: run directory or .safetensors file
+    real: str = ""                      # real images: folder, split folder (see real_split) or manifest
+    out: str = ""                       # generator.pt, resume.pt, metrics.jsonl, grid.png, before_after.*, config.yaml
+    which: str = "best"                 # best | last checkpoint of a classifier run directory
+    real_split: str | None = None       # split folder of `real` (None: train/ when it has one)
+    steps: int = 1000                   # finetuning steps (one D and one G update each, see n_critic)
+    batch_size: int = 8                 # fakes and reals per step
+    classifier_weight: float = 1.0      # weight of L_real(G, C) beside the GAN loss
+    lr: float | None = None             # Adam lr of G and D (None: 1e-3 for PGAN, 2e-3 for StyleGAN2)
+    beta1: float = 0.0                  # Adam betas (Karras et al.; StyleGAN2 alike)
+    beta2: float = 0.99
+    n_critic: int = 1                   # discriminator updates per generator update
+    ema_beta: float = 0.999             # moving average of the generator: what is saved and shown
+    lambda_gp: float = 10.0             # PGAN: WGAN-GP gradient penalty weight
+    drift: float = 0.001                # PGAN: weight of D(real)^2
+    r1_gamma: float = 10.0              # StyleGAN2: R1 weight γ
+    r1_every: int = 1                   # StyleGAN2: R1 every k-th D step (lazy regularisation when > 1)
+    mirror: bool = True                 # flip half the real images left-right
+    max_loss: float = 1e4               # divergence guard: a D or G loss above this stops the run
+    seed: int = 0                       # every draw of step s derives from (seed, s)
+    checkpoint_every: int = 100         # save generator.pt and resume.pt this often (and at the end)
+    log_every: int = 50                 # one metrics.jsonl line (losses + classifier on fresh samples)
+    eval_n: int = 64                    # samples and reals judged per log line
+    eval_seed: int | None = None        # held-out latents for the log, table and grid (None: seed + 1)
+    compare_n: int = 256                # samples per generator in before_after
+    grid_rows: int = 6                  # latents shown in grid.png; 0 = no grid
+    aggregation: str = "after_softmax"  # image P(fake): after_softmax | before_softmax | vote
+    load_size: int | None = None        # classifier input: None = as the classifier was trained
+    crop_size: int | None = None
+    lpips_net: str = "alex"             # LPIPS drift from the original: alex | vgg | squeeze
+    lpips_weights: str | None = None    # torchvision backbone file (default: the torch hub cache)
+    lpips_random: bool = False          # random LPIPS backbone: smoke tests only
+    cache_real: bool | None = None      # keep decoded reals in memory (None: when they fit in 4 GiB)
+    on_bad_image: str = "skip"          # skip | error
+    device: str = "auto"
+    precision: str = "auto"             # auto (bf16 on CUDA and CPUs with native bf16) | fp32 | bf16
+
+
+# ----------------------------------------------------------------------------- the grid
+
+def finetune_grid_content(comparison: Comparison, steps: int) -> dict[str, Any]:
+    """The `image_grid` arguments: a row per latent, columns original | finetuned (the original framed),
+    every tile captioned with the classifier's P(fake)."""
+    if not comparison.images:
+        raise ValueError("the comparison kept no images (compare(..., keep_images=n))")
+    names = (ORIGINAL, FINETUNED)
+    rows = len(comparison.images[ORIGINAL])
+    return {"images": [[to_uint8(comparison.images[name][i]) for name in names] for i in range(rows)],
+            "captions": [[f"P(fake) {float(comparison.p_fake[name][i]):.3f}" for name in names] for i in range(rows)],
+            "col_labels": ["original", "finetuned"],
+            "row_labels": [f"seed {comparison.seed}\n#{i}" for i in range(rows)],
+            "title": GRID_TITLE.format(steps=steps),
+            "highlight_col": 0}
+
+
+def render_finetune_grid(comparison: Comparison, steps: int, tile_size: int | None = None) -> Image.Image:
+    content = finetune_grid_content(comparison, steps)
+    side = comparison.images[ORIGINAL].shape[-1]
+    return image_grid(**content, tile_size=tile_size or (LARGEST_TILE if side > LARGEST_TILE else None))
+
+
+# ----------------------------------------------------------------------------- the study
+
+def _check_settings(config: FinetuneConfig) -> None:
+    for name in ("generator", "classifier", "real", "out"):
+        if not getattr(config, name):
+            raise InputError(f"no --{name.replace('_', '-')} given")
+    if (config.steps < 0 or config.batch_size < 2 or config.classifier_weight < 0 or config.n_critic < 1
+            or not 0 <= config.ema_beta < 1 or config.seed < 0 or config.checkpoint_every < 0 or config.log_every < 0
+            or config.eval_n < 1 or config.compare_n < 1 or config.grid_rows < 0 or config.r1_every < 1
+            or (config.lr is not None and config.lr <= 0) or config.max_loss <= 0):
+        raise InputError("expected steps >= 0, batch_size >= 2, classifier_weight >= 0, n_critic >= 1, "
+                         "0 <= ema_beta < 1, seed >= 0, lr > 0, max_loss > 0, eval_n and compare_n >= 1, "
+                         "r1_every >= 1 and non-negative intervals and grid_rows; got "
+                         + ", ".join(f"{k}={v!r}" for k, v in configs.to_dict(config).items()
+                                     if isinstance(v, (int, float)) and not isinstance(v, bool)))
+    if config.aggregation not in AGGREGATIONS:
+        raise InputError(f"--aggregation {config.aggregation!r}: expected one of {', '.join(AGGREGATIONS)}")
+    if config.lpips_net not in LPIPS_NETS:
+        raise InputError(f"--lpips-net {config.lpips_net!r}: expected one of {', '.join(LPIPS_NETS)}")
+    if config.on_bad_image not in BAD_IMAGE_POLICIES:
+        raise InputError(f"--on-bad-image {config.on_bad_image!r}: expected one of {', '.join(BAD_IMAGE_POLICIES)}")
+
+
+def _check_out(config: FinetuneConfig, resume: bool, force: bool) -> None:
+    """Refuse an output folder holding other results, or this study unless resume/force."""
+    out = Path(config.out)
+    saved = out / "config.yaml"
+    if not saved.is_file():
+        if out.is_dir() and any(out.iterdir()):
+            raise InputError(f"{out}: exists and is not a finetuning folder (no config.yaml); choose a new --out")
+        return
+    if force:
+        return
+    if not resume:
+        raise InputError(f"{out}: already holds a finetuning run; pass --resume to continue it, --force to "
+                         f"start again, or choose another --out")
+    old = configs.read_yaml(saved)
+    changed = [k for k, v in configs.to_dict(config).items() if k not in RESUMABLE_CHANGES and old.get(k) != v]
+    if changed:
+        raise InputError(f"{out}: cannot resume with different {', '.join(changed)} "
+                         f"(saved: {', '.join(f'{k}={old.get(k)!r}' for k in changed)}); pass --force to restart")
+
+
+def _lpips_for(config: FinetuneConfig, device: torch.device) -> nn.Module | None:
+    """LPIPS when its backbone weights are at hand (or a random one is asked for); else drift is not reported."""
+    if not config.lpips_random and find_backbone_weights(config.lpips_net, config.lpips_weights) is None:
+        log.warning("no LPIPS %s backbone weights found; LPIPS drift from the original is not reported",
+                    config.lpips_net)
+        return None
+    return load_lpips(config.lpips_net, config.lpips_weights, device, allow_random=config.lpips_random)
+
+
+def _load_generator(path: str) -> Generator:
+    generator = load_generator(path)
+    try:
+        written_format(generator)
+    except InputError as err:
+        raise InputError(f"{path}: {err}") from None
+    if generator.discriminator is None:
+        raise InputError(f"{path}: holds no discriminator (zoo netD, rosinality d, NVlabs D); finetuning continues "
+                         f"GAN training and needs it")
+    return generator
+
+
+def _real_split(config: FinetuneConfig) -> str | None:
+    if config.real_split is not None:
+        return config.real_split
+    return "train" if (Path(config.real) / "train").is_dir() else None
+
+
+def _check_sources(out: Path, sources: dict[str, str]) -> None:
+    """A resumed run must start from the very files it started from (same SHA-256), not just the same paths."""
+    saved_file = out / SOURCES_FILE
+    if not saved_file.is_file():
+        write_json(saved_file, sources)
+        return
+    saved = json.loads(saved_file.read_text())
+    for key, digest in sources.items():
+        if saved.get(key) != digest:
+            raise InputError(f"{out}: was finetuned from another {key.split('_')[0]} file (SHA-256 differs); "
+                             f"pass --force to start again or use another --out")
+
+
+def _write_table(out: Path, rows: list[dict[str, Any]], info: dict[str, Any]) -> None:
+    before, after = rows
+    change = {k: after[k] - before[k] for k in ("acc", "acc_fake", "ap", "p_fake")
+              if not (math.isnan(after[k]) or math.isnan(before[k]))}
+    write_json(out / "before_after.json", {**info, "rows": rows, "change": change})
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=[f for f in TABLE_FIELDS if f in rows[0]], lineterminator="\n")
+    writer.writeheader()
+    writer.writerows({k: row[k] for k in writer.fieldnames} for row in rows)
+    write_text(out / "before_after.csv", buffer.getvalue())
+
+
+def run_finetune(config: FinetuneConfig, resume: bool = False, force: bool = False) -> dict[str, Any]:
+    """Finetune the generator against the frozen classifier (eq. 4), then compare it with the original.
+
+    OUT receives config.yaml, metrics.jsonl, generator.pt (the source's format: pytorch_GAN_zoo for PGAN,
+    rosinality for StyleGAN2; `load_generator` reads it) and resume.pt, then before_after.json/.csv (the
+    classifier's accuracy, acc_fake, AP and mean P(fake) on original vs finetuned samples of the same
+    held-out latents against the same reals, LPIPS between them) and grid.png. An existing OUT is
+    refused unless `resume` (continues from resume.pt; a finished run is only re-scored, more steps
+    continue it) or `force` (starts again).
+    """
+    _check_settings(config)
+    _check_out(config, resume, force)
+    out = Path(config.out)
+    eval_seed = config.seed + 1 if config.eval_seed is None else config.eval_seed
+    device = resolve_device(config.device)
+    precision = resolve_precision(config.precision, device)
+    configure_backends(device)
+    classifier_file = resolve_checkpoint(config.classifier, config.which)
+    classifier, classifier_meta = load_classifier(classifier_file, device=device)
+    lpips_model = _lpips_for(config, device)
+    generator = _load_generator(config.generator)
+    real = RealImages.from_source(config.real, generator.resolution, _real_split(config), config.on_bad_image,
+                                  config.cache_real)
+    trained = ClassifierInput.from_meta(classifier_meta)
+    view = ClassifierInput(config.load_size or trained.load_size, config.crop_size or trained.crop_size)
+    objective = objective_for(generator.discriminator, lambda_gp=config.lambda_gp, drift=config.drift,
+                              r1_gamma=config.r1_gamma, r1_every=config.r1_every)
+    finetuner = GeneratorFinetuner(
+        generator, classifier, real, classifier_weight=config.classifier_weight, objective=objective, lr=config.lr,
+        betas=(config.beta1, config.beta2), n_critic=config.n_critic, ema_beta=config.ema_beta, mirror=config.mirror,
+        max_loss=config.max_loss, classifier_input=view, lpips=lpips_model, aggregation=config.aggregation,
+        device=device, precision=precision)
+    out.mkdir(parents=True, exist_ok=True)
+    if force:
+        for name in RESULT_FILES:
+            (out / name).unlink(missing_ok=True)
+    sources = {"generator_sha256": checkpoint_sha256(config.generator),
+               "classifier_sha256": checkpoint_sha256(classifier_file)}
+    _check_sources(out, sources)
+    write_text(out / "config.yaml", configs.to_yaml(config))
+    result = finetuner.run(config.steps, config.batch_size, config.seed, out=out,
+                           checkpoint_every=config.checkpoint_every, log_every=config.log_every,
+                           eval_n=config.eval_n, eval_seed=eval_seed, resume=resume)
+    summary = {"out": str(out), "generator": str(result.checkpoint) if result.checkpoint else None,
+               "format": result.settings["format"], "steps": result.steps, "stopped": result.stopped,
+               "eval_seed": eval_seed, "rows": [], "grid": None}
+    if result.stopped:
+        log.warning("finetuning stopped: %s; kept the checkpoint of step %d", result.stopped, result.steps)
+    if result.checkpoint is None:
+        return summary  # diverged before its first checkpoint: nothing finetuned to compare
+    comparison = finetuner.compare(config.compare_n, eval_seed, keep_images=config.grid_rows, real_seed=config.seed)
+    rows = comparison.rows()
+    info = {"steps": result.steps, "stopped": result.stopped, "eval_seed": eval_seed,
+            "n_real": len(comparison.p_fake_real),
+            "aggregation": config.aggregation, "classifier": str(classifier_file),
+            "generator": str(config.generator), **sources, "finetuned_sha256": checkpoint_sha256(result.checkpoint),
+            "lpips": None if lpips_model is None else f"{config.lpips_net}: {lpips_model.source}",
+            "settings": result.settings}
+    _write_table(out, rows, info)
+    grid = out / "grid.png"
+    if config.grid_rows:
+        save_image(grid, render_finetune_grid(comparison, result.steps))
+    else:
+        grid.unlink(missing_ok=True)
+    return {**summary, "rows": rows, "grid": str(grid) if config.grid_rows else None}

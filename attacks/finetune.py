@@ -1,0 +1,335 @@
+"""Generator finetuning against a frozen classifier (paper eq. 4): the GAN keeps training on real images with
+its own loss while the classifier must call its samples real. Used by analysis.finetune_study and the benchmarks.
+"""
+from __future__ import annotations
+
+import copy
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from attacks.finetune_eval import FINETUNED, Comparison, SampleJudge, compare_generators
+from attacks.finetune_files import (GENERATOR_FILE, METRICS_FILE, RESUME_FILE, load_network_state, load_resume,
+                                    network_state, save_generator_checkpoint, save_resume, truncate_log,
+                                    written_format)
+from attacks.gan_objectives import GANObjective, objective_for
+from attacks.latent_optim import frozen
+from attacks.real_batches import RealImages
+from attacks.shift import ClassifierInput
+from forensics.atomic import append_line
+from forensics.device import autocast
+from forensics.errors import InputError
+from forensics.scoring import patch_cross_entropy
+from generators.base import Generator, StyleGenerator
+from generators.gan_schedule import batch_indices, derive_seed
+from generators.stylegan2 import StyleGAN2Discriminator
+
+REAL = 0
+# Purposes of derived seeds (generators.gan_schedule uses 0-2 for its own streams).
+STEP_DRAWS, NOISE_DRAWS, REAL_ORDER, EVAL_REALS = 20, 21, 22, 23
+W_AVG_BETA = 0.995  # StyleGAN2 tracks the truncation centre as a moving mean of w (NVlabs' w_avg_beta)
+# Settings a resumed run must share with the one that wrote the resume state.
+FINGERPRINT = ("objective", "batch", "seed", "n_critic", "classifier_weight", "ema_beta", "mirror", "lr", "betas",
+               "generator_class")
+
+
+@dataclass
+class FinetuneResult:
+    generator: Generator              # the averaged (EMA) generator, eval mode: what the checkpoint holds
+    trained: Generator                # the generator Adam trained; `generator` is its moving average
+    discriminator: nn.Module          # the finetuned discriminator
+    steps: int                        # steps done (with `stopped`: the step of the last good state)
+    stopped: str | None               # why the divergence guard stopped the run; None when it finished
+    history: list[dict[str, Any]]     # the metrics.jsonl records
+    checkpoint: Path | None           # OUT/generator.pt holding `generator`, when one was written
+    settings: dict[str, Any] = field(default_factory=dict)
+
+
+def _copy_without_discriminator(generator: Generator) -> Generator:
+    """A deep copy with no `.discriminator`, so its parameters are the generator's alone."""
+    discriminator, generator.discriminator = generator.discriminator, None
+    try:
+        return copy.deepcopy(generator)
+    finally:
+        generator.discriminator = discriminator
+
+
+class GeneratorFinetuner:
+    """Eq. 4: min_G max_D [ L_GAN(G, D) + w · L_real(G, C) ], C frozen.
+
+    The generator keeps training with its discriminator and its own GAN loss (`objective_for`:
+    WGAN-GP + drift for PGAN, logistic + R1 for StyleGAN2) on `real_images`, and its samples must
+    look real to the classifier: patch cross entropy towards real (0) on `ClassifierInput`-prepared
+    samples, weighted by `classifier_weight`. A moving average (EMA) of the generator is what the run
+    outputs. `generator` is left as it is and serves as the original; it must carry `.discriminator`.
+    """
+
+    def __init__(self, generator: Generator, classifier: nn.Module, real_images: RealImages | torch.Tensor, *,
+                 classifier_weight: float = 1.0, objective: GANObjective | None = None, lr: float | None = None,
+                 betas: tuple[float, float] | None = None, n_critic: int = 1, ema_beta: float = 0.999,
+                 mirror: bool = True, max_loss: float = 1e4, classifier_input: ClassifierInput | None = None,
+                 lpips: nn.Module | None = None, aggregation: str = "after_softmax",
+                 device: str | torch.device = "cpu", precision: str = "fp32", eval_batch: int = 16) -> None:
+        if classifier_weight < 0 or n_critic < 1 or not 0 <= ema_beta < 1 or max_loss <= 0:
+            raise ValueError(f"expected classifier_weight >= 0, n_critic >= 1, 0 <= ema_beta < 1, max_loss > 0; got "
+                             f"{classifier_weight}, {n_critic}, {ema_beta}, {max_loss}")
+        if precision not in ("fp32", "bf16"):
+            raise ValueError(f"precision must be fp32 or bf16 (resolve auto with forensics.device), not {precision!r}")
+        written_format(generator)
+        if generator.discriminator is None:
+            raise InputError(f"the {type(generator).__name__} has no discriminator; finetuning continues GAN "
+                             f"training and needs the checkpoint's discriminator (zoo netD, rosinality d)")
+        self.objective = objective or objective_for(generator.discriminator)
+        self.device = torch.device(device)
+        self.precision = precision
+        self.classifier_weight, self.n_critic, self.ema_beta = float(classifier_weight), n_critic, float(ema_beta)
+        self.mirror, self.max_loss = mirror, float(max_loss)
+        self.original = generator.to(self.device)
+        self.generator = _copy_without_discriminator(generator).train().requires_grad_(True)
+        self.average = _copy_without_discriminator(generator).eval().requires_grad_(False)
+        self.discriminator = copy.deepcopy(generator.discriminator).to(self.device).train().requires_grad_(True)
+        self.real = real_images if isinstance(real_images, RealImages) else RealImages(real_images,
+                                                                                       generator.resolution)
+        if self.real.resolution != generator.resolution:
+            raise ValueError(f"real images are {self.real.resolution} px, the generator makes "
+                             f"{generator.resolution} px")
+        self.lr = float(lr if lr is not None else self.objective.lr)
+        self.betas = tuple(float(b) for b in (betas if betas is not None else self.objective.betas))
+        self.optimizer_g = torch.optim.Adam(self.generator.parameters(), lr=self.lr, betas=self.betas)
+        self.optimizer_d = self.objective.discriminator_optimizer(self.discriminator.parameters(), self.lr, self.betas)
+        self.classifier = classifier.to(self.device, memory_format=torch.channels_last)
+        self.judge = SampleJudge(self.classifier, classifier_input, aggregation, lpips, self.device, precision,
+                                 eval_batch)
+        self.step = 0
+        self._sums: dict[str, torch.Tensor] = {}  # losses summed since the last log line, on the device
+        self._counts: dict[str, int] = {}  # steps that reported each (lazy R1 reports every k-th step)
+        self._good = self._snapshot()  # what a diverging run falls back to
+
+    # ------------------------------------------------------------------------- one step
+
+    def _generate(self, z: torch.Tensor) -> torch.Tensor:
+        with autocast(self.device, self.precision):
+            if isinstance(self.generator, StyleGenerator):
+                # trained as StyleGAN2 trains: no truncation, fresh noise (seeded per step)
+                return self.generator(z, psi=1, noise_mode="random").float()
+            return self.generator(z).float()
+
+    def _critic(self, images: torch.Tensor) -> torch.Tensor:
+        with autocast(self.device, self.precision):
+            return self.discriminator(images).float()
+
+    def _classifier_loss(self, fake: torch.Tensor) -> torch.Tensor:
+        labels = torch.full((fake.shape[0],), REAL, device=self.device)
+        return patch_cross_entropy(self.judge.logits(fake), labels)
+
+    def _train_step(self, batch: int, seed: int) -> dict[str, torch.Tensor]:
+        """One step: `n_critic` discriminator updates, one generator update, the average; detached losses."""
+        draws = torch.Generator().manual_seed(derive_seed(seed, STEP_DRAWS, self.step))
+        latent_dim = self.generator.latent_dim
+        parts: dict[str, torch.Tensor] = {}
+        for i in range(self.n_critic):
+            d_step = self.step * self.n_critic + i
+            z = torch.randn(batch, latent_dim, generator=draws).to(self.device)
+            flip = torch.rand(batch, generator=draws) < 0.5 if self.mirror else None
+            real = self.real.batch(batch_indices(len(self.real), batch, d_step, seed, REAL_ORDER), flip, self.device)
+            with torch.no_grad():
+                fake = self._generate(z)
+            loss_d, parts = self.objective.discriminator_loss(self._critic, real, fake, d_step, draws)
+            self.optimizer_d.zero_grad(set_to_none=True)
+            loss_d.backward()
+            self.optimizer_d.step()
+        z = torch.randn(batch, latent_dim, generator=draws).to(self.device)
+        # The generator's step needs gradients through D and C, not for their weights.
+        self.discriminator.requires_grad_(False)
+        try:
+            fake = self._generate(z)
+            loss_gan = self.objective.generator_loss(self._critic(fake))
+            if self.classifier_weight > 0:
+                loss_classifier = self._classifier_loss(fake)
+                loss_g = loss_gan + self.classifier_weight * loss_classifier
+            else:  # reported, but kept out of the graph
+                with torch.no_grad():
+                    loss_classifier = self._classifier_loss(fake.detach())
+                loss_g = loss_gan
+            self.optimizer_g.zero_grad(set_to_none=True)
+            loss_g.backward()
+            self.optimizer_g.step()
+        finally:
+            self.discriminator.requires_grad_(True)
+        self._update_average(z)
+        return {**parts, "loss_g_gan": loss_gan.detach(), "loss_classifier": loss_classifier.detach(),
+                "loss_g": loss_g.detach()}
+
+    @torch.no_grad()
+    def _update_average(self, z: torch.Tensor) -> None:
+        if isinstance(self.generator, StyleGenerator) and hasattr(self.generator, "w_avg"):
+            w = self.generator.mapping(z, psi=1)[:, 0]
+            self.generator.w_avg.copy_(w.mean(dim=0).lerp(self.generator.w_avg, W_AVG_BETA))
+        for average, current in zip(self.average.parameters(), self.generator.parameters()):
+            average.lerp_(current, 1.0 - self.ema_beta)
+        for average, current in zip(self.average.buffers(), self.generator.buffers()):
+            average.copy_(current)
+
+    def _divergence(self, losses: dict[str, torch.Tensor]) -> str | None:
+        """Why this step's losses are unusable (non-finite, or a total above max_loss), or None."""
+        names = list(losses)
+        values = torch.stack([losses[k].float().reshape(()) for k in names])
+        bounded = torch.tensor([k in ("loss_d", "loss_g") for k in names], device=values.device)
+        bad = ~torch.isfinite(values) | (bounded & (values.abs() > self.max_loss))
+        if not bool(bad.any()):  # the step's one host sync
+            return None
+        name = names[int(bad.nonzero()[0])]
+        value = float(values[names.index(name)])
+        kind = "is not finite" if not torch.isfinite(torch.tensor(value)) else f"exceeds max_loss {self.max_loss:g}"
+        return f"{name} = {value:g} {kind} at step {self.step + 1}"
+
+    # ------------------------------------------------------------------------- state
+
+    def _snapshot(self) -> dict[str, Any]:
+        return {"step": self.step, "generator": network_state(self.generator), "average": network_state(self.average),
+                "discriminator": network_state(self.discriminator)}
+
+    def _restore(self, snapshot: dict[str, Any]) -> None:
+        self.step = int(snapshot["step"])
+        load_network_state(self.generator, snapshot["generator"])
+        load_network_state(self.average, snapshot["average"])
+        load_network_state(self.discriminator, snapshot["discriminator"])
+
+    def settings(self, batch: int, seed: int) -> dict[str, Any]:
+        return {**self.objective.settings(), "batch": batch, "seed": seed, "n_critic": self.n_critic,
+                "classifier_weight": self.classifier_weight, "ema_beta": self.ema_beta, "mirror": self.mirror,
+                "lr": self.lr, "betas": list(self.betas), "generator_class": type(self.generator).__name__,
+                "format": written_format(self.generator), "max_loss": self.max_loss, "precision": self.precision}
+
+    def _checkpoint(self, out: Path | None, settings: dict[str, Any]) -> None:
+        """generator.pt (own format) then resume.pt; the state becomes the last good one."""
+        self._good = self._snapshot()
+        if out is None:
+            return
+        save_generator_checkpoint(out / GENERATOR_FILE, self.average, self.generator, self.discriminator)
+        save_resume(out, {**self._good, "settings": settings, "optimizer_g": self.optimizer_g.state_dict(),
+                          "optimizer_d": self.optimizer_d.state_dict(), "counts": dict(self._counts),
+                          "sums": {k: v.detach().cpu() for k, v in self._sums.items()}})
+
+    def _resume(self, out: Path, settings: dict[str, Any]) -> list[dict[str, Any]]:
+        saved = load_resume(out)
+        before = saved["settings"]
+        changed = [k for k in FINGERPRINT if before.get(k) != settings.get(k)]
+        if changed:
+            raise InputError(f"{out / RESUME_FILE}: written with other {', '.join(changed)} "
+                             f"({', '.join(f'{k}={before.get(k)!r}' for k in changed)}); cannot resume")
+        self._restore(saved)
+        self.optimizer_g.load_state_dict(saved["optimizer_g"])
+        self.optimizer_d.load_state_dict(saved["optimizer_d"])
+        self._sums = {k: v.to(self.device) for k, v in saved["sums"].items()}
+        self._counts = {k: int(v) for k, v in saved["counts"].items()}
+        self._good = self._snapshot()
+        return truncate_log(out / METRICS_FILE, self.step)
+
+    # ------------------------------------------------------------------------- evaluation
+
+    def evaluation_reals(self, n: int, seed: int) -> torch.Tensor:
+        """Indices of the real images judged beside samples: the first n of a fixed shuffle."""
+        order = torch.randperm(len(self.real), generator=torch.Generator().manual_seed(derive_seed(seed, EVAL_REALS)))
+        return order[:n]
+
+    def compare(self, n: int, seed: int, keep_images: int = 0, real_seed: int = 0) -> Comparison:
+        """The original and the averaged generator on latents 0..n-1 of `seed`, against n real images."""
+        return compare_generators(self.original, self.average, self.judge, self.real,
+                                  self.evaluation_reals(n, real_seed), n, seed, keep_images)
+
+    def _log_record(self, eval_n: int, eval_seed: int, seed: int) -> dict[str, Any]:
+        record: dict[str, Any] = {"step": self.step}
+        record.update({k: round(float(v) / self._counts[k], 6) for k, v in self._sums.items()})
+        self._sums, self._counts = {}, {}
+        if eval_n:
+            comparison = self.compare(eval_n, eval_seed, real_seed=seed)
+            row = comparison.rows()[1]
+            assert row["generator"] == FINETUNED
+            record.update({k: row[k] for k in ("acc", "acc_real", "acc_fake", "ap", "ap_real", "p_fake")})
+            if "lpips_to_original" in row:
+                record["lpips"] = row["lpips_to_original"]
+        return record
+
+    # ------------------------------------------------------------------------- the run
+
+    def run(self, steps: int, batch: int = 8, seed: int = 0, *, out: str | Path | None = None,
+            checkpoint_every: int = 0, log_every: int = 0, eval_n: int = 64, eval_seed: int | None = None,
+            resume: bool = False, progress: bool = True) -> FinetuneResult:
+        """Train until `steps` steps are done. Step s draws its latents, real batch and flips from
+        (seed, s) alone, so a resumed run repeats an uninterrupted one.
+
+        With `out`: OUT/generator.pt (own format) and OUT/resume.pt every `checkpoint_every` steps and
+        at the end, one OUT/metrics.jsonl line every `log_every` steps (and at steps 0 and `steps`) with
+        the mean losses and, on latents 0..eval_n-1 of `eval_seed` (default seed + 1) against eval_n
+        real images, the classifier's accuracy, AP and P(fake), and LPIPS to the original. `resume`
+        continues from OUT/resume.pt. A non-finite loss, or a total above max_loss, stops the run and
+        returns the last checkpointed weights (the files keep them too) with the reason in `stopped`.
+        """
+        if steps < 0 or batch < 2 or seed < 0 or checkpoint_every < 0 or log_every < 0 or eval_n < 0:
+            raise ValueError(f"expected steps >= 0, batch >= 2, seed >= 0 and non-negative intervals; got "
+                             f"steps={steps}, batch={batch}, seed={seed}")
+        group = getattr(self.discriminator, "stddev_group", 1)
+        if isinstance(self.discriminator, StyleGAN2Discriminator) and batch % min(group, batch):
+            raise ValueError(f"a StyleGAN2 discriminator needs a batch that is a multiple of {group}, not {batch}")
+        eval_seed = seed + 1 if eval_seed is None else eval_seed
+        out = Path(out) if out is not None else None
+        settings = self.settings(batch, seed)
+        history: list[dict[str, Any]] = []
+        if out is not None:
+            out.mkdir(parents=True, exist_ok=True)
+            if resume and (out / RESUME_FILE).exists():
+                history = self._resume(out, settings)
+            elif self.step == 0:
+                (out / METRICS_FILE).unlink(missing_ok=True)  # a fresh run: no lines of an older one
+        if self.step > steps:
+            raise InputError(f"the run is already at step {self.step}, past the {steps} steps asked for")
+
+        def log(record: dict[str, Any]) -> None:
+            history.append(record)
+            if out is not None:
+                append_line(out / METRICS_FILE, json.dumps(record))
+
+        stopped = None
+        bar = tqdm(total=steps, initial=self.step, desc="finetune", unit="step", disable=not progress or None)
+        with frozen(self.classifier, self.original), bar:
+            if log_every and self.step == 0 and not history:
+                log(self._log_record(eval_n, eval_seed, seed))  # the starting point: the original generator
+            while self.step < steps:
+                with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+                    torch.manual_seed(derive_seed(seed, NOISE_DRAWS, self.step))
+                    losses = self._train_step(batch, seed)
+                stopped = self._divergence(losses)
+                if stopped is not None:
+                    log({"step": self.step + 1, "stopped": stopped, "restored_step": self._good["step"]})
+                    self._restore(self._good)
+                    break
+                self.step += 1
+                for key, value in losses.items():
+                    self._sums[key] = self._sums[key] + value if key in self._sums else value.clone()
+                    self._counts[key] = self._counts.get(key, 0) + 1
+                bar.update(1)
+                if self.step == steps or (log_every and self.step % log_every == 0):
+                    record = self._log_record(eval_n if log_every else 0, eval_seed, seed)
+                    if log_every or out is not None:
+                        log(record)
+                    bar.set_postfix(loss_d=f"{record.get('loss_d', float('nan')):.3f}",
+                                    acc_fake=f"{record.get('acc_fake', float('nan')):.2f}", refresh=False)
+                if self.step == steps or (checkpoint_every and self.step % checkpoint_every == 0):
+                    self._checkpoint(out, settings)
+        if stopped is None and out is not None and not (out / GENERATOR_FILE).exists():
+            self._checkpoint(out, settings)  # zero steps asked for: the file still holds the (unchanged) networks
+        checkpoint = out / GENERATOR_FILE if out is not None and (out / GENERATOR_FILE).exists() else None
+        return FinetuneResult(self.average, self.generator, self.discriminator, self.step, stopped, history,
+                              checkpoint, settings)
+
+
+def finetune_generator(generator: Generator, classifier: nn.Module, real_images: RealImages | torch.Tensor, *,
+                       steps: int = 1000, batch: int = 8, seed: int = 0, **options: Any) -> FinetuneResult:
+    """`GeneratorFinetuner(generator, classifier, real_images, **options).run(steps, batch, seed)`."""
+    return GeneratorFinetuner(generator, classifier, real_images, **options).run(steps, batch, seed)
