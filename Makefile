@@ -6,7 +6,7 @@ VENV ?= .venv
 TORCH_PKGS ?= torch==2.14.1 torchvision==0.29.1
 PIP = $(VENV)/bin/python -m pip
 DEMO_OUT ?= runs/demo
-PYTEST_ARGS ?=
+PYTEST_ARGS ?= -n 2 --dist loadfile
 
 .PHONY: install demo test bench clean
 

@@ -8,8 +8,9 @@ import torch
 
 SHARED_FIXTURES = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures"
 
-# Two cores in CI: keep each test process from oversubscribing them.
-torch.set_num_threads(min(2, torch.get_num_threads()))
+# The suite runs as two pytest-xdist workers on CI's two cores; the tensors are tiny, so a
+# second intra-op thread per worker would only add synchronisation.
+torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")

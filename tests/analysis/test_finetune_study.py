@@ -25,14 +25,6 @@ from tests.attacks.test_shift import RESOLUTION, tiny_pgan
 GRID_ROWS = 3
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These networks hold a few thousand weights: a second thread only adds synchronisation."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 @pytest.fixture(scope="module")
 def sources(tmp_path_factory) -> dict[str, Path]:

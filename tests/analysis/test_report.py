@@ -11,7 +11,6 @@ import shutil
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from analysis.heatmaps import write_eval_heatmaps
@@ -28,15 +27,6 @@ from forensics.train import TrainConfig, fit
 HOSTILE = "<script>alert(1)</script>"
 SETTINGS = {"device": "cpu", "precision": "fp32"}
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Networks of a few thousand weights at 16-32 px: a second thread only adds synchronisation (and on a
-    busy machine, spinning threads make these stages many times slower)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,6 @@ import subprocess
 from pathlib import Path
 
 import pytest
-import torch
 from PIL import Image
 
 from analysis.heatmaps import write_eval_heatmaps
@@ -91,14 +90,6 @@ def render(chromium: str, page: Path, work: Path, *options: str) -> subprocess.C
 def console_lines(result: subprocess.CompletedProcess) -> list[str]:
     return [line for line in result.stderr.splitlines() if CONSOLE_LINE.search(line)]
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """A tiny network: a second thread only adds synchronisation."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

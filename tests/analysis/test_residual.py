@@ -8,7 +8,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from analysis.residual import RetrainStudyConfig, patch_histograms, run_retrain_study, summary_text
@@ -18,14 +17,6 @@ from tests.attacks.test_retrain import COUNTS, make_world
 N = 8  # top patches per class and classifier: fewer than the 16 test images, so the choice matters
 CLASSES = ["flat", "edge", "texture"]
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These tensors are tiny: a second thread only adds synchronisation."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

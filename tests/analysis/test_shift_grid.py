@@ -23,14 +23,6 @@ from tests.attacks.test_shift import RESOLUTION, brightness_classifier, tiny_pga
 KS = (-2.0, -1.0, 0.0, 1.0, 2.0)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These tensors are tiny: a second thread only adds synchronisation (several times slower)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 @pytest.fixture(scope="module")
 def sweep():

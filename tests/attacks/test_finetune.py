@@ -29,14 +29,6 @@ HELD_OUT = 123
 SLOPE, THRESHOLD = 20.0, -0.12
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These networks hold a few thousand weights: a second thread only adds synchronisation."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def detector(slope: float = SLOPE):
     return brightness_classifier(slope=slope, offset=-slope * THRESHOLD)

@@ -24,14 +24,6 @@ RESOLUTION = 16
 LATENT_DIM = 8
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These tensors are tiny: a second thread only adds synchronisation (several times slower)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def _tiny_pgan(seed: int = 0):
     torch.manual_seed(seed)

@@ -30,14 +30,6 @@ COUNTS = {"train": 32, "val": 16, "test": 16}
 SAMPLE_SEED, CHUNK = 3, 4  # not sample_dataset's defaults, so copying them from the manifest is visible
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These tensors are tiny: a second thread only adds synchronisation."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def save_tiny_pgan(path: Path, seed: int) -> Path:
     torch.manual_seed(seed)

@@ -25,14 +25,6 @@ SLOPE = 4.0
 HELD_OUT = 123  # latents never drawn by the fits below (checked in the test that uses them)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These tensors are tiny: a second thread only adds synchronisation (several times slower)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def tiny_pgan(seed: int = 0):
     torch.manual_seed(seed)

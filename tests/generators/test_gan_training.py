@@ -17,7 +17,7 @@ from generators.gan_growing import GrowingGAN
 from generators.gan_images import TrainingImages, TrainingInputError
 from generators.gan_losses import critic_loss, drift_penalty, gradient_penalty, interpolate
 from generators.gan_schedule import batch_indices, fade_alpha, scale_depths
-from generators.gan_training import GANTrainConfig, GANTrainer, train_gan
+from generators.gan_training import GANTrainConfig, GANTrainer, LossMeter, train_gan
 from generators.pgan import PGANZooGenerator, build_pgan_zoo
 from generators.safe_pickle import load_torch
 
@@ -100,6 +100,14 @@ def test_critic_loss_adds_wasserstein_gap_penalty_and_drift() -> None:
     torch.testing.assert_close(loss.total, expected)
     torch.testing.assert_close(loss.drift, drift)
     torch.testing.assert_close(loss.parts()["wasserstein"], real_scores.mean() - fake_scores.mean())
+
+
+def test_critic_loss_without_penalty_weight_skips_the_penalty() -> None:
+    weight = torch.tensor([2.0, 0.0, 0.0, 0.0])
+    real, fake = torch.ones(2, 1, 1, 4), torch.zeros(2, 1, 1, 4)
+    loss = critic_loss(_linear_critic(weight), real, fake, torch.rand(2), lambda_gp=0.0)
+    assert loss.penalty is None and "gradient_penalty" not in loss.parts()
+    torch.testing.assert_close(loss.total, torch.tensor(0.0 - 2.0 + 0.001 * 4.0))
 
 
 def test_drift_penalty_is_the_squared_real_score() -> None:
@@ -230,6 +238,29 @@ def test_runs_are_deterministic_for_a_seed_and_differ_between_seeds(crops: Path,
     assert torch.equal(weights[0], weights[1]) and not torch.equal(weights[0], weights[2])
 
 
+def test_lazy_penalty_comes_every_nth_step_of_a_scale_with_n_times_the_weight(crops: Path, tmp_path: Path) -> None:
+    trainer = GANTrainer(_config(crops, tmp_path / "run", resolution=8, gp_every=4))
+    weights = []
+    train_step = trainer.gan.train_step
+
+    def record(*args):
+        weights.append(args[4])
+        return train_step(*args)
+
+    trainer.gan.train_step = record
+    for _ in range(8):  # six steps at 4 px, then two at 8 px
+        trainer.step()
+    assert weights == [40.0, 0.0, 0.0, 0.0, 40.0, 0.0, 40.0, 0.0]
+
+
+def test_loss_meter_averages_each_loss_over_the_steps_that_computed_it() -> None:
+    meter = LossMeter()
+    meter.add({"loss_d": torch.tensor(1.0), "gradient_penalty": torch.tensor(4.0)})
+    meter.add({"loss_d": torch.tensor(3.0)})
+    assert meter.take() == {"loss_d": 2.0, "gradient_penalty": 4.0}
+    assert meter.take() == {}
+
+
 # --- inputs ---------------------------------------------------------------------------------
 
 def test_missing_image_folder_is_named_in_one_line(tmp_path: Path) -> None:
@@ -268,6 +299,7 @@ def test_unreadable_images_are_skipped_counted_and_named(tmp_path: Path, caplog)
     ({"resolution": 24}, "resolution must be a power of two >= 4, not 24"),
     ({"batch_size": 1}, "batch_size must be >= 2"),
     ({"fade_images": 24}, r"fade_images must be within 0 \.\. 20"),
+    ({"gp_every": 0}, "gp_every must be >= 1"),
 ])
 def test_settings_that_cannot_train_are_refused(crops: Path, tmp_path: Path, changes: dict, message: str) -> None:
     with pytest.raises(TrainingInputError, match=message):
