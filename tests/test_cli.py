@@ -8,7 +8,7 @@ from click.testing import CliRunner
 
 from cli import main
 
-COMMANDS = ["train", "eval", "patches", "spectra", "sample", "prepare", "invert", "exaggerate", "finetune", "retrain", "report", "models", "demo"]
+COMMANDS = ["train", "eval", "patches", "spectra", "sample", "prepare", "train-gan", "invert", "exaggerate", "finetune", "retrain", "report", "models", "demo"]
 
 
 def run(*args: str):
