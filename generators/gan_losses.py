@@ -50,13 +50,16 @@ class CriticLoss:
     total: torch.Tensor
     real_score: torch.Tensor   # mean D(real)
     fake_score: torch.Tensor   # mean D(fake)
-    penalty: torch.Tensor      # mean gradient penalty, before lambda
-    drift: torch.Tensor        # mean D(real)^2, before epsilon
+    penalty: torch.Tensor | None  # mean gradient penalty before lambda (None: not computed this step)
+    drift: torch.Tensor           # mean D(real)^2, before epsilon
 
     def parts(self) -> dict[str, torch.Tensor]:
         """Detached parts for logging; `wasserstein` is D(real) - D(fake)."""
-        return {"loss_d": self.total.detach(), "wasserstein": (self.real_score - self.fake_score).detach(),
-                "gradient_penalty": self.penalty.detach(), "drift": self.drift.detach()}
+        parts = {"loss_d": self.total.detach(), "wasserstein": (self.real_score - self.fake_score).detach(),
+                 "drift": self.drift.detach()}
+        if self.penalty is not None:
+            parts["gradient_penalty"] = self.penalty.detach()
+        return parts
 
 
 def critic_loss(critic: Critic, real: torch.Tensor, fake: torch.Tensor, mix: torch.Tensor,
@@ -64,15 +67,20 @@ def critic_loss(critic: Critic, real: torch.Tensor, fake: torch.Tensor, mix: tor
     """`E[D(fake)] - E[D(real)] + lambda_gp * E[(||grad D(x_mix)|| - 1)^2] + drift * E[D(real)^2]`.
 
     Real, fake and interpolated batches go through the critic separately, so minibatch
-    stddev sees groups of one kind only, as in the reference implementations.
+    stddev sees groups of one kind only, as in the reference implementations. With
+    `lambda_gp` 0 the penalty is not computed (lazy regularisation skips it on most steps).
     """
     real_scores = critic(real)
     fake_scores = critic(fake.detach())
-    penalty = gradient_penalty(critic, real, fake, mix).mean() if lambda_gp > 0 else real.new_zeros(())
     drift_term = drift_penalty(real_scores).mean()
     real_mean, fake_mean = real_scores[:, 0].mean(), fake_scores[:, 0].mean()
-    total = fake_mean - real_mean + lambda_gp * penalty + drift * drift_term
-    return CriticLoss(total, real_mean.detach(), fake_mean.detach(), penalty.detach(), drift_term.detach())
+    total = fake_mean - real_mean + drift * drift_term
+    penalty = None
+    if lambda_gp > 0:
+        penalty = gradient_penalty(critic, real, fake, mix).mean()
+        total = total + lambda_gp * penalty
+        penalty = penalty.detach()
+    return CriticLoss(total, real_mean.detach(), fake_mean.detach(), penalty, drift_term.detach())
 
 
 def generator_loss(fake_scores: torch.Tensor) -> torch.Tensor:

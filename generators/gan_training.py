@@ -50,6 +50,7 @@ class GANTrainConfig:
     beta1: float = 0.0            # Adam betas (Karras et al.)
     beta2: float = 0.99
     lambda_gp: float = 10.0       # WGAN-GP gradient penalty weight
+    gp_every: int = 1             # penalise every this many steps, weighted by it (1: every step, as Karras et al.)
     drift: float = 0.001          # weight of D(real)^2
     ema_half_life: int = 5_000    # images over which the averaged generator's memory halves
     mirror: bool = True           # flip half the real images left-right
@@ -87,6 +88,8 @@ def check_config(config: GANTrainConfig) -> None:
         scale_resolutions(config.resolution)
     except ValueError as error:
         problems.append(str(error))
+    if config.gp_every < 1:
+        problems.append(f"gp_every must be >= 1, not {config.gp_every}")
     if config.batch_size < 2:
         problems.append(f"batch_size must be >= 2 for minibatch stddev, not {config.batch_size}")
     if config.scale_images < 1:
@@ -170,20 +173,23 @@ def _append_line(path: Path, line: str) -> None:
 
 
 class LossMeter:
-    """Sums of the step losses on the device, read (one host sync) once per log interval."""
+    """Sums of the step losses on the device, read (one host sync) once per log interval; a loss
+    not computed on every step (the lazy gradient penalty) is averaged over the steps that have it."""
 
     def __init__(self) -> None:
         self.sums: dict[str, torch.Tensor] = {}
+        self.counts: dict[str, int] = {}
         self.steps = 0
 
     def add(self, losses: dict[str, torch.Tensor]) -> None:
         for key, value in losses.items():
             self.sums[key] = self.sums[key] + value if key in self.sums else value.clone()
+            self.counts[key] = self.counts.get(key, 0) + 1
         self.steps += 1
 
     def take(self) -> dict[str, float]:
-        means = {key: round(value.item() / max(self.steps, 1), 6) for key, value in self.sums.items()}
-        self.sums, self.steps = {}, 0
+        means = {key: round(value.item() / self.counts[key], 6) for key, value in self.sums.items()}
+        self.sums, self.counts, self.steps = {}, {}, 0
         return means
 
 
@@ -261,8 +267,10 @@ class GANTrainer:
         self.gan.set_alpha(self.alpha)
         draws = draw_step(config.seed, progress.scale, progress.step, batch, config.latent_dim)
         real = _real_batch(self.images, config, progress, draws.flip, self.device, self.gan.memory_format)
+        # Lazy regularisation: the penalty every `gp_every` steps, weighted by it, has the same mean.
+        lambda_gp = config.lambda_gp * config.gp_every if progress.step % config.gp_every == 0 else 0.0
         losses = self.gan.train_step(real, draws.z_critic.to(self.device), draws.z_generator.to(self.device),
-                                     draws.mix.to(self.device), config.lambda_gp, config.drift)
+                                     draws.mix.to(self.device), lambda_gp, config.drift)
         progress.step += 1
         progress.images += batch
         progress.finished = progress.step == config.steps_per_scale() and progress.scale == len(config.depths()) - 1
