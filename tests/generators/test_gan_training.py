@@ -17,12 +17,12 @@ from generators.gan_growing import GrowingGAN
 from generators.gan_images import TrainingImages, TrainingInputError
 from generators.gan_losses import critic_loss, drift_penalty, gradient_penalty, interpolate
 from generators.gan_schedule import batch_indices, fade_alpha, scale_depths
-from generators.gan_training import GANTrainConfig, GANTrainer, LossMeter, train_gan
+from generators.gan_training import GANTrainConfig, GANTrainer, LossMeter, check_config, train_gan
 from generators.pgan import PGANZooGenerator, build_pgan_zoo
 from generators.safe_pickle import load_torch
 
 TINY = dict(resolution=16, latent_dim=8, fmap_base=64, fmap_max=8, batch_size=4, scale_images=24,
-            fade_images=12, log_images=8, snapshot_images=20, ema_half_life=16, channels_last=False)
+            fade_images=12, gp_every=2, log_images=8, snapshot_images=20, ema_half_life=16, channels_last=False)
 
 
 @pytest.fixture(autouse=True)
@@ -306,12 +306,13 @@ def test_settings_that_cannot_train_are_refused(crops: Path, tmp_path: Path, cha
         train_gan(_config(crops, tmp_path / "run", **changes))
 
 
-def test_tiny_yaml_config_names_only_known_settings() -> None:
+def test_tiny_yaml_config_names_only_known_settings_and_can_train(tmp_path: Path) -> None:
     import yaml
 
     yaml_path = Path(__file__).resolve().parents[2] / "configs" / "train_gan_tiny.yaml"
     settings = yaml.safe_load(yaml_path.read_text())
     names = {f.name for f in dataclasses.fields(GANTrainConfig)}
     assert set(settings) <= names, set(settings) - names
-    config = GANTrainConfig(**settings)
-    assert config.resolution == 32 and config.depths()[-1] >= 8
+    config = GANTrainConfig(**settings, out=str(tmp_path / "run"))
+    check_config(config)
+    assert config.resolution == 32 and len(config.depths()) == 4
