@@ -12,16 +12,16 @@ import json
 import logging
 import math
 import os
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO, Callable
+from typing import Any, Callable
 
 import torch
 import yaml
 from tqdm import tqdm
 
+from generators.atomic import replace_atomically
 from generators.gan_growing import GrowingGAN
 from generators.gan_images import TrainingImages, TrainingInputError, to_model_range
 from generators.gan_schedule import batch_indices, draw_step, fade_alpha, scale_depths, scale_resolutions
@@ -122,18 +122,6 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-def _replace_atomic(path: Path, write: Callable[[BinaryIO], None]) -> None:
-    """Write through `write` to a temporary name beside `path`, then rename: never half a file."""
-    handle, temp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(handle, "wb") as stream:
-            write(stream)
-        os.replace(temp, path)
-    except BaseException:
-        Path(temp).unlink(missing_ok=True)
-        raise
-
-
 def _prepare_run_dir(config: GANTrainConfig, resume: bool) -> Path:
     out = Path(config.out)
     saved = out / "config.yaml"
@@ -148,7 +136,7 @@ def _prepare_run_dir(config: GANTrainConfig, resume: bool) -> Path:
             raise TrainingInputError(f"{out}: cannot resume with different {', '.join(changed)} "
                                      f"(saved: {', '.join(f'{k}={old.get(k)!r}' for k in changed)})")
     out.mkdir(parents=True, exist_ok=True)
-    _replace_atomic(saved, lambda stream: stream.write(yaml.safe_dump(current, sort_keys=False).encode()))
+    replace_atomically(saved, lambda stream: stream.write(yaml.safe_dump(current, sort_keys=False).encode()))
     return out
 
 
@@ -165,7 +153,7 @@ def _truncate_log(path: Path, images: int) -> None:
     if path.exists():
         kept = [line for line in path.read_text().splitlines()
                 if line.strip() and json.loads(line).get("images", 0) <= images]
-        _replace_atomic(path, lambda stream: stream.write("".join(line + "\n" for line in kept).encode()))
+        replace_atomically(path, lambda stream: stream.write("".join(line + "\n" for line in kept).encode()))
 
 
 def _append_line(path: Path, line: str) -> None:
@@ -212,7 +200,7 @@ def _snapshot(out: Path, gan: GrowingGAN, progress: Progress, config: GANTrainCo
         save_pgan_zoo(gan.average, target, net_generator=gan.generator, discriminator=gan.discriminator,
                       extra_config=extra)
     state = {"networks": gan.state_dict(), "progress": dataclasses.asdict(progress)}
-    _replace_atomic(out / RESUME_FILE, lambda stream: torch.save(state, stream))
+    replace_atomically(out / RESUME_FILE, lambda stream: torch.save(state, stream))
 
 
 def _real_batch(images: TrainingImages, config: GANTrainConfig, progress: Progress, flip: torch.Tensor,

@@ -9,7 +9,6 @@ from __future__ import annotations
 import functools
 import math
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -17,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from generators.atomic import replace_atomically
 from generators.base import Generator
 from generators.errors import CheckpointError
 from generators.safe_pickle import BaseConfig
@@ -347,12 +347,5 @@ def save_pgan_zoo(generator: PGANZooGenerator, path: str | os.PathLike, *,
     state = {"config": config, "netG": _plain_state(net_generator or generator),
              "netD": _plain_state(discriminator), "avgG": _plain_state(generator)}
     path = Path(path)
-    handle, temp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(handle, "wb") as temp:
-            torch.save(state, temp)
-        os.replace(temp_name, path)
-    except BaseException:
-        Path(temp_name).unlink(missing_ok=True)
-        raise
+    replace_atomically(path, lambda file: torch.save(state, file))
     return path

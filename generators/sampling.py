@@ -19,18 +19,18 @@ import inspect
 import json
 import logging
 import os
-import tempfile
 import time
 from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image
 
 from generators.base import Generator, StyleGenerator
+from generators.atomic import replace_atomically
 from generators.errors import DatasetError
 from generators.formats import checkpoint_sha256, load_generator
 from generators.glow import GlowGenerator
@@ -47,19 +47,6 @@ Progress = Callable[[str, int, int], None]  # (split, images done so far, images
 
 
 # ----------------------------------------------------------------------------- dataset folders
-
-def replace_atomically(path: Path, write: Callable[[BinaryIO], None]) -> None:
-    """Write through `write` to a temporary name in the same folder, then rename over `path`,
-    so a crash never leaves half a file under the final name."""
-    handle, temp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(handle, "wb") as file:
-            write(file)
-        os.replace(temp, path)
-    except BaseException:
-        Path(temp).unlink(missing_ok=True)
-        raise
-
 
 def write_png(path: Path, pixels: np.ndarray | Image.Image) -> None:
     """uint8 H x W x 3 pixels (or an RGB image) to a PNG, atomically; same pixels, same bytes."""
