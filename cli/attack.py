@@ -9,7 +9,7 @@ from typing import Any
 import click
 
 from cli import main
-from cli.common import config_layers, overrides, user_errors
+from cli.common import config_layers, lpips_options, overrides, user_errors
 from forensics import config as configs
 
 
@@ -36,12 +36,7 @@ from forensics import config as configs
               help="Image P(fake) reported in metrics and captions.  [default: after_softmax]")
 @click.option("--load-size", type=click.IntRange(1), help="Classifier input: resize the generator output to this.  [default: as trained]")
 @click.option("--crop-size", type=click.IntRange(1), help="Classifier input: centre crop.  [default: as trained]")
-@click.option("--lpips-net", type=click.Choice(["alex", "vgg", "squeeze"]), help="LPIPS backbone.  [default: alex]")
-@click.option("--lpips-weights", type=click.Path(dir_okay=False),
-              help="torchvision weights of the LPIPS backbone (alexnet-owt-7be5be79.pth, vgg16-397923af.pth or "
-                   "squeezenet1_1-b8a52dc0.pth).  [default: $TORCH_HOME/hub/checkpoints]")
-@click.option("--lpips-random/--no-lpips-random", default=None,
-              help="Random LPIPS backbone: smoke tests only, its distances are not perceptual.  [default: off]")
+@lpips_options
 @click.option("--device", help="auto | cpu | cuda | cuda:N.  [default: auto]")
 @click.option("--precision", type=click.Choice(["auto", "fp32", "bf16"]),
               help="auto = bf16 autocast on CUDA and on CPUs with native bf16 (AVX512-BF16/AMX), else fp32.  [default: auto]")
@@ -120,12 +115,7 @@ def _shift_table(summary: dict[str, Any]) -> str:
               help="Image P(fake) used for accuracy, AP and captions.  [default: after_softmax]")
 @click.option("--load-size", type=click.IntRange(1), help="Classifier input: resize the generator output to this.  [default: as trained]")
 @click.option("--crop-size", type=click.IntRange(1), help="Classifier input: centre crop.  [default: as trained]")
-@click.option("--lpips-net", type=click.Choice(["alex", "vgg", "squeeze"]), help="LPIPS backbone for drift from the original.  [default: alex]")
-@click.option("--lpips-weights", type=click.Path(dir_okay=False),
-              help="torchvision weights of the LPIPS backbone; without them drift is not reported.  "
-                   "[default: $TORCH_HOME/hub/checkpoints]")
-@click.option("--lpips-random/--no-lpips-random", default=None,
-              help="Random LPIPS backbone: smoke tests only, its distances are not perceptual.  [default: off]")
+@lpips_options
 @click.option("--cache-real/--no-cache-real", default=None, help="Keep decoded reals in memory.  [default: when they fit in 4 GiB]")
 @click.option("--on-bad-image", type=click.Choice(["skip", "error"]), help="Unreadable real images.  [default: skip]")
 @click.option("--device", help="auto | cpu | cuda | cuda:N.  [default: auto]")

@@ -38,3 +38,19 @@ def overrides(kwargs: dict[str, Any], drop: tuple[str, ...] = ("config",)) -> di
 
 def config_layers(config_path: str | None, section: str) -> dict[str, Any]:
     return configs.read_yaml(config_path, section) if config_path else {}
+
+
+def lpips_options(command: Callable) -> Callable:
+    """The LPIPS options every command that measures perceptual distance takes."""
+    options = [
+        click.option("--lpips-net", type=click.Choice(["alex", "vgg", "squeeze"]),
+                     help="LPIPS backbone.  [default: alex]"),
+        click.option("--lpips-weights", type=click.Path(dir_okay=False),
+                     help="torchvision weights of the LPIPS backbone (alexnet-owt-7be5be79.pth, vgg16-397923af.pth "
+                          "or squeezenet1_1-b8a52dc0.pth).  [default: $TORCH_HOME/hub/checkpoints]"),
+        click.option("--lpips-random/--no-lpips-random", default=None,
+                     help="Random LPIPS backbone: smoke tests only, its distances are not perceptual.  [default: off]"),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command

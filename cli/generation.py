@@ -10,7 +10,7 @@ from typing import Any
 import click
 
 from cli import main
-from cli.common import config_layers, overrides, user_errors
+from cli.common import config_layers, lpips_options, overrides, user_errors
 from forensics import config as configs
 
 
@@ -128,12 +128,7 @@ def prepare(sources: tuple[str, ...], generator: str | None, resolution: int | N
 @click.option("--lr", type=click.FloatRange(0, min_open=True), help="Adam learning rate.  [default: 0.05]")
 @click.option("--lambda-mse", type=click.FloatRange(0), help="Weight of the pixel MSE.  [default: 1.0]")
 @click.option("--lambda-lpips", type=click.FloatRange(0), help="Weight of LPIPS; 0 = MSE only.  [default: 1.0]")
-@click.option("--lpips-net", type=click.Choice(["alex", "vgg", "squeeze"]), help="LPIPS backbone.  [default: alex]")
-@click.option("--lpips-weights", type=click.Path(dir_okay=False),
-              help="torchvision weights of the LPIPS backbone (alexnet-owt-7be5be79.pth, vgg16-397923af.pth or "
-                   "squeezenet1_1-b8a52dc0.pth).  [default: $TORCH_HOME/hub/checkpoints]")
-@click.option("--lpips-random/--no-lpips-random", default=None,
-              help="Random LPIPS backbone: smoke tests only, its distances are not perceptual.  [default: off]")
+@lpips_options
 @click.option("--batch-size", type=click.IntRange(1), help="Images optimised together; results do not depend on it.  [default: 8]")
 @click.option("--seed", type=int, help="z of image i starts at latent i of this seed's stream.  [default: 0]")
 @click.option("--device", help="auto | cpu | cuda | cuda:N.  [default: auto]")
