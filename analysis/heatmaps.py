@@ -29,6 +29,7 @@ from forensics.atomic import write_bytes, write_json
 from forensics.device import resolve_device, resolve_precision
 from forensics.errors import InputError
 from forensics.evaluate import EvalConfig, parse_test_spec, predict
+from forensics.figures import figure_format, render_figure
 from forensics.receptive import ModelLike, Size, output_size, receptive_field
 
 GROUPS = ("real_easy", "real_hard", "fake_easy", "fake_hard")
@@ -163,20 +164,14 @@ def render_card(image: np.ndarray, heat: np.ndarray, title: str, label: str, sco
 def plot_average_heatmaps(averages: dict[str, np.ndarray | None], counts: dict[str, int],
                           path: str | os.PathLike, title: str, cmap: str = DEFAULT_CMAP) -> Path:
     """One figure, a panel per group with a shared [0, 1] colour bar; written atomically as PNG/PDF/SVG."""
-    import io
-
     from matplotlib import colormaps
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.cm import ScalarMappable
     from matplotlib.colors import Normalize
     from matplotlib.figure import Figure
 
     path = Path(path)
-    fmt = path.suffix.lower().lstrip(".")
-    if fmt not in ("png", "pdf", "svg"):
-        raise InputError(f"{path}: expected a figure file name ending in .png, .pdf or .svg")
+    fmt = figure_format(path)
     figure = Figure(figsize=(3.3 * len(averages) + 1.2, 4.0), layout="constrained")
-    FigureCanvasAgg(figure)
     axes = figure.subplots(1, len(averages), squeeze=False)[0]
     norm = Normalize(0.0, 1.0)
     for ax, (group, heat) in zip(axes, averages.items()):
@@ -190,9 +185,7 @@ def plot_average_heatmaps(averages: dict[str, np.ndarray | None], counts: dict[s
         ax.set_ylabel("y (px)")
     figure.colorbar(ScalarMappable(norm=norm, cmap=colormaps[cmap]), ax=list(axes), label="P(fake)", shrink=0.85)
     figure.suptitle(title)
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format=fmt, dpi=110)
-    write_bytes(path, buffer.getvalue())
+    write_bytes(path, render_figure(figure, fmt, dpi=110, tight=False))
     return path
 
 

@@ -5,11 +5,12 @@ Used by the run report (`analysis.report`); matplotlib Figure + Agg only, no pyp
 from __future__ import annotations
 
 import fnmatch
-import io
 import json
 import math
 from pathlib import Path
 from typing import Any, Sequence
+
+from forensics.figures import render_figure
 
 Panel = tuple[str, tuple[str, ...]]  # (panel title, key patterns in fnmatch syntax)
 
@@ -98,7 +99,6 @@ def plot_log(records: Sequence[dict[str, Any]], panels: Sequence[Panel], title: 
 
     `mark` = (x, label) draws a dotted vertical line on every panel (e.g. the best epoch).
     """
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
     if not records:
@@ -108,7 +108,6 @@ def plot_log(records: Sequence[dict[str, Any]], panels: Sequence[Panel], title: 
         return None
     axis, xs = x_axis(records)
     figure = Figure(figsize=(4.3 * len(series), 3.3), layout="constrained")
-    FigureCanvasAgg(figure)
     axes = figure.subplots(1, len(series), squeeze=False)[0]
     dots = "o" if len(records) <= 40 else None
     for ax, (panel, keys) in zip(axes, series):
@@ -121,6 +120,4 @@ def plot_log(records: Sequence[dict[str, Any]], panels: Sequence[Panel], title: 
         ax.grid(alpha=0.3)
         ax.legend(fontsize="small", loc="best")
     figure.suptitle(title)
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=100)
-    return buffer.getvalue()
+    return render_figure(figure, "png", dpi=100, tight=False)

@@ -15,10 +15,11 @@ from typing import Any, Sequence
 import torch
 
 from forensics import checkpoint, data
-from forensics.atomic import write_bytes, write_json, write_text
+from forensics.atomic import write_json, write_text
 from forensics.device import configure_backends, resolve_device, resolve_precision
 from forensics.errors import InputError
 from forensics.evaluate import EvalConfig, parse_test_spec, predict
+from forensics.figures import figure_format, save_figure
 from forensics.perturb import Perturbation, PerturbedImageSet, parse_perturbations
 from forensics.receptive import receptive_field
 from forensics.scoring import AGGREGATIONS, compute_metrics, image_scores
@@ -161,19 +162,15 @@ def format_robustness_table(rows: Sequence[dict[str, Any]]) -> str:
 
 def plot_robustness(rows: Sequence[dict[str, Any]], path: str | os.PathLike, title: str | None = None) -> None:
     """AP and accuracies against level, one panel per perturbation kind; the clean values as dotted lines."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
     path = Path(path)
-    suffix = path.suffix.lower().lstrip(".")
-    if suffix not in ("png", "pdf", "svg"):
-        raise InputError(f"{path}: expected a figure file name ending in .png, .pdf or .svg")
+    figure_format(path)
     clean = next((row for row in rows if row["level"] is None), None)
     kinds = list(dict.fromkeys(row["perturbation"] for row in rows if row["level"] is not None))
     if not kinds:
         raise ValueError("plot_robustness needs at least one perturbed row")
     figure = Figure(figsize=(5.5 * len(kinds), 4.5))
-    FigureCanvasAgg(figure)
     series = [("ap", "AP", "-", "o"), ("acc", "accuracy", "-", "s"),
               ("acc_real", "accuracy on real", "--", "^"), ("acc_fake", "accuracy on fake", "--", "v")]
     for index, kind in enumerate(kinds):
@@ -197,6 +194,4 @@ def plot_robustness(rows: Sequence[dict[str, Any]], path: str | os.PathLike, tit
     if title:
         figure.suptitle(title)
     figure.tight_layout()
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format=suffix, dpi=120, bbox_inches="tight")
-    write_bytes(path, buffer.getvalue())
+    save_figure(figure, path)

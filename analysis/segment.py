@@ -4,17 +4,16 @@ Used by `analysis.patches` (and the retrain comparison) to say what the most pre
 """
 from __future__ import annotations
 
-import io
 from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
-from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from scipy import ndimage
 
-from forensics.atomic import write_bytes, write_json
+from forensics.atomic import write_json
+from forensics.figures import save_figure  # noqa: F401 - analysis.residual imports it from here
 from forensics.errors import InputError
 
 Box = tuple[int, int, int, int]  # (top, left, bottom, right), bottom/right exclusive
@@ -124,15 +123,6 @@ def _counts(counts: Mapping[str, int] | Sequence[int], classes: Sequence[str]) -
 def _fractions(values: np.ndarray) -> np.ndarray:
     total = values.sum()
     return values / total if total > 0 else np.zeros_like(values)
-
-
-def save_figure(fig: Figure, path: str | Path) -> None:
-    """Render a matplotlib figure (Agg, no pyplot) to PNG/PDF by its suffix and write it atomically."""
-    path = Path(path)
-    buffer = io.BytesIO()
-    FigureCanvasAgg(fig)
-    fig.savefig(buffer, format=path.suffix.lstrip(".") or "png", dpi=120, bbox_inches="tight")
-    write_bytes(path, buffer.getvalue())
 
 
 def plot_histograms(top: Mapping[str, int] | Sequence[int], baseline: Mapping[str, int] | Sequence[int],

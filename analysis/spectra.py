@@ -17,6 +17,7 @@ from tqdm import tqdm
 from forensics.atomic import write_bytes, write_json
 from forensics.data import BAD_IMAGE_POLICIES, BadImageError, ImageSet, list_images, read_image, resize_image
 from forensics.errors import InputError
+from forensics.figures import figure_format, save_figure
 
 log = logging.getLogger("patchscope.spectra")
 
@@ -181,12 +182,9 @@ def _save_array(path: Path, array: np.ndarray) -> None:
 def plot_spectra(real: np.ndarray, fake: np.ndarray, path: str | os.PathLike, title: str | None = None,
                  labels: tuple[str, str] = ("real", "fake"), counts: tuple[int, int] | None = None) -> None:
     """Three panels (real, fake, fake minus real) with colour bars and frequency axes, saved as PNG/PDF/SVG."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    suffix = Path(path).suffix.lower().lstrip(".")
-    if suffix not in ("png", "pdf", "svg"):
-        raise InputError(f"{path}: expected a figure file name ending in .png, .pdf or .svg")
+    figure_format(path)
     size = real.shape[0]
     step = 1.0 / size
     freqs = frequencies(size)
@@ -196,7 +194,6 @@ def plot_spectra(real: np.ndarray, fake: np.ndarray, path: str | os.PathLike, ti
     low, high = float(min(real.min(), fake.min())), float(max(real.max(), fake.max()))
     bound = float(np.abs(diff).max()) or 1.0
     figure = Figure(figsize=(15, 4.6))
-    FigureCanvasAgg(figure)
     named = [f"{label} (n={n})" for label, n in zip(labels, counts)] if counts else list(labels)
     panels = [(real, f"{named[0]}: mean spectrum", "magma", low, high, "log(1 + |FFT|)"),
               (fake, f"{named[1]}: mean spectrum", "magma", low, high, "log(1 + |FFT|)"),
@@ -209,9 +206,7 @@ def plot_spectra(real: np.ndarray, fake: np.ndarray, path: str | os.PathLike, ti
         figure.colorbar(image, ax=axes, fraction=0.046, pad=0.04, label=unit)
     figure.suptitle(title or f"Average high-pass spectra ({size}x{size} px)")
     figure.tight_layout()
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format=suffix, dpi=120, bbox_inches="tight")
-    write_bytes(path, buffer.getvalue())
+    save_figure(figure, path)
 
 
 def compare_spectra(real: ImageSource, fake: ImageSource, out: str | os.PathLike, size: int | None = None,

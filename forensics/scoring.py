@@ -16,8 +16,9 @@ import torch
 import torch.nn.functional as F
 from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score, roc_curve
 
-from forensics.atomic import write_bytes, write_text
+from forensics.atomic import write_text
 from forensics.errors import InputError
+from forensics.figures import figure_format, save_figure
 
 AGGREGATIONS = ("after_softmax", "before_softmax", "vote")
 
@@ -39,7 +40,6 @@ METRIC_COLUMNS = [
     "patch_acc",
 ]
 
-FIGURE_FORMATS = ("png", "pdf", "svg")
 
 
 def _as_patch_map(logits: torch.Tensor) -> torch.Tensor:
@@ -205,22 +205,6 @@ def append_csv(path: str | os.PathLike, rows: Sequence[Mapping[str, Any]],
     write_text(path, existing + buffer.getvalue())
 
 
-def _figure_format(path: Path) -> str:
-    fmt = path.suffix.lower().lstrip(".")
-    if fmt not in FIGURE_FORMATS:
-        raise InputError(f"{path}: expected a figure file name ending in .png, .pdf or .svg")
-    return fmt
-
-
-def _save_figure(figure: Any, path: Path) -> None:
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-
-    FigureCanvasAgg(figure)  # attach the non-interactive canvas; no display or pyplot state involved
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format=_figure_format(path), dpi=120, bbox_inches="tight")
-    write_bytes(path, buffer.getvalue())
-
-
 def _new_axes(title: str | None, xlabel: str, ylabel: str) -> tuple[Any, Any]:
     from matplotlib.figure import Figure
 
@@ -248,7 +232,7 @@ def plot_pr_curves(curves: Mapping[str, tuple[Any, Any]], path: str | os.PathLik
     if not curves:
         raise ValueError("plot_pr_curves needs at least one (scores, labels) pair")
     path = Path(path)
-    _figure_format(path)
+    figure_format(path)
     figure, axes = _new_axes(title, "recall", "precision")
     for name, (scores, labels) in curves.items():
         scores_np, labels_np, both = _curve_inputs(name, scores, labels)
@@ -259,7 +243,7 @@ def plot_pr_curves(curves: Mapping[str, tuple[Any, Any]], path: str | os.PathLik
         ap = average_precision_score(labels_np, scores_np)
         axes.plot(recall, precision, drawstyle="steps-post", label=f"{name} (AP {100 * ap:.1f})")
     axes.legend(loc="lower left", fontsize="small")
-    _save_figure(figure, path)
+    save_figure(figure, path)
 
 
 def plot_roc_curves(curves: Mapping[str, tuple[Any, Any]], path: str | os.PathLike, title: str | None = None) -> None:
@@ -267,7 +251,7 @@ def plot_roc_curves(curves: Mapping[str, tuple[Any, Any]], path: str | os.PathLi
     if not curves:
         raise ValueError("plot_roc_curves needs at least one (scores, labels) pair")
     path = Path(path)
-    _figure_format(path)
+    figure_format(path)
     figure, axes = _new_axes(title, "false positive rate", "true positive rate")
     axes.plot([0, 1], [0, 1], linestyle=":", color="grey", label="chance")
     for name, (scores, labels) in curves.items():
@@ -279,4 +263,4 @@ def plot_roc_curves(curves: Mapping[str, tuple[Any, Any]], path: str | os.PathLi
         auc = roc_auc_score(labels_np, scores_np)
         axes.plot(fpr, tpr, label=f"{name} (AUC {100 * auc:.1f})")
     axes.legend(loc="lower right", fontsize="small")
-    _save_figure(figure, path)
+    save_figure(figure, path)
