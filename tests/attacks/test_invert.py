@@ -17,26 +17,16 @@ from attacks.perceptual import load_lpips
 from forensics.errors import InputError
 from generators import load_generator
 from generators.glow import Glow, GlowConfig, GlowGenerator
-from generators.pgan import build_pgan_zoo, save_pgan_zoo
+from generators.pgan import save_pgan_zoo
 from generators.stylegan2 import StyleGAN2Config, StyleGAN2Generator
-
-RESOLUTION = 16
-LATENT_DIM = 8
+from tests.tiny_models import LATENT_DIM, RESOLUTION, tiny_pgan
 
 
-
-def _tiny_pgan(seed: int = 0):
-    torch.manual_seed(seed)
-    generator, discriminator = build_pgan_zoo(RESOLUTION, latent_dim=LATENT_DIM, depth_scale0=16,
-                                              depth_other_scales=(16, 16))
-    # A random PGAN saturates far beyond [-1, 1]; a quieter toRGB keeps its images reachable.
-    generator.toRGBLayers[-1].module.weight.data.mul_(0.2)
-    return generator.eval(), discriminator
 
 
 @pytest.fixture(scope="module")
 def pgan():
-    return _tiny_pgan()[0]
+    return tiny_pgan()[0]
 
 
 @pytest.fixture(scope="module")
@@ -196,7 +186,7 @@ def test_generator_parameters_get_no_gradients_and_keep_their_flags(pgan) -> Non
 @pytest.fixture()
 def folder_case(tmp_path: Path) -> dict:
     """A saved tiny PGAN and five of its images (one in a subfolder) as PNG files."""
-    generator, discriminator = _tiny_pgan()
+    generator, discriminator = tiny_pgan()
     checkpoint = tmp_path / "pgan.pt"
     save_pgan_zoo(generator, checkpoint, discriminator=discriminator)
     images = tmp_path / "images"
@@ -290,7 +280,7 @@ def test_existing_output_is_refused_without_resume_and_with_other_settings(folde
 
 def test_resume_with_another_generator_file_is_refused(folder_case) -> None:
     invert_folder(_config(folder_case, steps=1))
-    generator, discriminator = _tiny_pgan(seed=1)
+    generator, discriminator = tiny_pgan(seed=1)
     save_pgan_zoo(generator, folder_case["generator"], discriminator=discriminator)
     with pytest.raises(InputError, match="another generator file"):
         invert_folder(_config(folder_case, steps=1), resume=True)

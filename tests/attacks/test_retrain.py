@@ -21,22 +21,14 @@ from forensics.config import read_yaml
 from forensics.errors import InputError
 from forensics.train import TrainConfig, fit
 from generators.errors import CheckpointError
-from generators.pgan import build_pgan_zoo, save_pgan_zoo
 from generators.sampling import sample_dataset
+from tests.tiny_models import save_tiny_pgan
 
 RESOLUTION = 16  # generator output; the fake sets are Lanczos-resized to SIZE, as a working size would be
 SIZE = 32
 COUNTS = {"train": 32, "val": 16, "test": 16}
 SAMPLE_SEED, CHUNK = 3, 4  # not sample_dataset's defaults, so copying them from the manifest is visible
 
-
-
-def save_tiny_pgan(path: Path, seed: int) -> Path:
-    torch.manual_seed(seed)
-    generator, discriminator = build_pgan_zoo(RESOLUTION, latent_dim=8, depth_scale0=16, depth_other_scales=(16, 16))
-    # A random PGAN saturates far beyond [-1, 1]; a quieter toRGB keeps its images in range.
-    generator.toRGBLayers[-1].module.weight.data.mul_(0.2)
-    return save_pgan_zoo(generator.eval(), path, discriminator=discriminator)
 
 
 def write_reals(folder: Path, counts: dict[str, int]) -> Path:

@@ -16,23 +16,12 @@ from forensics.errors import InputError
 from forensics.models import PatchClassifier, build_model
 from forensics.scoring import image_scores
 from generators.glow import Glow, GlowConfig, GlowGenerator
-from generators.pgan import build_pgan_zoo
 from generators.stylegan2 import StyleGAN2Config, StyleGAN2Generator
+from tests.tiny_models import LATENT_DIM, RESOLUTION, tiny_pgan  # noqa: F401 - re-exported to other tests
 
-RESOLUTION = 16
-LATENT_DIM = 8
 SLOPE = 4.0
 HELD_OUT = 123  # latents never drawn by the fits below (checked in the test that uses them)
 
-
-
-def tiny_pgan(seed: int = 0):
-    torch.manual_seed(seed)
-    generator, discriminator = build_pgan_zoo(RESOLUTION, latent_dim=LATENT_DIM, depth_scale0=16,
-                                              depth_other_scales=(16, 16))
-    # A random PGAN saturates far beyond [-1, 1]; a quieter toRGB keeps its images in range.
-    generator.toRGBLayers[-1].module.weight.data.mul_(0.2)
-    return generator.eval(), discriminator
 
 
 def brightness_classifier(slope: float = SLOPE, offset: float = 0.0) -> PatchClassifier:
