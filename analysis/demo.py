@@ -1,80 +1,294 @@
-"""The embedded-default pipeline behind `patchscope demo`: built-in photographs to a scored classifier.
+"""The embedded-default pipeline behind `patchscope demo`: the paper's whole story on built-in photographs.
 
-Stages are cached under the output folder: re-running resumes, `force` redoes everything.
+real crops -> PGAN fakes -> patch classifier -> eval + heatmaps -> top patches -> exaggeration ->
+finetuning against the classifier -> retraining -> report. Stages are cached (see `analysis.demo_stages`).
 """
 from __future__ import annotations
 
 import shutil
-import time
-from dataclasses import dataclass, field
+from collections import Counter
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import click
 
+from analysis.demo_stages import StageBook
+from analysis.finetune_study import FinetuneConfig, run_finetune
+from analysis.heatmaps import write_eval_heatmaps
+from analysis.patches import LABEL_NAMES, run_patches
 from analysis.report import write_report
+from analysis.residual import RetrainStudyConfig, run_retrain_study
+from analysis.shift_grid import ExaggerateConfig, run_exaggerate
+from attacks.perceptual import find_backbone_weights
 from forensics import config as configs
-from forensics.builtin_images import dataset_complete, write_builtin_dataset
+from forensics.builtin_images import builtin_photos, write_builtin_reals
 from forensics.evaluate import EvalConfig, evaluate
 from forensics.train import TrainConfig, fit
+from generators.formats import checkpoint_sha256
+from generators.gan_training import GANTrainConfig, train_gan
+from generators.sampling import sample_dataset
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
+# A PGAN grown by `patchscope train-gan` on the demo's train crops (the command is in its .json).
+BUNDLED_GENERATOR = Path(__file__).resolve().parent / "demo_assets" / "pgan32_builtin.pt"
+TEST_SET = "builtin"
 
 
 @dataclass
 class DemoConfig:
-    size: int = 32                                   # crop side of the built-in images, px
-    seed: int = 0
-    counts: dict[str, int] = field(default_factory=lambda: {"train": 800, "val": 200, "test": 400})
-    quick_counts: dict[str, int] = field(default_factory=lambda: {"train": 192, "val": 64, "test": 96})
-    train: dict[str, Any] = field(default_factory=dict)      # TrainConfig overrides
-    quick_train: dict[str, Any] = field(default_factory=dict)  # further overrides for --quick
+    size: int = 32                      # crop side of the built-in photographs, px (the generator's resolution)
+    seed: int = 0                       # crops, sampling latents (train/test/val: seed, +1, +2), training
+    counts: dict[str, int] = field(default_factory=lambda: {"train": 2000, "val": 400, "test": 800})  # reals
+    generator: str | None = None        # PGAN checkpoint with its discriminator; None: the bundled one
+    train_gan: dict[str, Any] | None = None  # GANTrainConfig settings: grow the generator here instead
+    sample_batch_size: int = 64
+    train: dict[str, Any] = field(default_factory=dict)       # TrainConfig settings of the classifier
+    heatmaps: int = 8                   # heatmap images per group (most / least fake, real and fake)
+    patches: int = 100                  # most predictive patches per class
+    exaggerate: dict[str, Any] = field(default_factory=dict)  # ExaggerateConfig settings
+    finetune: dict[str, Any] = field(default_factory=dict)    # FinetuneConfig settings
+    retrain: dict[str, Any] = field(default_factory=dict)     # RetrainStudyConfig settings
+    lpips_net: str = "alex"
+    lpips_weights: str | None = None    # backbone file; None: the torch cache, else a random backbone
+    device: str = "auto"
+    quick: dict[str, Any] = field(default_factory=dict)       # overrides for --quick (mappings merge)
 
 
-def load_demo_config(path: str | Path | None) -> DemoConfig:
+def load_demo_config(path: str | Path | None, quick: bool = False) -> DemoConfig:
     if path is None:
         path = DEFAULT_CONFIG if DEFAULT_CONFIG.exists() else None
-    return configs.resolve(DemoConfig, configs.read_yaml(path) if path else {}, source=str(path))
+    cfg = configs.resolve(DemoConfig, configs.read_yaml(path) if path else {}, source=str(path))
+    return with_quick(cfg) if quick else cfg
 
 
-def _stage(name: str, started: float, message: str) -> None:
-    click.echo(f"[{name:>5}] {message} ({time.perf_counter() - started:.1f} s)")
+def with_quick(cfg: DemoConfig) -> DemoConfig:
+    """`cfg` with its `quick` overrides applied; a mapping setting is updated key by key, not replaced."""
+    changes = {}
+    for key, value in cfg.quick.items():
+        current = getattr(cfg, key.replace("-", "_"), None)
+        changes[key] = {**current, **value} if isinstance(current, dict) and isinstance(value, dict) else value
+    return configs.resolve(DemoConfig, configs.to_dict(replace(cfg, quick={})), changes, source="demo quick")
+
+
+def _lpips_settings(cfg: DemoConfig) -> dict[str, Any]:
+    """LPIPS with real backbone weights when a file is found; else a random backbone, said out loud."""
+    found = find_backbone_weights(cfg.lpips_net, cfg.lpips_weights)
+    return {"lpips_net": cfg.lpips_net, "lpips_weights": str(found) if found else None, "lpips_random": found is None}
+
+
+def _majority(records: list[dict[str, Any]], classes: list[str], label: int) -> str:
+    counts = Counter(classes[r["semantic"]] for r in records if r["label"] == label and r["semantic"] is not None)
+    if not counts:
+        return "-"
+    name, count = counts.most_common(1)[0]
+    return f"{name} {count / sum(counts.values()):.0%}"
+
+
+class Demo:
+    """One demo folder: every stage as a method, each cached by the stage book."""
+
+    def __init__(self, cfg: DemoConfig, out: Path) -> None:
+        self.cfg = cfg
+        self.out = out
+        self.book = StageBook(out)
+        self.reals = out / "data" / "real"
+        self.fakes = out / "fakes"
+        self.classifier = out / "classifier"
+        self.generator = Path(cfg.generator) if cfg.generator else BUNDLED_GENERATOR
+        self.lpips = _lpips_settings(cfg)
+
+    def data(self) -> dict[str, Any]:
+        cfg = self.cfg
+        settings = {"size": cfg.size, "seed": cfg.seed, "counts": cfg.counts}
+
+        def work(resume: bool) -> dict[str, Any]:
+            write_builtin_reals(self.reals, cfg.counts, cfg.size, cfg.seed)
+            return {"n": sum(cfg.counts.values()), "photos": len(builtin_photos())}
+
+        return self.book.run("data", self.out / "data", settings, [], work,
+                             lambda s: f"{s['n']} real crops of {cfg.size} px from {s['photos']} photographs "
+                                       f"bundled with scikit-image and scikit-learn")
+
+    def gan(self) -> dict[str, Any]:
+        """The generator: grown here when `train_gan` is set, else the given (or bundled) checkpoint."""
+        cfg = self.cfg
+        if cfg.train_gan is None:
+            if not self.generator.is_file():
+                raise click.ClickException(f"{self.generator}: generator checkpoint not found")
+            settings = {"generator": checkpoint_sha256(self.generator)}
+            work = lambda resume: {"generator": str(self.generator), "grown": False}  # noqa: E731
+        else:
+            gan_cfg = configs.resolve(GANTrainConfig, {"resolution": cfg.size, "seed": cfg.seed}, cfg.train_gan,
+                                      {"images": str(self.reals / "train"), "out": str(self.out / "gan"),
+                                       "device": cfg.device}, source="demo train_gan")
+            settings = configs.to_dict(gan_cfg)
+
+            def work(resume: bool) -> dict[str, Any]:
+                summary = train_gan(gan_cfg, resume=resume)
+                return {"generator": summary["generator"], "grown": True, "images": summary["images"]}
+
+        summary = self.book.run("generator", self.out / "gan", settings, ["data"], work,
+                                lambda s: f"PGAN {'grown here' if s['grown'] else 'from'} {s['generator']}")
+        self.generator = Path(summary["generator"])
+        return summary
+
+    def sample(self) -> dict[str, Any]:
+        cfg = self.cfg
+
+        def work(resume: bool) -> dict[str, Any]:
+            sample_dataset(self.generator, self.fakes, cfg.counts, seed=cfg.seed, size=cfg.size,
+                           batch_size=cfg.sample_batch_size, device=_device(cfg.device))
+            return {"n": sum(cfg.counts.values())}
+
+        return self.book.run("fakes", self.fakes, {"size": cfg.size}, ["data", "generator"], work,
+                             lambda s: f"{s['n']} PGAN samples in {self.fakes}")
+
+    def train(self) -> dict[str, Any]:
+        cfg = self.cfg
+        train_cfg = configs.resolve(TrainConfig, {"load_size": cfg.size, "crop_size": cfg.size, "seed": cfg.seed},
+                                    cfg.train, {"real": str(self.reals), "fake": str(self.fakes),
+                                                "out": str(self.classifier), "device": cfg.device},
+                                    source="demo train")
+
+        def work(resume: bool) -> dict[str, Any]:
+            summary = fit(train_cfg, resume=resume)
+            return {key: summary[key] for key in ("epochs", "best_epoch", "best_val_patch_acc")}
+
+        return self.book.run("classifier", self.classifier, configs.to_dict(train_cfg), ["fakes"], work,
+                             lambda s: f"{train_cfg.model}: {s['epochs']} epochs, best val patch accuracy "
+                                       f"{s['best_val_patch_acc']:.4f} at epoch {s['best_epoch']}")
+
+    def evaluate(self) -> dict[str, Any]:
+        eval_cfg = EvalConfig(run=str(self.classifier), tests=[f"{TEST_SET}={self.reals},{self.fakes}"],
+                              out=str(self.out / "eval"), device=self.cfg.device, force=True)
+
+        def work(resume: bool) -> dict[str, Any]:
+            metrics = evaluate(eval_cfg)["results"][TEST_SET]["after_softmax"]
+            write_eval_heatmaps(eval_cfg, self.cfg.heatmaps)
+            return {key: metrics[key] for key in ("ap", "acc", "n")}
+
+        return self.book.run("eval", self.out / "eval", {"heatmaps": self.cfg.heatmaps}, ["classifier"], work,
+                             lambda s: f"AP {s['ap']:.4f}, accuracy {s['acc']:.4f} on {s['n']} test images; "
+                                       f"heatmaps in {self.out / 'eval' / 'heatmaps'}")
+
+    def patches(self) -> dict[str, Any]:
+        def work(resume: bool) -> dict[str, Any]:
+            result = run_patches(str(self.classifier), str(self.reals), str(self.fakes), out=str(self.out / "patches"),
+                                 n=self.cfg.patches, device=self.cfg.device, force=True)
+            return {"segmenter": result["segmenter"], "n": len(result["top"]),
+                    **{LABEL_NAMES[label]: _majority(result["top"], result["classes"], label) for label in (0, 1)}}
+
+        return self.book.run("patches", self.out / "patches", {"n": self.cfg.patches}, ["classifier"], work,
+                             lambda s: f"{s['n']} most predictive patches ({s['segmenter']} segmenter): "
+                                       f"fake mostly {s['fake']}, real mostly {s['real']}")
+
+    def exaggerate(self) -> dict[str, Any]:
+        shift_cfg = configs.resolve(ExaggerateConfig, {"seed": self.cfg.seed}, self.lpips, self.cfg.exaggerate,
+                                    {"generator": str(self.generator), "classifier": str(self.classifier),
+                                     "out": str(self.out / "exaggerate"), "device": self.cfg.device},
+                                    source="demo exaggerate")
+
+        def work(resume: bool) -> dict[str, Any]:
+            result = run_exaggerate(shift_cfg, resume=resume)
+            return {"rows": result["rows"], "space": result["space"], "lpips_random": shift_cfg.lpips_random}
+
+        def describe(s: dict[str, Any]) -> str:
+            along = ", ".join(f"k={r['k']:+g}: {r['p_fake']:.2f}" for r in s["rows"])
+            return f"P(fake) along the shift ({s['space']} space): {along}"
+
+        return self.book.run("exaggerate", self.out / "exaggerate", configs.to_dict(shift_cfg),
+                             ["classifier", "generator"], work, describe)
+
+    def finetune(self) -> dict[str, Any]:
+        tune_cfg = configs.resolve(FinetuneConfig, {"seed": self.cfg.seed}, self.lpips, self.cfg.finetune,
+                                   {"generator": str(self.generator), "classifier": str(self.classifier),
+                                    "real": str(self.reals), "out": str(self.out / "finetune"),
+                                    "device": self.cfg.device}, source="demo finetune")
+
+        def work(resume: bool) -> dict[str, Any]:
+            result = run_finetune(tune_cfg, resume=resume)
+            if result["generator"] is None:
+                raise click.ClickException(f"finetuning diverged before its first checkpoint: {result['stopped']}")
+            rows = {row["generator"]: row for row in result["rows"]}
+            return {"generator": result["generator"], "steps": result["steps"], "stopped": result["stopped"],
+                    "rows": rows}
+
+        def describe(s: dict[str, Any]) -> str:
+            before, after = s["rows"]["original"], s["rows"]["finetuned"]
+            return (f"{s['steps']} steps; frozen classifier on fresh samples: accuracy {before['acc']:.3f} -> "
+                    f"{after['acc']:.3f}, AP {before['ap']:.3f} -> {after['ap']:.3f}"
+                    + (f" (stopped: {s['stopped']})" if s["stopped"] else ""))
+
+        return self.book.run("finetune", self.out / "finetune", configs.to_dict(tune_cfg),
+                             ["classifier", "generator"], work, describe)
+
+    def retrain(self, finetuned: str) -> dict[str, Any]:
+        study_cfg = configs.resolve(RetrainStudyConfig, {"n": self.cfg.patches}, self.cfg.retrain,
+                                    {"classifier": str(self.classifier), "generator": finetuned,
+                                     "out": str(self.out / "retrain"), "device": self.cfg.device},
+                                    source="demo retrain")
+
+        def work(resume: bool) -> dict[str, Any]:
+            comparison = run_retrain_study(study_cfg, resume=resume)["comparison"]
+            return {"metrics": comparison["metrics"]}
+
+        def describe(s: dict[str, Any]) -> str:
+            old, new = s["metrics"]["old"]["finetuned"], s["metrics"]["new"]["finetuned"]
+            return (f"on finetuned fakes: old classifier AP {old['ap']:.4f} accuracy {old['acc']:.4f}; "
+                    f"retrained AP {new['ap']:.4f} accuracy {new['acc']:.4f}")
+
+        return self.book.run("retrain", self.out / "retrain", configs.to_dict(study_cfg), ["finetune"], work,
+                             describe)
+
+
+def _device(name: str) -> str:
+    import torch
+
+    return ("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name
+
+
+def summary_rows(results: Mapping[str, Any]) -> list[tuple[str, float]]:
+    """The numbers of the paper's story, in its order."""
+    metrics = results["retrain"]["metrics"]
+    rows = [("AP of the patch classifier (original fakes)", results["eval"]["ap"]),
+            ("its accuracy on original fakes + reals", metrics["old"]["original"]["acc"]),
+            ("its accuracy on finetuned fakes + reals", metrics["old"]["finetuned"]["acc"]),
+            ("share of finetuned fakes it still calls fake", metrics["old"]["finetuned"]["acc_fake"]),
+            ("its AP on finetuned fakes", metrics["old"]["finetuned"]["ap"]),
+            ("AP of the retrained classifier (finetuned fakes)", metrics["new"]["finetuned"]["ap"])]
+    rows += [(f"P(fake) along the exaggeration, k = {row['k']:+g}", row["p_fake"])
+             for row in results["exaggerate"]["rows"]]
+    return rows
+
+
+def format_summary(rows: list[tuple[str, float]]) -> str:
+    width = max(len(name) for name, _ in rows)
+    return "\n".join(f"{name:<{width}}  {value:.4f}" for name, value in rows)
 
 
 def run_demo(out: str | Path, quick: bool = False, force: bool = False,
              config_path: str | Path | None = None) -> dict[str, Any]:
-    """Prepare built-in data, train a patch classifier, evaluate it; print and return the summary."""
-    cfg = load_demo_config(config_path)
+    """Run every stage (cached), write the report, print and return the summary."""
+    cfg = load_demo_config(config_path, quick)
     out = Path(out)
     if force and out.exists():
         shutil.rmtree(out)
-    counts = cfg.quick_counts if quick else cfg.counts
-
-    started = time.perf_counter()
-    data_root = out / "data"
-    if not dataset_complete(data_root, counts, cfg.size, cfg.seed):
-        shutil.rmtree(data_root, ignore_errors=True)
-        write_builtin_dataset(data_root, counts, cfg.size, cfg.seed)
-    _stage("data", started, f"{sum(counts.values())} real + {sum(counts.values())} fake crops "
-                            f"of {cfg.size} px in {data_root}")
-
-    started = time.perf_counter()
-    train_options = {**cfg.train, **(cfg.quick_train if quick else {})}
-    train_cfg = configs.resolve(TrainConfig, {"load_size": cfg.size, "crop_size": cfg.size, "seed": cfg.seed},
-                                train_options, {"real": str(data_root / "real"), "fake": str(data_root / "fake"),
-                                                "out": str(out / "classifier")}, source="demo config")
-    summary = fit(train_cfg, resume=True)
-    _stage("train", started, f"{train_cfg.model}: {summary['epochs']} epochs, best val patch accuracy "
-                             f"{summary['best_val_patch_acc']:.4f} at epoch {summary['best_epoch']}")
-
-    started = time.perf_counter()
-    eval_out = out / "eval"
-    result = evaluate(EvalConfig(run=str(out / "classifier"), tests=[f"builtin={data_root / 'real'},"
-                                                                       f"{data_root / 'fake'}"],
-                                 out=str(eval_out), force=True))
-    metrics = result["results"]["builtin"]["after_softmax"]
-    _stage("eval", started, f"AP {metrics['ap']:.4f}, accuracy {metrics['acc']:.4f} on {metrics['n']} test images")
+    demo = Demo(cfg, out)
+    if demo.lpips["lpips_random"]:
+        click.echo(f"note: no {cfg.lpips_net} LPIPS backbone weights found (pass lpips_weights in the demo config "
+                   f"or put them in the torch cache); LPIPS uses a random backbone, so its distances are only "
+                   f"a rough image similarity")
+    results: dict[str, Any] = {"data": demo.data(), "generator": demo.gan()}
+    results["fakes"] = demo.sample()
+    results["classifier"] = demo.train()
+    results["eval"] = demo.evaluate()
+    results["patches"] = demo.patches()
+    results["exaggerate"] = demo.exaggerate()
+    results["finetune"] = demo.finetune()
+    results["retrain"] = demo.retrain(results["finetune"]["generator"])
     page = write_report(out, title="patchscope demo")
-    click.echo(f"\nAP of the patch classifier: {metrics['ap']:.4f}   (results: {eval_out})")
-    click.echo(f"report: {page}")
-    return {"train": summary, "eval": metrics, "out": str(out), "report": str(page)}
+    rows = summary_rows(results)
+    click.echo("\n" + format_summary(rows))
+    click.echo(f"\nreport: {page}")
+    return {**results, "summary": dict(rows), "out": str(out), "report": str(page)}

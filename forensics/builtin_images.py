@@ -81,6 +81,22 @@ def write_builtin_dataset(root: str | Path, counts: dict[str, int], size: int, s
     return root
 
 
+def write_builtin_reals(root: str | Path, counts: dict[str, int], size: int, seed: int = 0) -> Path:
+    """Write only the real crops, `root/<split>/*.png`: the same images as `write_builtin_dataset`'s
+    real half for the same seed (the first n crops of each split's stream), for a generator to fake.
+    Returns `root`; a `dataset.json` records what was written.
+    """
+    root = Path(root)
+    photos = builtin_photos()
+    for offset, split in enumerate(SPLITS):
+        folder = root / split
+        folder.mkdir(parents=True, exist_ok=True)
+        for i, image in enumerate(random_crops(photos, counts.get(split, 0), size, seed=seed * 1000 + offset)):
+            Image.fromarray(image).save(folder / f"{i:05d}.png")
+    write_json(root / "dataset.json", {"photos": sorted(photos), "counts": counts, "size": size, "seed": seed})
+    return root
+
+
 def dataset_complete(root: str | Path, counts: dict[str, int], size: int, seed: int) -> bool:
     marker = Path(root) / "dataset.json"
     if not marker.exists():

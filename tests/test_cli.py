@@ -1,4 +1,4 @@
-"""The command line: help with examples, one-line errors with exit code 2, train -> eval, the demo."""
+"""The command line: help with examples, one-line errors with exit code 2, train -> eval (the demo: analysis/test_demo)."""
 from __future__ import annotations
 
 import json
@@ -97,17 +97,3 @@ def test_train_then_eval_from_the_command_line(builtin_dataset, tmp_path):
                  "--fake", str(builtin_dataset / "fake"), "-n", "4", "--device", "cpu")
     assert result.exit_code == 0, result.output
     assert "flat" in result.stdout and (tmp_path / "run" / "patches" / "patches.json").is_file()
-
-
-@pytest.mark.slow
-def test_quick_demo_runs_end_to_end(tmp_path):
-    result = run("demo", "--out", str(tmp_path / "demo"), "--quick")
-    assert result.exit_code == 0, result.output
-    assert "AP of the patch classifier" in result.stdout
-    metrics = json.loads((tmp_path / "demo" / "eval" / "metrics.json").read_text())
-    ap = metrics["results"]["builtin"]["after_softmax"]["ap"]
-    assert 0.0 <= ap <= 1.0
-    for name in ("data/dataset.json", "classifier/best.safetensors", "eval/pr_curve.png", "report.html"):
-        assert (tmp_path / "demo" / name).is_file(), name
-    again = run("demo", "--out", str(tmp_path / "demo"), "--quick")  # cached stages are reused
-    assert again.exit_code == 0 and "AP of the patch classifier" in again.stdout

@@ -1,0 +1,106 @@
+"""`patchscope demo --quick` end to end: every stage's artifacts, a summary in range, a cached re-run,
+and the bundled generator's provenance."""
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+from click.testing import CliRunner
+
+from analysis.demo import BUNDLED_GENERATOR, DEFAULT_CONFIG, load_demo_config
+from cli import main
+from generators.formats import checkpoint_sha256, load_generator
+
+ARTIFACTS = ("stages.json", "data/real/dataset.json", "data/real/train/00000.png", "fakes/manifest.json",
+             "fakes/test/000000.png", "classifier/best.safetensors", "eval/metrics.json", "eval/pr_curve.png",
+             "eval/heatmaps/builtin/heatmaps.html", "patches/patches.json", "patches/sheet_fake.png",
+             "exaggerate/shift.pt", "exaggerate/metrics.json", "exaggerate/grid.png", "finetune/generator.pt",
+             "finetune/before_after.json", "finetune/grid.png", "retrain/comparison.json", "retrain/comparison.png",
+             "retrain/summary.txt", "report.html")
+STAGES = ("data", "generator", "fakes", "classifier", "eval", "patches", "exaggerate", "finetune", "retrain")
+
+
+def _demo(out):
+    return CliRunner().invoke(main, ["demo", "--out", str(out), "--quick"], catch_exceptions=False)
+
+
+@pytest.fixture(scope="module")
+def quick_demo(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo") / "run"
+    result = _demo(out)
+    assert result.exit_code == 0, result.output
+    return out, result.stdout
+
+
+def _summary(stdout: str) -> dict[str, float]:
+    """The closing table: `name  value` lines between the last stage line and the report path."""
+    rows = {}
+    for line in stdout.split("\n\n")[-2].strip().splitlines():
+        name, value = line.rsplit(maxsplit=1)
+        rows[name.strip()] = float(value)
+    return rows
+
+
+@pytest.mark.slow
+def test_every_stage_leaves_its_artifacts(quick_demo):
+    out, stdout = quick_demo
+    missing = [name for name in ARTIFACTS if not (out / name).is_file()]
+    assert not missing
+    for stage in STAGES:
+        assert f"[{stage:>10}]" in stdout
+    assert f"report: {out / 'report.html'}" in stdout
+
+
+@pytest.mark.slow
+def test_the_summary_numbers_are_finite_probabilities_and_match_the_files(quick_demo):
+    out, stdout = quick_demo
+    rows = _summary(stdout)
+    assert len(rows) == 6 + len(load_demo_config(None, quick=True).exaggerate["ks"])
+    assert all(math.isfinite(v) and 0.0 <= v <= 1.0 for v in rows.values())
+    metrics = json.loads((out / "eval" / "metrics.json").read_text())["results"]["builtin"]["after_softmax"]
+    assert rows["AP of the patch classifier (original fakes)"] == pytest.approx(metrics["ap"], abs=5e-5)
+    comparison = json.loads((out / "retrain" / "comparison.json").read_text())["metrics"]
+    assert rows["AP of the retrained classifier (finetuned fakes)"] == pytest.approx(
+        comparison["new"]["finetuned"]["ap"], abs=5e-5)
+    shift = json.loads((out / "exaggerate" / "metrics.json").read_text())["rows"]
+    assert [r["k"] for r in shift] == load_demo_config(None, quick=True).exaggerate["ks"]
+
+
+@pytest.mark.slow
+def test_the_quick_run_tells_the_papers_story(quick_demo):
+    """Detectable at first, fooled by the finetuned generator, detectable again after retraining, and the
+    learned shift moves P(fake) up in its direction and down against it. (The full run's margins are wider.)"""
+    rows = _summary(quick_demo[1])
+    assert rows["AP of the patch classifier (original fakes)"] >= 0.95
+    assert rows["its accuracy on finetuned fakes + reals"] < rows["its accuracy on original fakes + reals"] - 0.15
+    assert rows["its AP on finetuned fakes"] < rows["AP of the patch classifier (original fakes)"]
+    assert rows["AP of the retrained classifier (finetuned fakes)"] >= 0.9
+    along = [rows[f"P(fake) along the exaggeration, k = {k:+g}"] for k in (-2, 0, 2)]
+    assert along[0] < along[1] < along[2]
+
+
+@pytest.mark.slow
+def test_a_second_run_reuses_every_stage(quick_demo):
+    out, stdout = quick_demo
+    before = {p: p.stat().st_mtime_ns for p in (out / "classifier").iterdir()}
+    again = _demo(out)
+    assert again.exit_code == 0, again.output
+    assert again.stdout.count("(cached)") == len(STAGES)
+    assert _summary(again.stdout) == _summary(stdout)
+    assert {p: p.stat().st_mtime_ns for p in (out / "classifier").iterdir()} == before
+
+
+def test_the_bundled_generator_is_what_its_record_says():
+    record = json.loads(BUNDLED_GENERATOR.with_suffix(".json").read_text())
+    assert record["sha256"] == checkpoint_sha256(BUNDLED_GENERATOR)
+    assert "patchscope train-gan" in record["command"] and "configs/demo_gan.yaml" in record["command"]
+    generator = load_generator(BUNDLED_GENERATOR)
+    assert generator.resolution == load_demo_config(None).size == record["resolution"]
+    assert generator.discriminator is not None  # finetuning needs it
+
+
+def test_the_default_config_is_the_one_in_configs():
+    assert DEFAULT_CONFIG.name == "demo.yaml" and DEFAULT_CONFIG.parent.name == "configs"
+    cfg = load_demo_config(None)
+    assert cfg.generator is None and cfg.train_gan is None  # the bundled PGAN by default

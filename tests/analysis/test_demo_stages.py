@@ -1,0 +1,82 @@
+"""The demo's stage book: finished stages are skipped, unfinished ones resumed, changed ones redone with
+everything downstream of them, and nothing else."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from analysis.demo import DemoConfig, with_quick
+from analysis.demo_stages import BOOK_FILE, StageBook
+
+
+class Calls:
+    def __init__(self) -> None:
+        self.log: list[tuple[str, bool]] = []
+
+    def work(self, name: str, folder):
+        def run(resume: bool) -> dict:
+            self.log.append((name, resume))
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / "result.txt").write_text(name)
+            return {"name": name}
+        return run
+
+
+def _pipeline(out, calls: Calls, a_setting: int, b_setting: int) -> None:
+    book = StageBook(out)
+    book.run("a", out / "a", {"x": a_setting}, [], calls.work("a", out / "a"), lambda s: s["name"])
+    book.run("b", out / "b", {"y": b_setting}, ["a"], calls.work("b", out / "b"), lambda s: s["name"])
+    book.run("c", out / "c", {}, [], calls.work("c", out / "c"), lambda s: s["name"])
+
+
+def test_finished_stages_are_skipped_and_say_so(tmp_path, capsys):
+    calls = Calls()
+    _pipeline(tmp_path, calls, 1, 1)
+    _pipeline(tmp_path, calls, 1, 1)
+    assert calls.log == [("a", False), ("b", False), ("c", False)]
+    assert capsys.readouterr().out.count("(cached)") == 3
+
+
+def test_a_changed_setting_redoes_its_stage_and_those_downstream_only(tmp_path):
+    calls = Calls()
+    _pipeline(tmp_path, calls, 1, 1)
+    (tmp_path / "a" / "stale.txt").write_text("from the old settings")
+    calls.log.clear()
+    _pipeline(tmp_path, calls, 2, 1)
+    assert calls.log == [("a", False), ("b", False)]  # c does not read a
+    assert not (tmp_path / "a" / "stale.txt").exists()  # a redone stage starts from an empty folder
+    calls.log.clear()
+    _pipeline(tmp_path, calls, 2, 3)
+    assert calls.log == [("b", False)]
+
+
+def test_an_interrupted_stage_resumes_in_its_folder(tmp_path):
+    calls = Calls()
+    book = StageBook(tmp_path)
+
+    def interrupted(resume: bool) -> dict:
+        (tmp_path / "a").mkdir()
+        (tmp_path / "a" / "partial.txt").write_text("half done")
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        book.run("a", tmp_path / "a", {"x": 1}, [], interrupted, str)
+    assert json.loads((tmp_path / BOOK_FILE).read_text())["a"]["done"] is False
+    StageBook(tmp_path).run("a", tmp_path / "a", {"x": 1}, [], calls.work("a", tmp_path / "a"), str)
+    assert calls.log == [("a", True)] and (tmp_path / "a" / "partial.txt").exists()
+
+
+def test_an_unreadable_book_only_costs_recomputation(tmp_path):
+    (tmp_path / BOOK_FILE).write_text("{not json")
+    calls = Calls()
+    _pipeline(tmp_path, calls, 1, 1)
+    assert [name for name, _ in calls.log] == ["a", "b", "c"]
+
+
+def test_quick_overrides_merge_mappings_key_by_key():
+    cfg = DemoConfig(train={"model": "xception_block1", "max_epochs": 10}, counts={"train": 10, "test": 5},
+                     quick={"train": {"max_epochs": 2}, "patches": 7})
+    quick = with_quick(cfg)
+    assert quick.train == {"model": "xception_block1", "max_epochs": 2}
+    assert quick.counts == {"train": 10, "test": 5} and quick.patches == 7 and quick.quick == {}
