@@ -22,6 +22,7 @@ from analysis.residual import RetrainStudyConfig, run_retrain_study
 from analysis.shift_grid import ExaggerateConfig, run_exaggerate
 from attacks.perceptual import find_backbone_weights
 from forensics import config as configs
+from forensics.atomic import write_json
 from forensics.builtin_images import builtin_photos, write_builtin_reals
 from forensics.evaluate import EvalConfig, evaluate
 from forensics.train import TrainConfig, fit
@@ -33,6 +34,7 @@ DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
 # A PGAN grown by `patchscope train-gan` on the demo's train crops (the command is in its .json).
 BUNDLED_GENERATOR = Path(__file__).resolve().parent / "demo_assets" / "pgan32_builtin.pt"
 TEST_SET = "builtin"
+SUMMARY_FILE = "demo_summary.json"
 
 
 @dataclass
@@ -129,7 +131,7 @@ class Demo:
                 return {"generator": summary["generator"], "grown": True, "images": summary["images"]}
 
         summary = self.book.run("generator", self.out / "gan", settings, ["data"], work,
-                                lambda s: f"PGAN {'grown here' if s['grown'] else 'from'} {s['generator']}")
+                                lambda s: f"PGAN {'grown in' if s['grown'] else 'from'} {_shown(s['generator'])}")
         self.generator = Path(summary["generator"])
         return summary
 
@@ -242,6 +244,14 @@ class Demo:
                              describe)
 
 
+def _shown(path: str) -> str:
+    """`path` relative to the working directory when it lies below it (shorter output), else as is."""
+    try:
+        return str(Path(path).resolve().relative_to(Path.cwd()))
+    except ValueError:
+        return path
+
+
 def _device(name: str) -> str:
     import torch
 
@@ -275,10 +285,12 @@ def run_demo(out: str | Path, quick: bool = False, force: bool = False,
     if force and out.exists():
         shutil.rmtree(out)
     demo = Demo(cfg, out)
+    notes = []
     if demo.lpips["lpips_random"]:
-        click.echo(f"note: no {cfg.lpips_net} LPIPS backbone weights found (pass lpips_weights in the demo config "
-                   f"or put them in the torch cache); LPIPS uses a random backbone, so its distances are only "
-                   f"a rough image similarity")
+        notes.append(f"No {cfg.lpips_net} LPIPS backbone weights were found (set lpips_weights in the demo config or "
+                     f"put them in the torch cache): LPIPS used a random backbone, so its distances are only a rough "
+                     f"image similarity.")
+        click.echo(f"note: {notes[-1]}")
     results: dict[str, Any] = {"data": demo.data(), "generator": demo.gan()}
     results["fakes"] = demo.sample()
     results["classifier"] = demo.train()
@@ -287,8 +299,11 @@ def run_demo(out: str | Path, quick: bool = False, force: bool = False,
     results["exaggerate"] = demo.exaggerate()
     results["finetune"] = demo.finetune()
     results["retrain"] = demo.retrain(results["finetune"]["generator"])
-    page = write_report(out, title="patchscope demo")
     rows = summary_rows(results)
+    write_json(out / SUMMARY_FILE, {"rows": [{"name": name, "value": value} for name, value in rows],
+                                    "stages": {name: r.get("seconds") for name, r in results.items()},
+                                    "quick": quick, "notes": notes})
+    page = write_report(out, title="patchscope demo")
     click.echo("\n" + format_summary(rows))
     click.echo(f"\nreport: {page}")
     return {**results, "summary": dict(rows), "out": str(out), "report": str(page)}

@@ -1,7 +1,8 @@
 """`patchscope report RUN_DIR`: one self-contained HTML page of everything a run directory holds.
 
 The directory is walked; each folder is recognised by the files the stages write (training log, eval metrics,
-heatmaps, patches, spectra, exaggeration, finetuning, retraining) and becomes a section, in pipeline order.
+heatmaps, patches, spectra, exaggeration, finetuning, retraining, the demo's summary) and becomes a section,
+in pipeline order.
 """
 from __future__ import annotations
 
@@ -14,7 +15,8 @@ from typing import Any, Callable
 from analysis.report_html import escape, page, paragraph
 from analysis.report_sections import (ReportContext, Section, as_mapping, build_eval, build_heatmaps, build_patches,
                                       build_robustness, build_spectra, build_training)
-from analysis.report_studies import build_exaggerate, build_finetune, build_retrain, build_retrain_study
+from analysis.report_studies import (build_demo_summary, build_exaggerate, build_finetune, build_retrain,
+                                     build_retrain_study)
 from forensics.atomic import write_text
 from forensics.errors import InputError
 
@@ -76,6 +78,7 @@ def _has_prefix(prefix: str, *files: str) -> Callable[[Path, set[str], ReportCon
 
 # In pipeline order: the page shows the stages in this order, and each stage's folders from the top down.
 STAGES = (
+    Stage("Demo summary", "demo_summary.json", _has("demo_summary.json"), build_demo_summary),
     Stage("Training", "metrics.jsonl or best.json (training)", _is_training, build_training),
     Stage("Evaluation", "metrics.json with results or pr_curve.png (evaluation)", _is_eval, build_eval),
     Stage("Heatmaps", "heatmaps.json or average_heatmaps.png", _has("heatmaps.json", "average_heatmaps.png"),

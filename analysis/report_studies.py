@@ -109,3 +109,19 @@ def build_retrain(folder: Path, ctx: ReportContext, section: Section) -> None:
                                 ("retrained classifier", data.get("classifier"))]),
                     table(COMPARISON_COLUMNS, _comparison_rows(as_mapping(data.get("metrics")))))
     section.add(ctx.config(section, folder))
+
+
+def build_demo_summary(folder: Path, ctx: ReportContext, section: Section) -> None:
+    section.caption = ("The demo's story in numbers: the patch classifier on the original generator, the same frozen "
+                       "classifier on the finetuned generator, a classifier retrained on the finetuned generator, "
+                       "and P(fake) of samples moved along the learned exaggeration shift.")
+    data = as_mapping(ctx.json(folder / "demo_summary.json", section))
+    rows = [as_mapping(r) for r in data.get("rows") or []]
+    if rows:
+        section.add(key_values([(r.get("name"), r.get("value")) for r in rows]))
+    stages = as_mapping(data.get("stages"))
+    if stages:
+        section.add(heading(3, "Stages"), table([Column("stage", "stage"), Column("seconds", "seconds")],
+                                                [{"stage": k, "seconds": v} for k, v in stages.items()]))
+    for note in data.get("notes") or []:
+        section.notes.append(str(note))

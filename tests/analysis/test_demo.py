@@ -4,20 +4,22 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
 
-from analysis.demo import BUNDLED_GENERATOR, DEFAULT_CONFIG, load_demo_config
+from analysis.demo import BUNDLED_GENERATOR, DEFAULT_CONFIG, Demo, DemoConfig, load_demo_config
 from cli import main
 from generators.formats import checkpoint_sha256, load_generator
+from tests.browser import chromium_or_skip, console_lines, image_states, render
 
 ARTIFACTS = ("stages.json", "data/real/dataset.json", "data/real/train/00000.png", "fakes/manifest.json",
              "fakes/test/000000.png", "classifier/best.safetensors", "eval/metrics.json", "eval/pr_curve.png",
              "eval/heatmaps/builtin/heatmaps.html", "patches/patches.json", "patches/sheet_fake.png",
              "exaggerate/shift.pt", "exaggerate/metrics.json", "exaggerate/grid.png", "finetune/generator.pt",
              "finetune/before_after.json", "finetune/grid.png", "retrain/comparison.json", "retrain/comparison.png",
-             "retrain/summary.txt", "report.html")
+             "retrain/summary.txt", "demo_summary.json", "report.html")
 STAGES = ("data", "generator", "fakes", "classifier", "eval", "patches", "exaggerate", "finetune", "retrain")
 
 
@@ -104,3 +106,33 @@ def test_the_default_config_is_the_one_in_configs():
     assert DEFAULT_CONFIG.name == "demo.yaml" and DEFAULT_CONFIG.parent.name == "configs"
     cfg = load_demo_config(None)
     assert cfg.generator is None and cfg.train_gan is None  # the bundled PGAN by default
+
+
+@pytest.mark.slow
+def test_the_report_opens_in_a_browser_with_the_summary_first(quick_demo, tmp_path):
+    out, _ = quick_demo
+    report = out / "report.html"
+    page = report.read_text()
+    assert page.index("<h2>Demo summary</h2>") < page.index("<h2>Training: classifier</h2>")
+    for title in ("Exaggeration: exaggerate", "Finetuning: finetune", "Retrain study: retrain",
+                  "Most predictive patches: patches", "Heatmaps: eval/heatmaps/builtin"):
+        assert f"<h2>{title}</h2>" in page
+    chromium = chromium_or_skip()
+    shown = render(chromium, report, tmp_path, f"--screenshot={tmp_path / 'shot.png'}", "--window-size=1280,1600")
+    assert shown.returncode == 0 and console_lines(shown) == []
+    assert image_states(chromium, report, tmp_path) == {"images": page.count("<img "), "broken": []}
+
+
+def test_the_generator_can_be_grown_in_the_demo_folder_and_is_then_cached(tmp_path, capsys):
+    cfg = DemoConfig(counts={"train": 32, "val": 0, "test": 0}, size=8,
+                     train_gan={"scale_images": 16, "fade_images": 8, "batch_size": 8, "latent_dim": 16,
+                                "snapshot_images": 0, "log_images": 16, "device": "cpu"})
+    demo = Demo(cfg, tmp_path)
+    demo.data()
+    grown = demo.gan()
+    assert grown["grown"] and load_generator(grown["generator"]).resolution == 8
+    assert Path(grown["generator"]).parent == tmp_path / "gan"
+    again = Demo(cfg, tmp_path)
+    again.data()
+    assert again.gan() == grown and str(again.generator) == grown["generator"]
+    assert capsys.readouterr().out.count("(cached)") == 2

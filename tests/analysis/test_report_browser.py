@@ -1,20 +1,10 @@
 """The run report in a real browser: headless Chromium renders it without a console message, decodes every
-embedded image, and its screenshot shows content, not one flat colour.
-
-Console check: Chromium started with `--enable-logging=stderr --v=0` writes every console message of the page
-(script errors, CSP or mixed-content complaints, console.* calls) to stderr as a `...:CONSOLE...` line; the report
-ships no script, so any such line is a fault. A control test proves the scan sees a deliberate script error.
-Images are checked in the browser itself: a copy of the page with a small probe script, dumped with --dump-dom
-after loading, lists every <img> that did not decode.
+embedded image, and its screenshot shows content, not one flat colour (helpers and method: tests/browser.py).
+A control test proves the console scan sees a deliberate script error.
 """
 from __future__ import annotations
 
-import html
 import json
-import os
-import re
-import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -28,68 +18,14 @@ from forensics.atomic import write_text
 from forensics.checkpoint import save_classifier
 from forensics.evaluate import EvalConfig, evaluate
 from forensics.models import build_model
+from tests.browser import chromium_or_skip, console_lines, image_states, render
 
-CHROMIUM = ("chromium", "chromium-browser")  # Debian's package installs /usr/bin/chromium
-INSTALL_TIMEOUT = 1200  # s, apt-get update + install on a slow mirror
-RUN_TIMEOUT = 180       # s, one headless render
-CONSOLE_LINE = re.compile(r":CONSOLE[:(]")
 MIN_COLOURS = 1000      # this page renders ~3000 (plots, photos); a page with one heading ~120
-PROBE = """<script>
-window.addEventListener("load", () => {
-  const broken = [...document.images].filter((img) => !(img.complete && img.naturalWidth > 0)).map((img) => img.alt);
-  const out = document.createElement("pre");
-  out.id = "probe";
-  out.textContent = JSON.stringify({images: document.images.length, broken: broken});
-  document.body.appendChild(out);
-});
-</script>"""
-
-
-def _install_chromium() -> str:
-    """Install Debian's chromium when this process may; the reason it could not, else ""."""
-    if not hasattr(os, "geteuid") or os.geteuid() != 0:
-        return "not running as root, so `apt-get install chromium` is not possible"
-    if shutil.which("apt-get") is None:
-        return "no apt-get on this machine"
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    for command in (["apt-get", "update", "-qq"], ["apt-get", "install", "-y", "-qq", "chromium"]):
-        try:
-            result = subprocess.run(command, capture_output=True, text=True, timeout=INSTALL_TIMEOUT, env=env,
-                                    check=False)
-        except subprocess.TimeoutExpired:
-            return f"`{' '.join(command)}` took longer than {INSTALL_TIMEOUT} s"
-        if result.returncode != 0:
-            last = (result.stderr.strip() or result.stdout.strip() or "no output").splitlines()[-1]
-            return f"`{' '.join(command)}` failed: {last}"
-    return ""
-
-
-def _find_chromium() -> str | None:
-    return next((path for path in map(shutil.which, CHROMIUM) if path), None)
 
 
 @pytest.fixture(scope="session")
 def chromium() -> str:
-    binary = _find_chromium()
-    if binary is None:
-        reason = _install_chromium()
-        binary = _find_chromium()
-        if binary is None:
-            pytest.skip(f"headless Chromium is not installed and could not be: {reason or 'not found after install'}")
-    return binary
-
-
-def render(chromium: str, page: Path, work: Path, *options: str) -> subprocess.CompletedProcess:
-    """One headless Chromium run over `page` (its own profile folder; root needs --no-sandbox)."""
-    command = [chromium, "--headless", "--disable-gpu", "--no-sandbox", "--disable-dev-shm-usage",
-               "--hide-scrollbars", "--no-first-run", "--no-default-browser-check",
-               f"--user-data-dir={work / 'profile'}", "--enable-logging=stderr", "--v=0", *options, page.as_uri()]
-    return subprocess.run(command, capture_output=True, text=True, timeout=RUN_TIMEOUT, check=False)
-
-
-def console_lines(result: subprocess.CompletedProcess) -> list[str]:
-    return [line for line in result.stderr.splitlines() if CONSOLE_LINE.search(line)]
-
+    return chromium_or_skip()
 
 
 @pytest.fixture(scope="module")
@@ -122,15 +58,8 @@ def test_the_page_renders_without_console_messages_and_shows_content(chromium, r
 
 
 def test_every_embedded_image_decodes_in_the_browser(chromium, report, tmp_path) -> None:
-    page = report.read_text()
-    probe = tmp_path / "probe.html"
-    probe.write_text(page.replace("</body>", PROBE + "</body>"))
-    result = render(chromium, probe, tmp_path, "--dump-dom", "--virtual-time-budget=5000")
-    assert result.returncode == 0, result.stderr[-2000:]
-    found = re.search(r'<pre id="probe">(.*?)</pre>', result.stdout, re.S)
-    assert found, "the probe did not run: the page never finished loading"
-    state = json.loads(html.unescape(found.group(1)))
-    assert state == {"images": page.count("<img "), "broken": []} and state["images"] >= 8
+    state = image_states(chromium, report, tmp_path)
+    assert state == {"images": report.read_text().count("<img "), "broken": []} and state["images"] >= 8
 
 
 def test_the_console_check_sees_a_script_error(chromium, tmp_path) -> None:
