@@ -57,20 +57,32 @@ class DemoConfig:
     quick: dict[str, Any] = field(default_factory=dict)       # overrides for --quick (mappings merge)
 
 
-def load_demo_config(path: str | Path | None, quick: bool = False) -> DemoConfig:
-    if path is None:
-        path = DEFAULT_CONFIG if DEFAULT_CONFIG.exists() else None
-    cfg = configs.resolve(DemoConfig, configs.read_yaml(path) if path else {}, source=str(path))
+def load_demo_config(path: str | Path | None = None, quick: bool = False) -> DemoConfig:
+    """configs/demo.yaml, updated by the file at `path` (mappings key by key), then by its `quick` overrides."""
+    layers = [configs.read_yaml(DEFAULT_CONFIG)] if DEFAULT_CONFIG.is_file() else []
+    if path is not None:
+        layers.append(configs.read_yaml(path))
+    merged: dict[str, Any] = {}
+    for layer in layers:
+        merged = _merged(merged, layer)
+    cfg = configs.resolve(DemoConfig, merged, source=str(path or DEFAULT_CONFIG))
     return with_quick(cfg) if quick else cfg
+
+
+def _merged(base: Mapping[str, Any], changes: Mapping[str, Any]) -> dict[str, Any]:
+    """`base` updated by `changes`; where both hold a mapping, the mapping is updated key by key."""
+    out = dict(base)
+    for key, value in changes.items():
+        key = key.replace("-", "_")
+        current = out.get(key)
+        out[key] = {**current, **value} if isinstance(current, dict) and isinstance(value, dict) else value
+    return out
 
 
 def with_quick(cfg: DemoConfig) -> DemoConfig:
     """`cfg` with its `quick` overrides applied; a mapping setting is updated key by key, not replaced."""
-    changes = {}
-    for key, value in cfg.quick.items():
-        current = getattr(cfg, key.replace("-", "_"), None)
-        changes[key] = {**current, **value} if isinstance(current, dict) and isinstance(value, dict) else value
-    return configs.resolve(DemoConfig, configs.to_dict(replace(cfg, quick={})), changes, source="demo quick")
+    settings = _merged(configs.to_dict(replace(cfg, quick={})), cfg.quick)
+    return configs.resolve(DemoConfig, settings, source="demo quick")
 
 
 def _lpips_settings(cfg: DemoConfig) -> dict[str, Any]:

@@ -14,7 +14,8 @@ from cli.common import user_errors
 @click.option("--out", default="runs/demo", show_default=True, help="Where the demo writes everything.")
 @click.option("--quick", is_flag=True, help="The small run the tests use (under a minute on 2 CPU cores).")
 @click.option("--force", is_flag=True, help="Redo every stage instead of reusing cached results.")
-@click.option("--config", type=click.Path(dir_okay=False), help="Demo settings.  [default: configs/demo.yaml]")
+@click.option("--config", type=click.Path(dir_okay=False),
+              help="YAML settings over configs/demo.yaml (mappings such as train: merge key by key).")
 @user_errors
 def demo(out: str, quick: bool, force: bool, config: str | None) -> None:
     """Run the paper's whole story on photographs bundled with scikit-image and scikit-learn.

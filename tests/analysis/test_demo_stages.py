@@ -6,7 +6,8 @@ import json
 
 import pytest
 
-from analysis.demo import DemoConfig, with_quick
+from analysis.demo import DemoConfig, load_demo_config, with_quick
+from forensics.errors import InputError
 from analysis.demo_stages import BOOK_FILE, StageBook
 
 
@@ -80,3 +81,18 @@ def test_quick_overrides_merge_mappings_key_by_key():
     quick = with_quick(cfg)
     assert quick.train == {"model": "xception_block1", "max_epochs": 2}
     assert quick.counts == {"train": 10, "test": 5} and quick.patches == 7 and quick.quick == {}
+
+
+def test_a_user_config_updates_the_default_one_key_by_key(tmp_path):
+    (tmp_path / "mine.yaml").write_text("train: {max_epochs: 3}\nfinetune: {steps: 7}\nquick: {finetune: {steps: 2}}\n")
+    default, mine = load_demo_config(), load_demo_config(tmp_path / "mine.yaml")
+    assert mine.train == {**default.train, "max_epochs": 3}
+    assert mine.finetune == {**default.finetune, "steps": 7} and mine.exaggerate == default.exaggerate
+    quick = load_demo_config(tmp_path / "mine.yaml", quick=True)
+    assert quick.finetune["steps"] == 2 and quick.counts == default.quick["counts"]
+
+
+def test_an_unknown_setting_is_an_input_error(tmp_path):
+    (tmp_path / "bad.yaml").write_text("epochs: 3\n")
+    with pytest.raises(InputError, match="epochs"):
+        load_demo_config(tmp_path / "bad.yaml")
