@@ -1,6 +1,8 @@
-"""Attack step times with random weights: seconds per optimisation step, one function per workload.
+"""Attack step times: seconds per optimisation step, one function per workload; random weights except the
+demo's bundled PGAN.
 
-Run: `python benchmarks/bench_attacks.py [--device cuda] [--workloads exaggerate,finetune] [--sizes small,256,1024]`.
+Run: `python benchmarks/bench_attacks.py [--device cuda] [--workloads exaggerate,finetune]
+[--sizes demo,small,256,1024]`.
 Prints one table row per (workload, size, precision); nothing here is asserted.
 """
 from __future__ import annotations
@@ -18,6 +20,8 @@ from attacks.perceptual import load_lpips
 from attacks.shift import ClassifierInput, ShiftExaggeration
 from forensics.device import configure_backends, resolve_device
 from forensics.models import build_model
+from analysis.demo import BUNDLED_GENERATOR
+from generators.formats import load_generator
 from generators.pgan import build_pgan_zoo
 
 
@@ -28,15 +32,26 @@ class Setting:
     generator_px: int
     classifier: str
     classifier_px: int  # the classifier's input size: generator output is resized to it
+    bundled: bool = False  # the demo's own small PGAN (64 channels at most) instead of the zoo's widths
 
 
-# small: the embedded demo's scale (32 px, xception_block1 at 32 px). 256 and 1024: the published
+# demo: the demo's bundled PGAN and classifier. small: the same scale (32 px, xception_block1 at 32 px) with the
+# zoo's celebA-HQ channel widths (512) and latent size. 256 and 1024: the published
 # pytorch_GAN_zoo and official PGAN celebA-HQ sizes, judged at 299 px as the public code trains.
 SETTINGS = {
+    "demo": Setting(32, "xception_block1", 32, bundled=True),
     "small": Setting(32, "xception_block1", 32),
     "256": Setting(256, "xception_block2", 299),
     "1024": Setting(1024, "xception_block2", 299),
 }
+
+
+def _pgan(setting: Setting) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """(generator, discriminator): random weights at the zoo's widths, or the demo's trained PGAN."""
+    if setting.bundled:
+        generator = load_generator(BUNDLED_GENERATOR)
+        return generator, generator.discriminator
+    return build_pgan_zoo(setting.generator_px)
 
 
 def _sync(device: torch.device) -> None:
@@ -56,7 +71,7 @@ def bench_exaggerate(setting: Setting, batch: int, precision: str, device: torch
     """Seconds per exaggerate step: G(z) and G(z − w), the classifier at its input size, LPIPS
     (alex), the backward pass to w and Adam — `ShiftExaggeration.fit` itself, set-up excluded."""
     torch.manual_seed(0)
-    generator, _ = build_pgan_zoo(setting.generator_px)
+    generator, _ = _pgan(setting)
     classifier = build_model(setting.classifier, seed=0)
     lpips = load_lpips("alex", device=device, allow_random=True)  # random weights time like real ones
     attack = ShiftExaggeration(generator.eval(), classifier, lpips, lam=1.0,
@@ -76,7 +91,7 @@ def bench_finetune(setting: Setting, batch: int, precision: str, device: torch.d
     generator step with the GAN loss and the classifier's loss at its input size, and the average update —
     `GeneratorFinetuner.run` itself without logging or checkpoint files, set-up excluded."""
     torch.manual_seed(0)
-    generator, discriminator = build_pgan_zoo(setting.generator_px)
+    generator, discriminator = _pgan(setting)
     generator.discriminator = discriminator
     classifier = build_model(setting.classifier, seed=0)
     side = setting.generator_px
@@ -102,8 +117,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="auto")
     parser.add_argument("--workloads", default=",".join(WORKLOADS))
-    parser.add_argument("--sizes", default="small,256", help=f"of {', '.join(SETTINGS)}")
-    parser.add_argument("--batch", type=int, default=None, help="[default: 16 on CUDA; on CPU 8 small, 2 larger]")
+    parser.add_argument("--sizes", default="demo,small,256", help=f"of {', '.join(SETTINGS)}")
+    parser.add_argument("--batch", type=int, default=None,
+                        help="[default: 16 on CUDA and for demo; on CPU 8 small, 2 larger]")
     parser.add_argument("--precisions", default="fp32,bf16")
     parser.add_argument("--iters", type=int, default=3)
     args = parser.parse_args()
@@ -116,7 +132,7 @@ def main() -> None:
     for workload in args.workloads.split(","):
         for size in args.sizes.split(","):
             setting = SETTINGS[size]
-            batch = args.batch or (16 if device.type == "cuda" else 8 if size == "small" else 2)
+            batch = args.batch or (16 if device.type == "cuda" or size == "demo" else 8 if size == "small" else 2)
             for precision in args.precisions.split(","):
                 seconds = WORKLOADS[workload](setting, batch, precision, device, args.iters)
                 print(f"{workload:<11} {size:>5} {setting.generator_px:>5} {setting.classifier:<16} "
