@@ -1,5 +1,6 @@
 """Files of a finetuning run: the generator in its own checkpoint format (zoo `.pt` for PGAN, rosinality
-`.pt` for StyleGAN2, discriminator included), the resume state, and the metrics log. Used by attacks.finetune.
+`.pt` for StyleGAN2, the TF variables of an official TF PGAN; discriminator included), the resume state, and
+the metrics log. Used by attacks.finetune.
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from forensics.checkpoint import load_resume_state, save_resume_state
 from forensics.errors import InputError
 from generators.base import Generator
 from generators.pgan import PGANZooDiscriminator, PGANZooGenerator, save_pgan_zoo
+from generators.pgan_tf import PGANTFDiscriminator, PGANTFGenerator, save_pgan_tf
 from generators.stylegan2 import StyleGAN2Discriminator, StyleGAN2Generator
 
 GENERATOR_FILE = "generator.pt"
@@ -23,8 +25,10 @@ RESUME_FILE = "resume.pt"
 METRICS_FILE = "metrics.jsonl"
 RESUME_KIND = "patchscope-finetune-resume"
 # Formats a finetuned generator is written in: pytorch_GAN_zoo for PGAN; rosinality for StyleGAN2,
-# whichever file it came from (NVlabs pickles map one to one onto it and cannot be written without code).
-WRITTEN_FORMATS = {PGANZooGenerator: "pgan_zoo", StyleGAN2Generator: "sg2_rosinality"}
+# whichever file it came from (NVlabs pickles map one to one onto it and cannot be written without code);
+# an official TF PGAN as its TF variables (`generators.pgan_tf.save_pgan_tf`), since a TF pickle carries code.
+WRITTEN_FORMATS = {PGANZooGenerator: "pgan_zoo", StyleGAN2Generator: "sg2_rosinality",
+                   PGANTFGenerator: "pgan_tf_torch"}
 
 
 def written_format(generator: Generator) -> str:
@@ -32,7 +36,8 @@ def written_format(generator: Generator) -> str:
     for cls, name in WRITTEN_FORMATS.items():
         if isinstance(generator, cls):
             return name
-    raise InputError(f"finetuning writes pytorch_GAN_zoo PGAN and StyleGAN2 (rosinality) checkpoints; "
+    raise InputError(f"finetuning writes pytorch_GAN_zoo PGAN, official TF PGAN and StyleGAN2 (rosinality) "
+                     f"checkpoints; "
                      f"a {type(generator).__name__} ({generator.format}) cannot be saved in its own format")
 
 
@@ -51,6 +56,10 @@ def save_generator_checkpoint(path: str | os.PathLike, average: Generator, train
         if not isinstance(discriminator, PGANZooDiscriminator):
             raise ValueError(f"a zoo checkpoint needs a PGANZooDiscriminator, not {type(discriminator).__name__}")
         return save_pgan_zoo(average, path, net_generator=trained, discriminator=discriminator)
+    if fmt == "pgan_tf_torch":
+        if not isinstance(discriminator, PGANTFDiscriminator):
+            raise ValueError(f"a TF PGAN file needs a PGANTFDiscriminator, not {type(discriminator).__name__}")
+        return save_pgan_tf(average, path, net_generator=trained, discriminator=discriminator)
     if not isinstance(discriminator, StyleGAN2Discriminator):
         raise ValueError(f"a rosinality checkpoint needs a StyleGAN2Discriminator, not {type(discriminator).__name__}")
     state = {"g": _tensors(trained), "d": _tensors(discriminator), "g_ema": _tensors(average),

@@ -36,6 +36,8 @@ FORMATS: dict[str, Format] = {f.name: f for f in (
            "pytorch_GAN_zoo PGAN .pt {config, netG, netD, avgG}"),
     Format("pgan_tf", ("generators.pgan_tf", "generators.pgan"), "load_pgan_tf",
            "official TF PGAN pickle (G, D, Gs)"),
+    Format("pgan_tf_torch", ("generators.pgan_tf",), "load_pgan_tf_torch",
+           "a TF PGAN finetuned by patchscope: .pt {format, G, D, Gs} of TF variables"),
     Format("stylegan_tf", ("generators.stylegan", "generators.stylegan_tf"), "load_stylegan_tf",
            "official TF StyleGAN pickle (G, D, Gs)"),
     Format("sg2_rosinality", ("generators.stylegan2",), "load_rosinality", "rosinality StyleGAN2 .pt with g_ema"),
@@ -66,6 +68,8 @@ def _glow_state(obj: Any) -> Mapping[str, Any] | None:
 def detect_format(obj: Any) -> str | None:
     """The `FORMATS` name of a safely loaded checkpoint object, or None when it is none of them."""
     if isinstance(obj, Mapping):
+        if obj.get("format") == "patchscope_pgan_tf":
+            return "pgan_tf_torch"
         net_g = obj.get("netG")
         if {"netG", "netD"} <= set(obj) and isinstance(net_g, Mapping) and "formatLayer.module.weight" in net_g:
             return "pgan_zoo"

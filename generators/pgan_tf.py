@@ -7,6 +7,9 @@ from __future__ import annotations
 
 import functools
 import math
+import os
+from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -14,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from generators.atomic import replace_atomically
 from generators.base import Generator
 from generators.errors import CheckpointError
 from generators.pgan import pixel_norm, upscale_nearest
@@ -33,8 +37,9 @@ class TFLayer(nn.Module):
     """
 
     def __init__(self, weight: np.ndarray, bias: np.ndarray, kind: str, gain: float = SQRT2,
-                 use_wscale: bool = True) -> None:
+                 use_wscale: bool = True, scope: str = "") -> None:
         super().__init__()
+        self.scope = scope  # the TF variable scope, e.g. "8x8/Conv0": how the layer is written back
         weight_t = torch.from_numpy(np.ascontiguousarray(weight, dtype=np.float32))
         if kind in ("dense", "dense_4x4"):  # TF [in, out] -> [out, in]
             fan_in = weight.shape[0]
@@ -49,6 +54,12 @@ class TFLayer(nn.Module):
         self.scale = gain / math.sqrt(fan_in) if use_wscale else 1.0
         self.weight = nn.Parameter(weight_t.contiguous())
         self.bias = nn.Parameter(torch.from_numpy(np.asarray(bias, dtype=np.float32)).clone())
+
+    def tf_weight(self) -> np.ndarray:
+        """The weight in TF layout again: dense [in, out], conv [kh, kw, in, out], conv_up [kh, kw, out, in]."""
+        weight = self.weight.detach().float().cpu()
+        weight = weight.t() if self.kind in ("dense", "dense_4x4") else weight.permute(2, 3, 1, 0)
+        return weight.contiguous().numpy()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.weight * self.scale
@@ -82,22 +93,40 @@ def _lerp_clip(a: torch.Tensor, b: torch.Tensor, t: float) -> torch.Tensor:
 
 
 class _Variables:
-    """The `[(name, ndarray)]` list of a TF network record, looked up by name."""
+    """The variables of a TF network, looked up by name: from a pickled record's `[(name, ndarray)]`
+    list, or (`from_arrays`) from the name -> array mapping patchscope writes."""
 
-    def __init__(self, record: PickledRecord, role: str) -> None:
+    def __init__(self, record: PickledRecord | None, role: str) -> None:
         self.role = role
+        self.arrays: dict[str, np.ndarray] = {}
+        self.kwargs: dict[str, Any] = {}
+        if record is None:
+            return
         try:
             self.arrays = {str(k): np.asarray(v) for k, v in record.attr("variables", [])}
         except (TypeError, ValueError) as error:
             raise CheckpointError(f"network {role} has unreadable variables ({error})") from error
         self.kwargs = dict(record.attr("static_kwargs", {}) or {})
 
+    @classmethod
+    def from_arrays(cls, arrays: Any, kwargs: Any, role: str) -> _Variables:
+        if not isinstance(arrays, Mapping) or not isinstance(kwargs, Mapping):
+            raise CheckpointError(f"network {role}: expected a mapping of variables and one of static_kwargs")
+        variables = cls(None, role)
+        try:
+            variables.arrays = {str(k): np.asarray(v.numpy() if isinstance(v, torch.Tensor) else v)
+                                for k, v in arrays.items()}
+        except (TypeError, ValueError, RuntimeError) as error:
+            raise CheckpointError(f"network {role} has unreadable variables ({error})") from error
+        variables.kwargs = dict(kwargs)
+        return variables
+
     def layer(self, scope: str, kind: str, gain: float = SQRT2) -> TFLayer:
         try:
             weight, bias = self.arrays[f"{scope}/weight"], self.arrays[f"{scope}/bias"]
         except KeyError as error:
             raise CheckpointError(f"network {self.role} lacks TF PGAN variable {error}") from error
-        return TFLayer(weight, bias, kind, gain, bool(self.kwargs.get("use_wscale", True)))
+        return TFLayer(weight, bias, kind, gain, bool(self.kwargs.get("use_wscale", True)), scope)
 
     def lod(self) -> float:
         return float(self.arrays.get("lod", 0.0))
@@ -125,6 +154,7 @@ class PGANTFGenerator(Generator):
         kwargs = variables.kwargs
         if int(kwargs.get("label_size", 0)):
             raise CheckpointError("conditional TF PGAN networks (label_size > 0) are not supported")
+        self.static_kwargs, self.lod = dict(kwargs), variables.lod()  # written back by save_pgan_tf
         self.resolution_log2 = _resolution_log2(variables)
         self.resolution = 2 ** self.resolution_log2
         # The variable names tell fused from separate up-scaling, whatever static_kwargs say.
@@ -172,6 +202,7 @@ class PGANTFDiscriminator(nn.Module):
     def __init__(self, variables: _Variables) -> None:
         super().__init__()
         kwargs = variables.kwargs
+        self.static_kwargs, self.lod = dict(kwargs), variables.lod()  # written back by save_pgan_tf
         self.resolution_log2 = _resolution_log2(variables)
         self.resolution = 2 ** self.resolution_log2
         self.fused_scale = f"{self.resolution}x{self.resolution}/Conv1_down/weight" in variables.arrays
@@ -221,6 +252,18 @@ def _network_records(pickled: Any) -> tuple[PickledRecord, PickledRecord, Pickle
     return pickled
 
 
+def _assemble(g_variables: _Variables, d_variables: _Variables, alpha: float | None) -> PGANTFGenerator:
+    try:
+        generator = PGANTFGenerator(g_variables)
+        generator.discriminator = PGANTFDiscriminator(d_variables)
+    except (TypeError, ValueError, IndexError, AttributeError) as error:  # arrays of the wrong kind or rank
+        raise CheckpointError(f"TF PGAN variables have unexpected types or shapes ({error})") from error
+    if alpha is not None:
+        generator.alpha = generator.discriminator.alpha = float(alpha)
+    generator.eval()
+    return generator
+
+
 def load_pgan_tf(pickled: Any, use_avg: bool = True, alpha: float | None = None,
                  **opts: Any) -> PGANTFGenerator:
     """Rebuild Gs (`use_avg`, what the paper sampled) or G from the `(G, D, Gs)` pickle, with
@@ -229,13 +272,47 @@ def load_pgan_tf(pickled: Any, use_avg: bool = True, alpha: float | None = None,
         raise ValueError(f"option(s) {sorted(opts)} do not apply to TF PGAN pickles")
     g_record, d_record, gs_record = _network_records(pickled)
     chosen = gs_record if use_avg else g_record
-    try:
-        generator = PGANTFGenerator(_Variables(chosen, chosen.attr("name", "Gs" if use_avg else "G")))
-        generator.discriminator = PGANTFDiscriminator(_Variables(d_record, d_record.attr("name", "D")))
-    except (TypeError, ValueError, IndexError, AttributeError) as error:  # arrays of the wrong kind or rank
-        raise CheckpointError(f"TF PGAN variables have unexpected types or shapes ({error})") from error
-    if alpha is not None:
-        generator.alpha = generator.discriminator.alpha = float(alpha)
-    generator.eval()
-    return generator
+    return _assemble(_Variables(chosen, chosen.attr("name", "Gs" if use_avg else "G")),
+                     _Variables(d_record, d_record.attr("name", "D")), alpha)
 
+
+# patchscope's file for a TF PGAN it has trained further (finetuning): the networks' TF variables, in TF
+# layout and under TF names, with their static_kwargs — the pickle's content without its code or TF objects.
+TF_TORCH_FORMAT = "patchscope_pgan_tf"
+TF_NETWORKS = ("G", "D", "Gs")
+
+
+def tf_variables(network: nn.Module) -> dict[str, torch.Tensor]:
+    """Every TF variable of a rebuilt G_paper or D_paper (an attached discriminator left out)."""
+    variables = {"lod": torch.tensor(float(network.lod))}
+    for name, layer in network.named_modules():
+        if isinstance(layer, TFLayer) and not name.startswith("discriminator."):
+            variables[f"{layer.scope}/weight"] = torch.from_numpy(layer.tf_weight())
+            variables[f"{layer.scope}/bias"] = layer.bias.detach().float().cpu().clone()
+    return variables
+
+
+def save_pgan_tf(average: PGANTFGenerator, path: str | os.PathLike, *, net_generator: PGANTFGenerator,
+                 discriminator: PGANTFDiscriminator) -> Path:
+    """Write `average` as Gs, `net_generator` as G and `discriminator` as D (a torch file of tensors,
+    read back by `load_generator` like the pickle they came from); atomically."""
+    state = {"format": TF_TORCH_FORMAT, "version": 1}
+    for role, network in zip(TF_NETWORKS, (net_generator, discriminator, average)):
+        state[role] = {"variables": tf_variables(network), "static_kwargs": dict(network.static_kwargs)}
+    path = Path(path)
+    replace_atomically(path, lambda file: torch.save(state, file))
+    return path
+
+
+def load_pgan_tf_torch(state: Mapping[str, Any], use_avg: bool = True, alpha: float | None = None,
+                       **opts: Any) -> PGANTFGenerator:
+    """`load_pgan_tf` for the file `save_pgan_tf` writes."""
+    if opts:
+        raise ValueError(f"option(s) {sorted(opts)} do not apply to TF PGAN networks")
+    missing = [role for role in TF_NETWORKS if not isinstance(state.get(role), Mapping)]
+    if missing:
+        raise CheckpointError(f"a {TF_TORCH_FORMAT} file lacks the network(s) {', '.join(missing)}")
+    role = "Gs" if use_avg else "G"
+    networks = {r: _Variables.from_arrays(state[r].get("variables"), state[r].get("static_kwargs"), r)
+                for r in (role, "D")}
+    return _assemble(networks[role], networks["D"], alpha)

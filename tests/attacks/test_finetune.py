@@ -15,6 +15,7 @@ from attacks.finetune import GeneratorFinetuner
 from attacks.finetune_eval import FINETUNED, ORIGINAL
 from attacks.gan_objectives import LogisticR1, WassersteinGP, objective_for
 from attacks.real_batches import RealImages
+from forensics.builtin_images import builtin_photos, random_crops
 from forensics.errors import InputError
 from generators import load_generator
 from generators.glow import Glow, GlowConfig, GlowGenerator
@@ -23,6 +24,8 @@ from generators.stylegan2 import StyleGAN2Config, StyleGAN2Discriminator, StyleG
 from tests.attacks.test_shift import brightness_classifier, tiny_pgan
 
 RESOLUTION = 16
+TF_PGAN = Path(__file__).resolve().parents[2].parent / "shared" / "fixtures" / "generators" / "pgan_tf" / \
+    "pgan_tf_tiny32_fused_nosrc.pkl"
 HELD_OUT = 123
 # The detector: P(fake) = sigmoid(SLOPE · (brightness − THRESHOLD)) per patch. The tiny PGAN's samples
 # average about −0.06 and the real crops about −0.2, so it calls most samples fake and many crops real.
@@ -230,6 +233,22 @@ def test_stylegan2_finetunes_with_logistic_r1_and_saves_the_rosinality_layout(re
     assert reloaded.format == "sg2_rosinality"
     assert torch.equal(images(reloaded), images(result.generator))
     assert torch.equal(reloaded.w_avg, result.generator.w_avg) and bool(result.generator.w_avg.abs().sum() > 0)
+    for key, value in result.discriminator.state_dict().items():
+        assert torch.equal(reloaded.discriminator.state_dict()[key], value), key
+
+
+@pytest.mark.skipif(not TF_PGAN.is_file(), reason=f"TF PGAN fixture not found at {TF_PGAN}")
+def test_an_official_tf_pgan_finetunes_with_wgan_gp_and_is_written_as_its_tf_variables(tmp_path: Path) -> None:
+    generator = load_generator(TF_PGAN)
+    reals = torch.from_numpy(np.stack(random_crops(builtin_photos(), 16, generator.resolution, seed=1)))
+    attack = finetuner(reals.permute(0, 3, 1, 2).contiguous(), generator=generator)
+    result = attack.run(2, batch=4, out=tmp_path, progress=False)
+    assert result.settings["objective"] == "wgan-gp" and result.settings["format"] == "pgan_tf_torch"
+    reloaded = load_generator(result.checkpoint)
+    assert reloaded.format == "pgan_tf_torch"
+    assert torch.equal(images(reloaded), images(result.generator))
+    assert torch.equal(images(load_generator(result.checkpoint, use_avg=False)), images(result.trained))
+    assert not torch.equal(images(reloaded), images(load_generator(TF_PGAN)))  # it did train
     for key, value in result.discriminator.state_dict().items():
         assert torch.equal(reloaded.discriminator.state_dict()[key], value), key
 

@@ -11,8 +11,8 @@ import torch
 
 from generators import CheckpointError, load_generator
 from generators.pgan import PGANZooGenerator, build_pgan_zoo, save_pgan_zoo
-from generators.pgan_tf import PGANTFGenerator
-from generators.safe_pickle import load_torch
+from generators.pgan_tf import TF_NETWORKS, PGANTFGenerator, save_pgan_tf
+from generators.safe_pickle import load_pickle, load_torch
 
 FIXTURES = Path(__file__).resolve().parents[2] / ".." / "shared" / "fixtures" / "generators"
 ZOO = FIXTURES / "pgan_zoo"
@@ -89,6 +89,39 @@ def test_tf_pgan_reproduces_gs_g_and_d(variant: str) -> None:
         assert _max_error(g(latents), io["img_G"]) < TF_ATOL
         scores = gs.discriminator(torch.from_numpy(io["x_real"]))
         assert _max_error(scores, io["D_scores_real"]) < TF_ATOL
+
+
+@pytest.mark.parametrize("variant", ["nofused", "fused"])
+def test_tf_pgan_written_back_holds_the_pickles_variables_exactly(variant: str, tmp_path: Path) -> None:
+    """save_pgan_tf (what finetuning writes for a TF PGAN): every TF variable under its TF name, bitwise in TF
+    layout, with the static_kwargs; read back by load_generator into the same networks."""
+    source = TF / f"pgan_tf_tiny32_{variant}_nosrc.pkl"
+    gs, g = load_generator(source), load_generator(source, use_avg=False)
+    path = save_pgan_tf(gs, tmp_path / "generator.pt", net_generator=g, discriminator=gs.discriminator)
+    saved = load_torch(path)
+    for role, record in zip(TF_NETWORKS, load_pickle(source)):
+        original = {name: np.asarray(value) for name, value in record.attr("variables")}
+        written = {name: value.numpy() for name, value in saved[role]["variables"].items()}
+        assert written.keys() == original.keys()
+        assert all(np.array_equal(written[name], original[name]) for name in original), role
+        assert saved[role]["static_kwargs"] == record.attr("static_kwargs")
+    gs2, g2 = load_generator(path), load_generator(path, use_avg=False)
+    assert isinstance(gs2, PGANTFGenerator) and gs2.format == "pgan_tf_torch" and gs2.fused_scale == gs.fused_scale
+    latents = gs.sample_latents(3, seed=2)
+    with torch.no_grad():
+        assert torch.equal(gs2(latents), gs(latents)) and torch.equal(g2(latents), g(latents))
+        images = gs(latents)
+        assert torch.equal(gs2.discriminator(images), gs.discriminator(images))
+
+
+def test_a_tf_pgan_file_missing_a_network_is_a_checkpoint_error(tmp_path: Path) -> None:
+    gs = load_generator(TF / "pgan_tf_tiny32_fused_nosrc.pkl")
+    path = save_pgan_tf(gs, tmp_path / "generator.pt", net_generator=gs, discriminator=gs.discriminator)
+    state = load_torch(path)
+    del state["D"]
+    torch.save(state, tmp_path / "broken.pt")
+    with pytest.raises(CheckpointError, match="lacks the network"):
+        load_generator(tmp_path / "broken.pt")
 
 
 def test_tf_pgan_alpha_blends_toward_the_upsampled_previous_scale() -> None:
