@@ -5,6 +5,7 @@ finetuning against the classifier -> retraining -> report. Stages are cached (se
 """
 from __future__ import annotations
 
+import json
 import shutil
 from collections import Counter
 from dataclasses import dataclass, field, replace
@@ -23,7 +24,8 @@ from analysis.shift_grid import ExaggerateConfig, run_exaggerate
 from attacks.perceptual import find_backbone_weights
 from forensics import config as configs
 from forensics.atomic import write_json
-from forensics.builtin_images import builtin_photos, write_builtin_reals
+from forensics.errors import InputError
+from forensics.builtin_images import write_builtin_reals
 from forensics.evaluate import EvalConfig, evaluate
 from forensics.train import TrainConfig, fit
 from generators.formats import checkpoint_sha256
@@ -117,8 +119,8 @@ class Demo:
         settings = {"size": cfg.size, "seed": cfg.seed, "counts": cfg.counts}
 
         def work(resume: bool) -> dict[str, Any]:
-            write_builtin_reals(self.reals, cfg.counts, cfg.size, cfg.seed)
-            return {"n": sum(cfg.counts.values()), "photos": len(builtin_photos())}
+            record = write_builtin_reals(self.reals, cfg.counts, cfg.size, cfg.seed) / "dataset.json"
+            return {"n": sum(cfg.counts.values()), "photos": len(json.loads(record.read_text())["photos"])}
 
         return self.book.run("data", self.out / "data", settings, [], work,
                              lambda s: f"{s['n']} real crops of {cfg.size} px from {s['photos']} photographs "
@@ -129,7 +131,7 @@ class Demo:
         cfg = self.cfg
         if cfg.train_gan is None:
             if not self.generator.is_file():
-                raise click.ClickException(f"{self.generator}: generator checkpoint not found")
+                raise InputError(f"{self.generator}: generator checkpoint not found (the demo config's `generator`)")
             settings = {"generator": checkpoint_sha256(self.generator)}
             work = lambda resume: {"generator": str(self.generator), "grown": False}  # noqa: E731
         else:

@@ -136,3 +136,11 @@ def test_the_generator_can_be_grown_in_the_demo_folder_and_is_then_cached(tmp_pa
     again.data()
     assert again.gan() == grown and str(again.generator) == grown["generator"]
     assert capsys.readouterr().out.count("(cached)") == 2
+
+
+def test_a_missing_generator_is_a_one_line_error_with_exit_code_2(tmp_path):
+    (tmp_path / "mine.yaml").write_text(f"generator: {tmp_path / 'nope.pt'}\ncounts: {{train: 4, val: 0, test: 0}}\n")
+    result = CliRunner().invoke(main, ["demo", "--out", str(tmp_path / "run"), "--config", str(tmp_path / "mine.yaml")])
+    assert result.exit_code == 2
+    assert result.stderr.strip().startswith("error: ") and "nope.pt" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
