@@ -51,7 +51,7 @@ RESULT_FILES = (GENERATOR_FILE, RESUME_FILE, METRICS_FILE, SOURCES_FILE, "before
 
 @dataclass
 class FinetuneConfig:
-    generator: str = ""                 # checkpoint with its discriminator: PGAN (zoo or official TF) or StyleGAN2
+    generator: str = ""                 # checkpoint with its discriminator: PGAN (zoo, TF), StyleGAN (TF), StyleGAN2
     classifier: str = ""                # frozen classifier: run directory or .safetensors file
     real: str = ""                      # real images: folder, split folder (see real_split) or manifest
     out: str = ""                       # generator.pt, resume.pt, metrics.jsonl, grid.png, before_after.*, config.yaml

@@ -1,6 +1,6 @@
 """Files of a finetuning run: the generator in its own checkpoint format (zoo `.pt` for PGAN, rosinality
-`.pt` for StyleGAN2, the TF variables of an official TF PGAN; discriminator included), the resume state, and
-the metrics log. Used by attacks.finetune.
+`.pt` for StyleGAN2, the TF variables of an official TF PGAN or StyleGAN; discriminator included), the resume
+state, and the metrics log. Used by attacks.finetune.
 """
 from __future__ import annotations
 
@@ -18,7 +18,10 @@ from forensics.errors import InputError
 from generators.base import Generator
 from generators.pgan import PGANZooDiscriminator, PGANZooGenerator, save_pgan_zoo
 from generators.pgan_tf import PGANTFDiscriminator, PGANTFGenerator, save_pgan_tf
+from generators.stylegan import StyleGAN
 from generators.stylegan2 import StyleGAN2Discriminator, StyleGAN2Generator
+from generators.stylegan_discriminator import StyleGANDiscriminator
+from generators.stylegan_tf import save_stylegan_tf
 
 GENERATOR_FILE = "generator.pt"
 RESUME_FILE = "resume.pt"
@@ -26,9 +29,10 @@ METRICS_FILE = "metrics.jsonl"
 RESUME_KIND = "patchscope-finetune-resume"
 # Formats a finetuned generator is written in: pytorch_GAN_zoo for PGAN; rosinality for StyleGAN2,
 # whichever file it came from (NVlabs pickles map one to one onto it and cannot be written without code);
-# an official TF PGAN as its TF variables (`generators.pgan_tf.save_pgan_tf`), since a TF pickle carries code.
+# an official TF PGAN or StyleGAN as its TF variables (`save_pgan_tf`, `save_stylegan_tf`), since a TF pickle
+# carries code.
 WRITTEN_FORMATS = {PGANZooGenerator: "pgan_zoo", StyleGAN2Generator: "sg2_rosinality",
-                   PGANTFGenerator: "pgan_tf_torch"}
+                   PGANTFGenerator: "pgan_tf_torch", StyleGAN: "stylegan_tf_torch"}
 
 
 def written_format(generator: Generator) -> str:
@@ -36,8 +40,8 @@ def written_format(generator: Generator) -> str:
     for cls, name in WRITTEN_FORMATS.items():
         if isinstance(generator, cls):
             return name
-    raise InputError(f"finetuning writes pytorch_GAN_zoo PGAN, official TF PGAN and StyleGAN2 (rosinality) "
-                     f"checkpoints; "
+    raise InputError(f"finetuning writes pytorch_GAN_zoo PGAN, official TF PGAN and StyleGAN, and StyleGAN2 "
+                     f"(rosinality) checkpoints; "
                      f"a {type(generator).__name__} ({generator.format}) cannot be saved in its own format")
 
 
@@ -60,6 +64,10 @@ def save_generator_checkpoint(path: str | os.PathLike, average: Generator, train
         if not isinstance(discriminator, PGANTFDiscriminator):
             raise ValueError(f"a TF PGAN file needs a PGANTFDiscriminator, not {type(discriminator).__name__}")
         return save_pgan_tf(average, path, net_generator=trained, discriminator=discriminator)
+    if fmt == "stylegan_tf_torch":
+        if not isinstance(discriminator, StyleGANDiscriminator):
+            raise ValueError(f"a TF StyleGAN file needs a StyleGANDiscriminator, not {type(discriminator).__name__}")
+        return save_stylegan_tf(average, path, net_generator=trained, discriminator=discriminator)
     if not isinstance(discriminator, StyleGAN2Discriminator):
         raise ValueError(f"a rosinality checkpoint needs a StyleGAN2Discriminator, not {type(discriminator).__name__}")
     state = {"g": _tensors(trained), "d": _tensors(discriminator), "g_ema": _tensors(average),

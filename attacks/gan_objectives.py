@@ -15,6 +15,7 @@ from generators.gan_losses import DRIFT, LAMBDA_GP, Critic, critic_loss, generat
 from generators.pgan import PGANZooDiscriminator
 from generators.pgan_tf import PGANTFDiscriminator
 from generators.stylegan2 import StyleGAN2Discriminator
+from generators.stylegan_discriminator import StyleGANDiscriminator
 
 
 class GANObjective(Protocol):
@@ -120,11 +121,12 @@ class LogisticR1:
 def objective_for(discriminator: nn.Module | None, *, lambda_gp: float = LAMBDA_GP, drift: float = DRIFT,
                   r1_gamma: float = 10.0, r1_every: int = 1) -> GANObjective:
     """The loss the discriminator's GAN was trained with: WGAN-GP for a PGAN critic (zoo or official TF),
-    logistic + R1 for a StyleGAN2 discriminator; other discriminators are refused."""
+    logistic + R1 for a StyleGAN (v1, whose D_basic trained with it too) or StyleGAN2 discriminator; other
+    discriminators are refused."""
     if isinstance(discriminator, (PGANZooDiscriminator, PGANTFDiscriminator)):
         return WassersteinGP(lambda_gp=lambda_gp, drift=drift)
-    if isinstance(discriminator, StyleGAN2Discriminator):
+    if isinstance(discriminator, (StyleGAN2Discriminator, StyleGANDiscriminator)):
         return LogisticR1(r1_gamma=r1_gamma, r1_every=r1_every)
     found = "no discriminator" if discriminator is None else f"a {type(discriminator).__name__}"
     raise InputError(f"finetuning continues GAN training, which needs the discriminator of a PGAN (zoo or "
-                     f"official TF) or a StyleGAN2; the generator has {found}")
+                     f"official TF), a StyleGAN or a StyleGAN2; the generator has {found}")

@@ -81,8 +81,8 @@ def _shift_table(summary: dict[str, Any]) -> str:
 @main.command("finetune")
 @click.option("--config", type=click.Path(dir_okay=False), help="YAML settings (its `finetune:` section, or the whole file).")
 @click.option("--generator", help="Generator checkpoint WITH its discriminator: pytorch_GAN_zoo PGAN .pt, official TF "
-                                  "PGAN pickle (written back as its TF variables), or StyleGAN2 (rosinality .pt with "
-                                  "d, NVlabs pickle with D).")
+                                  "PGAN or StyleGAN pickle (written back as their TF variables), or StyleGAN2 "
+                                  "(rosinality .pt with d, NVlabs pickle with D).")
 @click.option("--classifier", help="Frozen classifier: run directory or .safetensors file (see --which).")
 @click.option("--real", help="Real images the GAN keeps training on: a folder (train/ is used when present), or a manifest.")
 @click.option("--out", help="Output folder; an existing one is refused unless --resume or --force.")

@@ -40,6 +40,8 @@ FORMATS: dict[str, Format] = {f.name: f for f in (
            "a TF PGAN finetuned by patchscope: .pt {format, G, D, Gs} of TF variables"),
     Format("stylegan_tf", ("generators.stylegan", "generators.stylegan_tf"), "load_stylegan_tf",
            "official TF StyleGAN pickle (G, D, Gs)"),
+    Format("stylegan_tf_torch", ("generators.stylegan_tf",), "load_stylegan_tf_torch",
+           "a TF StyleGAN finetuned by patchscope: .pt {format, G, D, Gs} of TF variables"),
     Format("sg2_rosinality", ("generators.stylegan2",), "load_rosinality", "rosinality StyleGAN2 .pt with g_ema"),
     Format("sg2_nvlabs", ("generators.stylegan2", "generators.stylegan2_nvlabs"), "load_nvlabs",
            "NVlabs stylegan2-ada / stylegan3 network pickle with G_ema"),
@@ -70,6 +72,8 @@ def detect_format(obj: Any) -> str | None:
     if isinstance(obj, Mapping):
         if obj.get("format") == "patchscope_pgan_tf":
             return "pgan_tf_torch"
+        if obj.get("format") == "patchscope_stylegan_tf":
+            return "stylegan_tf_torch"
         net_g = obj.get("netG")
         if {"netG", "netD"} <= set(obj) and isinstance(net_g, Mapping) and "formatLayer.module.weight" in net_g:
             return "pgan_zoo"

@@ -8,12 +8,14 @@ from __future__ import annotations
 import os
 import re
 import warnings
+from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 import torch
 from torch import nn
 
+from generators.atomic import replace_atomically
 from generators.errors import CheckpointError
 from generators.safe_pickle import describe_source, load_pickle
 from generators.stylegan import DEFAULT_PSI, DEFAULT_TRUNCATION_CUTOFF, StyleGAN, StyleGANConfig
@@ -77,15 +79,16 @@ def load_stylegan_tf(pickled: Any, *, use_gs: bool = True, psi: float = DEFAULT_
     components = g_state.get("components") or {}
     mapping = _network_state(components.get("mapping"), "G_mapping", source)
     synthesis = _network_state(components.get("synthesis"), "G_synthesis", source)
-    cfg = _generator_config(g_state, mapping, synthesis, source)
-    model = StyleGAN(cfg, psi=psi, truncation_cutoff=truncation_cutoff, noise_mode=noise_mode)
     top = _variables(g_state, source)
     _check_finished(top, source)
     _check_finished(_variables(synthesis, source), source)
     named = {**top,
              **{f"mapping/{k}": v for k, v in _variables(mapping, source).items()},
              **{f"synthesis/{k}": v for k, v in _variables(synthesis, source).items()}}
-    _assign(model, named, _generator_table(cfg), f"{source} ({g_state.get('name', 'G')})")
+    kwargs = {part: dict(state.get("static_kwargs") or {})
+              for part, state in (("G", g_state), ("mapping", mapping), ("synthesis", synthesis))}
+    model = _build_generator(kwargs, named, f"{source} ({g_state.get('name', 'G')})", psi=psi,
+                             truncation_cutoff=truncation_cutoff, noise_mode=noise_mode)
     d_state = getattr(d_record, "state", None)
     d_func = d_state.get("build_func_name") if isinstance(d_state, dict) else None
     if d_func == "D_basic":
@@ -93,6 +96,17 @@ def load_stylegan_tf(pickled: Any, *, use_gs: bool = True, psi: float = DEFAULT_
     elif d_record is not None:
         warnings.warn(f"{source}: discriminator is {d_func!r}, not D_basic; loaded the generator only")
     return model.eval()
+
+
+def _build_generator(kwargs: dict[str, dict[str, Any]], variables: dict[str, np.ndarray], where: str,
+                     **options: Any) -> StyleGAN:
+    """A `StyleGAN` from its networks' static_kwargs (G, mapping, synthesis) and TF variables by full name."""
+    cfg = _generator_config({"static_kwargs": kwargs["G"]}, {"static_kwargs": kwargs["mapping"]},
+                            {"static_kwargs": kwargs["synthesis"]}, where)
+    model = StyleGAN(cfg, **options)
+    _assign(model, variables, _generator_table(cfg), where)
+    model.tf_kwargs = kwargs  # written back by save_stylegan_tf
+    return model
 
 
 def load_stylegan_tf_file(path: str | os.PathLike, **opts: Any) -> StyleGAN:
@@ -194,15 +208,21 @@ def _generator_table(cfg: StyleGANConfig) -> Table:
 
 def _build_discriminator(record: Any, source: str) -> StyleGANDiscriminator:
     state = _network_state(record, "D_basic", source)
-    fields = _kwargs_to_config(dict(state.get("static_kwargs") or {}), _DISCRIMINATOR_KWARGS, source)
+    variables = _variables(state, source)
+    _check_finished(variables, source)
+    return _discriminator_from(dict(state.get("static_kwargs") or {}), variables,
+                               f"{source} ({state.get('name', 'D')})")
+
+
+def _discriminator_from(kwargs: dict[str, Any], variables: dict[str, np.ndarray], where: str) -> StyleGANDiscriminator:
+    fields = _kwargs_to_config(kwargs, _DISCRIMINATOR_KWARGS, where)
     try:
         cfg = DiscriminatorConfig(**fields)
     except (TypeError, ValueError) as error:
-        raise CheckpointError(f"{source}: unsupported D_basic options ({error})") from error
-    variables = _variables(state, source)
-    _check_finished(variables, source)
+        raise CheckpointError(f"{where}: unsupported D_basic options ({error})") from error
     disc = StyleGANDiscriminator(cfg)
-    _assign(disc, variables, _discriminator_table(cfg), f"{source} ({state.get('name', 'D')})")
+    _assign(disc, variables, _discriminator_table(cfg), where)
+    disc.tf_kwargs = dict(kwargs)  # written back by save_stylegan_tf
     return disc.eval()
 
 
@@ -240,3 +260,66 @@ def _assign(module: nn.Module, variables: dict[str, np.ndarray], table: Table, w
         shown = ", ".join(unknown[:3]) + (", ..." if len(unknown) > 3 else "")
         raise CheckpointError(f"{where}: unexpected variables for this architecture: {shown}")
     module.load_state_dict(converted, strict=True)
+
+
+# patchscope's file for a TF StyleGAN it has trained further (finetuning): each network's TF variables under
+# their full TF names (mapping/..., synthesis/...), in TF layout, with the static_kwargs of G, its mapping and
+# synthesis components, and D — the pickle's content without its code or TF objects.
+TF_TORCH_FORMAT = "patchscope_stylegan_tf"
+_TO_TF: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "plain": lambda t: t,
+    "dense": lambda t: t.t(),
+    "conv": lambda t: t.permute(2, 3, 1, 0),
+}
+
+
+def _tf_variables(module: nn.Module, table: Table) -> dict[str, torch.Tensor]:
+    own = module.state_dict()
+    return {tf_name: _TO_TF[layout](own[key].detach().float().cpu()).contiguous().clone()
+            for tf_name, key, layout in table}
+
+
+def save_stylegan_tf(average: StyleGAN, path: str | os.PathLike, *, net_generator: StyleGAN,
+                     discriminator: StyleGANDiscriminator) -> Path:
+    """Write `average` as Gs, `net_generator` as G and `discriminator` as D (a torch file of tensors and
+    plain settings, read back by `load_generator`); atomically. Networks not loaded from TF are refused."""
+    state: dict[str, Any] = {"format": TF_TORCH_FORMAT, "version": 1}
+    for role, network in (("G", net_generator), ("Gs", average)):
+        if not hasattr(network, "tf_kwargs"):
+            raise ValueError(f"{role}: only a StyleGAN loaded from TF variables can be written back as them")
+        state[role] = {"variables": _tf_variables(network, _generator_table(network.cfg)),
+                       "static_kwargs": network.tf_kwargs}
+    if not hasattr(discriminator, "tf_kwargs"):
+        raise ValueError("D: only a discriminator loaded from TF variables can be written back as them")
+    state["D"] = {"variables": _tf_variables(discriminator, _discriminator_table(discriminator.cfg)),
+                  "static_kwargs": discriminator.tf_kwargs}
+    path = Path(path)
+    replace_atomically(path, lambda file: torch.save(state, file))
+    return path
+
+
+def _arrays(network: Any, role: str) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    if not isinstance(network, dict) or not isinstance(network.get("variables"), dict) \
+            or not isinstance(network.get("static_kwargs"), dict):
+        raise CheckpointError(f"a {TF_TORCH_FORMAT} file lacks the network {role} (variables and static_kwargs)")
+    try:
+        arrays = {str(k): np.asarray(v.numpy() if isinstance(v, torch.Tensor) else v)
+                  for k, v in network["variables"].items()}
+    except (TypeError, ValueError, RuntimeError) as error:
+        raise CheckpointError(f"network {role} has unreadable variables ({error})") from error
+    return network["static_kwargs"], arrays
+
+
+def load_stylegan_tf_torch(state: dict[str, Any], *, use_gs: bool = True, psi: float = DEFAULT_PSI,
+                           truncation_cutoff: int | None = DEFAULT_TRUNCATION_CUTOFF,
+                           noise_mode: str = "const") -> StyleGAN:
+    """`load_stylegan_tf` for the file `save_stylegan_tf` writes."""
+    role = "Gs" if use_gs else "G"
+    kwargs, variables = _arrays(state.get(role), role)
+    if set(kwargs) != {"G", "mapping", "synthesis"}:
+        raise CheckpointError(f"network {role}: static_kwargs must hold G, mapping and synthesis")
+    model = _build_generator({part: dict(kwargs[part]) for part in kwargs}, variables, f"network {role}", psi=psi,
+                             truncation_cutoff=truncation_cutoff, noise_mode=noise_mode)
+    d_kwargs, d_variables = _arrays(state.get("D"), "D")
+    model.discriminator = _discriminator_from(dict(d_kwargs), d_variables, "network D")
+    return model.eval()

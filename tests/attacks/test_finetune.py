@@ -24,8 +24,9 @@ from generators.stylegan2 import StyleGAN2Config, StyleGAN2Discriminator, StyleG
 from tests.attacks.test_shift import brightness_classifier, tiny_pgan
 
 RESOLUTION = 16
-TF_PGAN = Path(__file__).resolve().parents[2].parent / "shared" / "fixtures" / "generators" / "pgan_tf" / \
-    "pgan_tf_tiny32_fused_nosrc.pkl"
+GENERATOR_FIXTURES = Path(__file__).resolve().parents[2].parent / "shared" / "fixtures" / "generators"
+TF_PGAN = GENERATOR_FIXTURES / "pgan_tf" / "pgan_tf_tiny32_fused_nosrc.pkl"
+TF_STYLEGAN = GENERATOR_FIXTURES / "sg1_tf" / "sg1_tf_tiny32_nosrc.pkl"
 HELD_OUT = 123
 # The detector: P(fake) = sigmoid(SLOPE · (brightness − THRESHOLD)) per patch. The tiny PGAN's samples
 # average about −0.06 and the real crops about −0.2, so it calls most samples fake and many crops real.
@@ -249,6 +250,22 @@ def test_an_official_tf_pgan_finetunes_with_wgan_gp_and_is_written_as_its_tf_var
     assert torch.equal(images(reloaded), images(result.generator))
     assert torch.equal(images(load_generator(result.checkpoint, use_avg=False)), images(result.trained))
     assert not torch.equal(images(reloaded), images(load_generator(TF_PGAN)))  # it did train
+    for key, value in result.discriminator.state_dict().items():
+        assert torch.equal(reloaded.discriminator.state_dict()[key], value), key
+
+
+@pytest.mark.skipif(not TF_STYLEGAN.is_file(), reason=f"TF StyleGAN fixture not found at {TF_STYLEGAN}")
+def test_an_official_tf_stylegan_finetunes_with_logistic_r1_and_is_written_as_its_tf_variables(tmp_path: Path) -> None:
+    generator = load_generator(TF_STYLEGAN)
+    reals = torch.from_numpy(np.stack(random_crops(builtin_photos(), 16, generator.resolution, seed=1)))
+    attack = finetuner(reals.permute(0, 3, 1, 2).contiguous(), generator=generator)
+    result = attack.run(2, batch=4, out=tmp_path, progress=False)
+    assert result.settings["objective"] == "logistic-r1" and result.settings["format"] == "stylegan_tf_torch"
+    reloaded = load_generator(result.checkpoint)
+    assert reloaded.format == "stylegan_tf_torch"
+    assert torch.equal(images(reloaded), images(result.generator))
+    assert torch.equal(images(load_generator(result.checkpoint, use_gs=False)), images(result.trained))
+    assert not torch.equal(images(reloaded), images(load_generator(TF_STYLEGAN)))  # it did train
     for key, value in result.discriminator.state_dict().items():
         assert torch.equal(reloaded.discriminator.state_dict()[key], value), key
 
