@@ -172,7 +172,7 @@ def _load_generator(path: str) -> Generator:
     except InputError as err:
         raise InputError(f"{path}: {err}") from None
     if generator.discriminator is None:
-        raise InputError(f"{path}: holds no discriminator (zoo netD, rosinality d, NVlabs D); finetuning continues "
+        raise InputError(f"{path}: holds no discriminator (zoo netD, TF D, rosinality d, NVlabs D); finetuning continues "
                          f"GAN training and needs it")
     return generator
 

@@ -87,7 +87,8 @@ class StyleGenerator(Generator):
             return ws
         cutoff = ws.shape[1] if cutoff is None else cutoff
         out = ws.clone()
-        out[:, :cutoff] = w_avg.lerp(ws[:, :cutoff], psi)
+        # under autocast the mapping's ws are bf16 while w_avg stays a float32 buffer
+        out[:, :cutoff] = w_avg.to(ws.dtype).lerp(ws[:, :cutoff], psi)
         return out
 
     def forward(self, z: torch.Tensor, psi: float | None = None, truncation_cutoff: int | None = None,
