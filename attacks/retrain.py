@@ -10,7 +10,7 @@ import json
 import logging
 import os
 import shutil
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -71,6 +71,7 @@ class SamplingPlan:
     chunk: int                # rows per network call: fixes the arithmetic
     precision: str            # fp32 | bf16
     source: str               # where these settings were read
+    made_by: str | None = None  # class of the generator the original set was sampled from, when recorded
 
 
 def plan_sampling(original_fakes: str | os.PathLike, train_config: TrainConfig,
@@ -87,7 +88,9 @@ def plan_sampling(original_fakes: str | os.PathLike, train_config: TrainConfig,
             seed=int(manifest.get("seed", 0) if seed is None else seed), size=manifest.get("size"),
             options=dict(manifest.get("options") or {}),
             chunk=int(manifest.get("chunk", _SAMPLING_DEFAULTS["chunk"])),
-            precision=str(manifest.get("precision", _SAMPLING_DEFAULTS["precision"])), source=str(original / MANIFEST))
+            precision=str(manifest.get("precision", _SAMPLING_DEFAULTS["precision"])), source=str(original / MANIFEST),
+            made_by=(manifest.get("generator") or {}).get("class") if isinstance(manifest.get("generator"), dict)
+            else None)
     else:
         sizes = {split: len(data.list_images(original, split)) for split in splits if split not in given}
         plan = SamplingPlan(
@@ -280,6 +283,11 @@ def retrain(base_run: str | os.PathLike, finetuned_generator: Generator | str | 
     reals, original_fakes, out = Path(reals), Path(original_fakes), Path(out)
     generator, generator_file, generator_sha = _as_generator(finetuned_generator)
     plan = plan_sampling(original_fakes, base_config, counts, seed)
+    if plan.options and plan.made_by and plan.made_by != type(generator).__name__:
+        # Forward options are per architecture (PGAN's alpha, StyleGAN's psi): they do not carry over.
+        log.warning("the original fakes were sampled from a %s with %s; the finetuned generator is a %s, "
+                    "sampled with its own defaults", plan.made_by, plan.options, type(generator).__name__)
+        plan = replace(plan, options={})
     fakes, run_dir = out / "fakes", out / "classifier"
     train_config = configs.resolve(TrainConfig, configs.to_dict(base_config), train_overrides,
                                    {"real": str(reals), "fake": str(fakes), "out": str(run_dir), "device": device},

@@ -214,3 +214,19 @@ def test_a_folder_holding_other_files_is_refused(world, tmp_path) -> None:
     with pytest.raises(InputError, match=r"not a retrain folder"):
         run_retrain(world, tmp_path)
     assert (tmp_path / "notes.txt").read_text() == "mine"
+
+
+def test_a_finetuned_generator_of_another_architecture_samples_with_its_own_defaults(world, tmp_path) -> None:
+    """The original set's forward options (PGAN's alpha) do not apply to a StyleGAN2: they are dropped, not
+    passed on to fail; the other sampling settings still carry over."""
+    from generators.stylegan2 import StyleGAN2Config, StyleGAN2Generator
+
+    assert plan_sampling(world["original_fakes"], TrainConfig()).made_by == "PGANZooGenerator"
+    torch.manual_seed(0)
+    generator = StyleGAN2Generator(StyleGAN2Config(size=RESOLUTION, style_dim=16, n_mlp=2, channels=(16, 16, 16)))
+    result = retrain(world["base"], generator, None, None, tmp_path / "out", device="cpu", precision="fp32",
+                     progress=False, train_overrides={"max_epochs": 1})
+    sampled = json.loads((result.out / "fakes" / "manifest.json").read_text())
+    assert "alpha" not in sampled["options"]  # the StyleGAN2's own defaults (psi, noise_mode) instead
+    assert (sampled["seed"], sampled["chunk"], sampled["size"]) == (SAMPLE_SEED, CHUNK, SIZE)
+    assert sampled["generator"]["class"] == "StyleGAN2Generator"
