@@ -121,7 +121,7 @@ def build_demo_summary(folder: Path, ctx: ReportContext, section: Section) -> No
         section.add(key_values([(r.get("name"), r.get("value")) for r in rows]))
     stages = as_mapping(data.get("stages"))
     if stages:
-        section.add(heading(3, "Stages"), table([Column("stage", "stage"), Column("seconds", "seconds")],
+        section.add(heading(3, "Stages"), table([Column("stage", "stage"), Column("seconds", "seconds", format_short)],
                                                 [{"stage": k, "seconds": v} for k, v in stages.items()]))
     for note in data.get("notes") or []:
         section.notes.append(str(note))

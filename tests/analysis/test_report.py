@@ -279,3 +279,13 @@ def studies(run, builtin_dataset, tmp_path_factory) -> dict:
     write_text(root / "retrain" / "summary.txt", summary)
     return {"root": root, "exaggerate": exaggerate, "finetune": finetune, "robustness": robustness,
             "summary": summary, "eval_ap": m["ap"]}
+
+
+def test_a_demo_summary_becomes_the_first_section_with_its_rows_stages_and_notes(tmp_path) -> None:
+    write_text(tmp_path / "demo_summary.json", json.dumps({
+        "rows": [{"name": "AP of the patch classifier (original fakes)", "value": 0.98765}],
+        "stages": {"classifier": 22.46, "finetune": 43.0}, "notes": ["LPIPS used a random backbone."]}))
+    page = render_report(tmp_path)
+    assert "<h2>Demo summary</h2>" in page and "AP of the patch classifier (original fakes)" in page
+    assert "0.9877" in page and "<td>22.46</td>" in page and "<td>43</td>" in page
+    assert "LPIPS used a random backbone." in page
