@@ -55,29 +55,33 @@ class DemoConfig:
     retrain: dict[str, Any] = field(default_factory=dict)     # RetrainStudyConfig settings
     lpips_net: str = "alex"
     lpips_weights: str | None = None    # backbone file; None: the torch cache, else a random backbone
-    device: str = "auto"
+    device: str = "auto"                # every stage's device, unless its own settings name one
+    precision: str = "auto"             # every stage's precision (auto: bf16 on CUDA and bf16 CPUs), likewise
     quick: dict[str, Any] = field(default_factory=dict)       # overrides for --quick (mappings merge)
 
 
 def load_demo_config(path: str | Path | None = None, quick: bool = False) -> DemoConfig:
     """configs/demo.yaml, updated by the file at `path` (mappings key by key), then by its `quick` overrides."""
-    layers = [configs.read_yaml(DEFAULT_CONFIG)] if DEFAULT_CONFIG.is_file() else []
+    if not DEFAULT_CONFIG.is_file():
+        raise InputError(f"{DEFAULT_CONFIG}: the demo's settings are missing (patchscope demo runs from a source "
+                         f"checkout, installed with `pip install -e .`)")
+    merged = _merged({}, configs.read_yaml(DEFAULT_CONFIG))
     if path is not None:
-        layers.append(configs.read_yaml(path))
-    merged: dict[str, Any] = {}
-    for layer in layers:
-        merged = _merged(merged, layer)
+        merged = _merged(merged, configs.read_yaml(path))
     cfg = configs.resolve(DemoConfig, merged, source=str(path or DEFAULT_CONFIG))
     return with_quick(cfg) if quick else cfg
 
 
 def _merged(base: Mapping[str, Any], changes: Mapping[str, Any]) -> dict[str, Any]:
-    """`base` updated by `changes`; where both hold a mapping, the mapping is updated key by key."""
-    out = dict(base)
+    """`base` updated by `changes`, mappings within mappings key by key; `max-epochs` is `max_epochs`."""
+    out = {str(k).replace("-", "_"): v for k, v in base.items()}
     for key, value in changes.items():
-        key = key.replace("-", "_")
+        key = str(key).replace("-", "_")
         current = out.get(key)
-        out[key] = {**current, **value} if isinstance(current, dict) and isinstance(value, dict) else value
+        if isinstance(current, Mapping) and isinstance(value, Mapping):
+            out[key] = _merged(current, value)
+        else:
+            out[key] = _merged({}, value) if isinstance(value, Mapping) else value
     return out
 
 
@@ -85,6 +89,11 @@ def with_quick(cfg: DemoConfig) -> DemoConfig:
     """`cfg` with its `quick` overrides applied; a mapping setting is updated key by key, not replaced."""
     settings = _merged(configs.to_dict(replace(cfg, quick={})), cfg.quick)
     return configs.resolve(DemoConfig, settings, source="demo quick")
+
+
+def _runtime(cfg: DemoConfig) -> dict[str, str]:
+    """Where and how fast the stages run: the first layer of each stage's settings, so its own can override."""
+    return {"device": cfg.device, "precision": cfg.precision}
 
 
 def _lpips_settings(cfg: DemoConfig) -> dict[str, Any]:
@@ -114,6 +123,22 @@ class Demo:
         self.generator = Path(cfg.generator) if cfg.generator else BUNDLED_GENERATOR
         self.lpips = _lpips_settings(cfg)
 
+    def _portable(self, settings: dict[str, Any]) -> dict[str, Any]:
+        """Settings as hashed into a stage key: paths inside the demo folder relative to it, the generator's path
+        left out (the generator stage's run stands for it), so moving or renaming the folder redoes nothing."""
+        inside, generator = str(self.out), str(self.generator)
+
+        def portable(value: Any) -> Any:
+            if isinstance(value, dict):
+                return {k: portable(v) for k, v in value.items()}
+            if value == generator:
+                return "<generator>"
+            if isinstance(value, str) and value.startswith(inside):
+                return "<out>" + value[len(inside):]
+            return value
+
+        return portable(settings)
+
     def data(self) -> dict[str, Any]:
         cfg = self.cfg
         settings = {"size": cfg.size, "seed": cfg.seed, "counts": cfg.counts}
@@ -135,10 +160,11 @@ class Demo:
             settings = {"generator": checkpoint_sha256(self.generator)}
             work = lambda resume: {"generator": str(self.generator), "grown": False}  # noqa: E731
         else:
-            gan_cfg = configs.resolve(GANTrainConfig, {"resolution": cfg.size, "seed": cfg.seed}, cfg.train_gan,
-                                      {"images": str(self.reals / "train"), "out": str(self.out / "gan"),
-                                       "device": cfg.device}, source="demo train_gan")
-            settings = configs.to_dict(gan_cfg)
+            gan_cfg = configs.resolve(GANTrainConfig, {"resolution": cfg.size, "seed": cfg.seed,
+                                                       "device": cfg.device}, cfg.train_gan,
+                                      {"images": str(self.reals / "train"), "out": str(self.out / "gan")},
+                                      source="demo train_gan")
+            settings = self._portable(configs.to_dict(gan_cfg))
 
             def work(resume: bool) -> dict[str, Any]:
                 summary = train_gan(gan_cfg, resume=resume)
@@ -146,7 +172,8 @@ class Demo:
 
         summary = self.book.run("generator", self.out / "gan", settings, ["data"], work,
                                 lambda s: f"PGAN {'grown in' if s['grown'] else 'from'} {_shown(s['generator'])}")
-        self.generator = Path(summary["generator"])
+        if summary["grown"]:  # a given file is known by its checksum; its path is today's
+            self.generator = Path(summary["generator"])
         return summary
 
     def sample(self) -> dict[str, Any]:
@@ -162,47 +189,51 @@ class Demo:
 
     def train(self) -> dict[str, Any]:
         cfg = self.cfg
-        train_cfg = configs.resolve(TrainConfig, {"load_size": cfg.size, "crop_size": cfg.size, "seed": cfg.seed},
+        train_cfg = configs.resolve(TrainConfig, {"load_size": cfg.size, "crop_size": cfg.size, "seed": cfg.seed,
+                                                  **_runtime(cfg)},
                                     cfg.train, {"real": str(self.reals), "fake": str(self.fakes),
-                                                "out": str(self.classifier), "device": cfg.device},
-                                    source="demo train")
+                                                "out": str(self.classifier)}, source="demo train")
 
         def work(resume: bool) -> dict[str, Any]:
             summary = fit(train_cfg, resume=resume)
             return {key: summary[key] for key in ("epochs", "best_epoch", "best_val_patch_acc")}
 
-        return self.book.run("classifier", self.classifier, configs.to_dict(train_cfg), ["fakes"], work,
+        return self.book.run("classifier", self.classifier, self._portable(configs.to_dict(train_cfg)), ["fakes"],
+                             work,
                              lambda s: f"{train_cfg.model}: {s['epochs']} epochs, best val patch accuracy "
                                        f"{s['best_val_patch_acc']:.4f} at epoch {s['best_epoch']}")
 
     def evaluate(self) -> dict[str, Any]:
         eval_cfg = EvalConfig(run=str(self.classifier), tests=[f"{TEST_SET}={self.reals},{self.fakes}"],
-                              out=str(self.out / "eval"), device=self.cfg.device, force=True)
+                              out=str(self.out / "eval"), force=True, **_runtime(self.cfg))
 
         def work(resume: bool) -> dict[str, Any]:
             metrics = evaluate(eval_cfg)["results"][TEST_SET]["after_softmax"]
             write_eval_heatmaps(eval_cfg, self.cfg.heatmaps)
             return {key: metrics[key] for key in ("ap", "acc", "n")}
 
-        return self.book.run("eval", self.out / "eval", {"heatmaps": self.cfg.heatmaps}, ["classifier"], work,
+        return self.book.run("eval", self.out / "eval", {"heatmaps": self.cfg.heatmaps, **_runtime(self.cfg)},
+                             ["classifier"], work,
                              lambda s: f"AP {s['ap']:.4f}, accuracy {s['acc']:.4f} on {s['n']} test images; "
                                        f"heatmaps in {self.out / 'eval' / 'heatmaps'}")
 
     def patches(self) -> dict[str, Any]:
         def work(resume: bool) -> dict[str, Any]:
             result = run_patches(str(self.classifier), str(self.reals), str(self.fakes), out=str(self.out / "patches"),
-                                 n=self.cfg.patches, device=self.cfg.device, force=True)
+                                 n=self.cfg.patches, force=True, **_runtime(self.cfg))
             return {"segmenter": result["segmenter"], "n": len(result["top"]),
                     **{LABEL_NAMES[label]: _majority(result["top"], result["classes"], label) for label in (0, 1)}}
 
-        return self.book.run("patches", self.out / "patches", {"n": self.cfg.patches}, ["classifier"], work,
+        return self.book.run("patches", self.out / "patches", {"n": self.cfg.patches, **_runtime(self.cfg)},
+                             ["classifier"], work,
                              lambda s: f"{s['n']} most predictive patches ({s['segmenter']} segmenter): "
                                        f"fake mostly {s['fake']}, real mostly {s['real']}")
 
     def exaggerate(self) -> dict[str, Any]:
-        shift_cfg = configs.resolve(ExaggerateConfig, {"seed": self.cfg.seed}, self.lpips, self.cfg.exaggerate,
-                                    {"generator": str(self.generator), "classifier": str(self.classifier),
-                                     "out": str(self.out / "exaggerate"), "device": self.cfg.device},
+        shift_cfg = configs.resolve(ExaggerateConfig, {"seed": self.cfg.seed, **_runtime(self.cfg)}, self.lpips,
+                                    self.cfg.exaggerate, {"generator": str(self.generator),
+                                                          "classifier": str(self.classifier),
+                                                          "out": str(self.out / "exaggerate")},
                                     source="demo exaggerate")
 
         def work(resume: bool) -> dict[str, Any]:
@@ -213,14 +244,14 @@ class Demo:
             along = ", ".join(f"k={r['k']:+g}: {r['p_fake']:.2f}" for r in s["rows"])
             return f"P(fake) along the shift ({s['space']} space): {along}"
 
-        return self.book.run("exaggerate", self.out / "exaggerate", configs.to_dict(shift_cfg),
+        return self.book.run("exaggerate", self.out / "exaggerate", self._portable(configs.to_dict(shift_cfg)),
                              ["classifier", "generator"], work, describe)
 
     def finetune(self) -> dict[str, Any]:
-        tune_cfg = configs.resolve(FinetuneConfig, {"seed": self.cfg.seed}, self.lpips, self.cfg.finetune,
-                                   {"generator": str(self.generator), "classifier": str(self.classifier),
-                                    "real": str(self.reals), "out": str(self.out / "finetune"),
-                                    "device": self.cfg.device}, source="demo finetune")
+        tune_cfg = configs.resolve(FinetuneConfig, {"seed": self.cfg.seed, **_runtime(self.cfg)}, self.lpips,
+                                   self.cfg.finetune, {"generator": str(self.generator),
+                                                       "classifier": str(self.classifier), "real": str(self.reals),
+                                                       "out": str(self.out / "finetune")}, source="demo finetune")
 
         def work(resume: bool) -> dict[str, Any]:
             result = run_finetune(tune_cfg, resume=resume)
@@ -236,14 +267,13 @@ class Demo:
                     f"{after['acc']:.3f}, AP {before['ap']:.3f} -> {after['ap']:.3f}"
                     + (f" (stopped: {s['stopped']})" if s["stopped"] else ""))
 
-        return self.book.run("finetune", self.out / "finetune", configs.to_dict(tune_cfg),
+        return self.book.run("finetune", self.out / "finetune", self._portable(configs.to_dict(tune_cfg)),
                              ["classifier", "generator"], work, describe)
 
     def retrain(self, finetuned: str) -> dict[str, Any]:
-        study_cfg = configs.resolve(RetrainStudyConfig, {"n": self.cfg.patches}, self.cfg.retrain,
-                                    {"classifier": str(self.classifier), "generator": finetuned,
-                                     "out": str(self.out / "retrain"), "device": self.cfg.device},
-                                    source="demo retrain")
+        study_cfg = configs.resolve(RetrainStudyConfig, {"n": self.cfg.patches, **_runtime(self.cfg)},
+                                    self.cfg.retrain, {"classifier": str(self.classifier), "generator": finetuned,
+                                                       "out": str(self.out / "retrain")}, source="demo retrain")
 
         def work(resume: bool) -> dict[str, Any]:
             comparison = run_retrain_study(study_cfg, resume=resume)["comparison"]
@@ -254,8 +284,8 @@ class Demo:
             return (f"on finetuned fakes: old classifier AP {old['ap']:.4f} accuracy {old['acc']:.4f}; "
                     f"retrained AP {new['ap']:.4f} accuracy {new['acc']:.4f}")
 
-        return self.book.run("retrain", self.out / "retrain", configs.to_dict(study_cfg), ["finetune"], work,
-                             describe)
+        return self.book.run("retrain", self.out / "retrain", self._portable(configs.to_dict(study_cfg)),
+                             ["finetune"], work, describe)
 
 
 def _shown(path: str) -> str:

@@ -1,8 +1,9 @@
 """Cached pipeline stages for `patchscope demo`: each stage runs once per settings, a re-run resumes.
 
-A stage is identified by a key hashed from its settings and the keys of the stages it reads, so changing
-one setting redoes that stage and everything downstream of it, and nothing else. `stages.json` in the
-output folder records every key, whether the stage finished, and its summary.
+A stage is identified by a key hashed from its settings and the run ids of the stages it reads (a fresh id
+each time a stage starts afresh), so changing one setting redoes that stage and everything downstream of
+it, and nothing else — and a downstream result is never paired with another run of its inputs.
+`stages.json` in the output folder records every key, run id, whether the stage finished, and its summary.
 """
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import hashlib
 import json
 import shutil
 import time
+import uuid
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
@@ -42,8 +44,9 @@ class StageBook:
         self.out.mkdir(parents=True, exist_ok=True)
         write_json(self.path, self.records)
 
-    def key(self, name: str) -> str:
-        return self.records[name]["key"]
+    def run_id(self, name: str) -> str:
+        """The id of the run of `name` whose results are in its folder (new whenever it starts afresh)."""
+        return self.records[name]["run"]
 
     def run(self, name: str, folder: Path, settings: Mapping[str, Any], upstream: Sequence[str],
             work: Callable[[bool], dict[str, Any]], describe: Callable[[dict[str, Any]], str]) -> dict[str, Any]:
@@ -52,21 +55,22 @@ class StageBook:
         Same key, unfinished: `work(True)` continues what the last run left in `folder`. Another key
         (or none): `folder` is emptied first and `work(False)` starts afresh. Returns the summary.
         """
-        key = stage_key(settings, [self.key(u) for u in upstream])
+        key = stage_key(settings, [self.run_id(u) for u in upstream])
         record = self.records.get(name, {})
         started = time.perf_counter()
-        if record.get("key") == key and record.get("done"):
+        if record.get("key") == key and record.get("done") and "run" in record:
             summary = record["summary"]
             click.echo(f"[{name:>10}] {describe(summary)} (cached)")
             return summary
-        resume = record.get("key") == key and folder.exists()
+        resume = record.get("key") == key and folder.exists() and "run" in record
         if not resume and folder.exists():
             shutil.rmtree(folder)
-        self.records[name] = {"key": key, "done": False}
+        run = record["run"] if resume else uuid.uuid4().hex
+        self.records[name] = {"key": key, "run": run, "done": False}
         self._save()
         summary = work(resume)
         summary["seconds"] = round(time.perf_counter() - started, 1)
-        self.records[name] = {"key": key, "done": True, "summary": summary}
+        self.records[name] = {"key": key, "run": run, "done": True, "summary": summary}
         self._save()
         click.echo(f"[{name:>10}] {describe(summary)} ({summary['seconds']:.1f} s)")
         return summary

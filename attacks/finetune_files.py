@@ -39,6 +39,9 @@ def written_format(generator: Generator) -> str:
     """The checkpoint format a finetuned `generator` is saved in; other architectures are refused."""
     for cls, name in WRITTEN_FORMATS.items():
         if isinstance(generator, cls):
+            if name == "stylegan_tf_torch" and not hasattr(generator, "tf_kwargs"):
+                raise InputError("a StyleGAN (v1) is written back as the TF variables it was loaded from; this one "
+                                 "was not loaded from a TF pickle")
             return name
     raise InputError(f"finetuning writes pytorch_GAN_zoo PGAN, official TF PGAN and StyleGAN, and StyleGAN2 "
                      f"(rosinality) checkpoints; "

@@ -316,10 +316,13 @@ def load_stylegan_tf_torch(state: dict[str, Any], *, use_gs: bool = True, psi: f
     """`load_stylegan_tf` for the file `save_stylegan_tf` writes."""
     role = "Gs" if use_gs else "G"
     kwargs, variables = _arrays(state.get(role), role)
-    if set(kwargs) != {"G", "mapping", "synthesis"}:
-        raise CheckpointError(f"network {role}: static_kwargs must hold G, mapping and synthesis")
-    model = _build_generator({part: dict(kwargs[part]) for part in kwargs}, variables, f"network {role}", psi=psi,
-                             truncation_cutoff=truncation_cutoff, noise_mode=noise_mode)
+    if set(kwargs) != {"G", "mapping", "synthesis"} or not all(isinstance(v, dict) for v in kwargs.values()):
+        raise CheckpointError(f"network {role}: static_kwargs must map G, mapping and synthesis to their options")
     d_kwargs, d_variables = _arrays(state.get("D"), "D")
-    model.discriminator = _discriminator_from(dict(d_kwargs), d_variables, "network D")
+    try:
+        model = _build_generator({part: dict(kwargs[part]) for part in kwargs}, variables, f"network {role}",
+                                 psi=psi, truncation_cutoff=truncation_cutoff, noise_mode=noise_mode)
+        model.discriminator = _discriminator_from(dict(d_kwargs), d_variables, "network D")
+    except (TypeError, ValueError, KeyError, RuntimeError) as error:  # options or arrays of the wrong kind
+        raise CheckpointError(f"TF StyleGAN variables or options of an unexpected kind ({error})") from error
     return model.eval()

@@ -3,6 +3,7 @@ everything downstream of them, and nothing else."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -31,6 +32,14 @@ def _pipeline(out, calls: Calls, a_setting: int, b_setting: int) -> None:
     book.run("c", out / "c", {}, [], calls.work("c", out / "c"), lambda s: s["name"])
 
 
+def _chain(out, calls: Calls, a_setting: int) -> None:
+    """a -> b -> c, each reading the one before."""
+    book = StageBook(out)
+    book.run("a", out / "a", {"x": a_setting}, [], calls.work("a", out / "a"), str)
+    book.run("b", out / "b", {}, ["a"], calls.work("b", out / "b"), str)
+    book.run("c", out / "c", {}, ["b"], calls.work("c", out / "c"), str)
+
+
 def test_finished_stages_are_skipped_and_say_so(tmp_path, capsys):
     calls = Calls()
     _pipeline(tmp_path, calls, 1, 1)
@@ -50,6 +59,24 @@ def test_a_changed_setting_redoes_its_stage_and_those_downstream_only(tmp_path):
     calls.log.clear()
     _pipeline(tmp_path, calls, 2, 3)
     assert calls.log == [("b", False)]
+
+
+def test_a_downstream_result_is_never_paired_with_another_run_of_its_inputs(tmp_path):
+    """a(1) finishes everything; a(2) is redone but b is interrupted; back to a(1): a is redone, so b and c
+    must be too, although their settings and a's settings are those of the first run."""
+    calls = Calls()
+    _chain(tmp_path, calls, 1)
+    book = StageBook(tmp_path)
+    book.run("a", tmp_path / "a", {"x": 2}, [], calls.work("a", tmp_path / "a"), str)
+
+    def interrupted(resume: bool) -> dict:
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        book.run("b", tmp_path / "b", {}, ["a"], interrupted, str)
+    calls.log.clear()
+    _chain(tmp_path, calls, 1)
+    assert calls.log == [("a", False), ("b", False), ("c", False)]
 
 
 def test_an_interrupted_stage_resumes_in_its_folder(tmp_path):
@@ -83,16 +110,31 @@ def test_quick_overrides_merge_mappings_key_by_key():
     assert quick.counts == {"train": 10, "test": 5} and quick.patches == 7 and quick.quick == {}
 
 
-def test_a_user_config_updates_the_default_one_key_by_key(tmp_path):
-    (tmp_path / "mine.yaml").write_text("train: {max_epochs: 3}\nfinetune: {steps: 7}\nquick: {finetune: {steps: 2}}\n")
+def test_a_user_config_updates_the_default_one_key_by_key_at_every_depth(tmp_path):
+    (tmp_path / "mine.yaml").write_text("train: {max-epochs: 3}\nfinetune: {steps: 7}\nquick: {finetune: {steps: 2}}\n")
     default, mine = load_demo_config(), load_demo_config(tmp_path / "mine.yaml")
     assert mine.train == {**default.train, "max_epochs": 3}
     assert mine.finetune == {**default.finetune, "steps": 7} and mine.exaggerate == default.exaggerate
+    assert mine.quick["finetune"] == {**default.quick["finetune"], "steps": 2}  # not the whole quick block
     quick = load_demo_config(tmp_path / "mine.yaml", quick=True)
-    assert quick.finetune["steps"] == 2 and quick.counts == default.quick["counts"]
+    assert quick.finetune == {**default.finetune, **default.quick["finetune"], "steps": 2}
+    assert quick.counts == default.quick["counts"] and quick.train["max_epochs"] == default.quick["train"]["max_epochs"]
 
 
 def test_an_unknown_setting_is_an_input_error(tmp_path):
     (tmp_path / "bad.yaml").write_text("epochs: 3\n")
     with pytest.raises(InputError, match="epochs"):
         load_demo_config(tmp_path / "bad.yaml")
+
+
+def test_stage_keys_do_not_depend_on_where_the_demo_folder_or_the_generator_is(tmp_path, monkeypatch):
+    from analysis.demo import BUNDLED_GENERATOR, Demo
+
+    monkeypatch.chdir(tmp_path)
+    here = Demo(DemoConfig(), Path("run"))._portable(
+        {"out": "run/classifier", "nested": {"fake": "run/fakes"}, "generator": str(BUNDLED_GENERATOR), "lr": 1})
+    moved = Demo(DemoConfig(), tmp_path / "elsewhere")._portable(
+        {"out": str(tmp_path / "elsewhere" / "classifier"), "nested": {"fake": str(tmp_path / "elsewhere" / "fakes")},
+         "generator": str(BUNDLED_GENERATOR), "lr": 1})
+    assert here == moved == {"out": "<out>/classifier", "nested": {"fake": "<out>/fakes"}, "generator": "<generator>",
+                             "lr": 1}

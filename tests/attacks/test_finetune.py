@@ -309,3 +309,15 @@ def test_real_images_are_centre_squares_at_the_generator_resolution(tmp_path: Pa
     torch.testing.assert_close(batch[1], expected.flip(2))
     uncached = RealImages.from_source(tmp_path, resolution=16, cache=False)
     assert not uncached.cached and torch.equal(uncached.batch([0]), batch[:1])
+
+
+def test_a_stylegan_not_loaded_from_tf_is_refused_before_training(reals) -> None:
+    from generators.stylegan import StyleGAN, StyleGANConfig
+    from generators.stylegan_discriminator import DiscriminatorConfig, StyleGANDiscriminator
+
+    generator = StyleGAN(StyleGANConfig(resolution=RESOLUTION, fmap_base=32, fmap_max=16, latent_dim=8, w_dim=8,
+                                        mapping_layers=2, mapping_fmaps=8))
+    generator.discriminator = StyleGANDiscriminator(DiscriminatorConfig(resolution=RESOLUTION, fmap_base=32,
+                                                                        fmap_max=16))
+    with pytest.raises(InputError, match="not loaded from a TF pickle"):
+        GeneratorFinetuner(generator, detector(), reals)

@@ -280,3 +280,19 @@ def test_truncation_works_under_bf16_autocast(case) -> None:
         reference = generator(z, psi=0.7)
     assert torch.isfinite(images.float()).all()
     assert float((images.float() - reference).abs().mean()) < 0.03  # bf16 rounding, not another image
+
+
+def test_a_malformed_written_back_file_is_a_checkpoint_error(tmp_path: Path) -> None:
+    from generators.formats import load_generator
+    from generators.safe_pickle import load_torch
+    from generators.stylegan_tf import save_stylegan_tf
+
+    gs = load_generator(pickle_path(32))
+    state = load_torch(save_stylegan_tf(gs, tmp_path / "ok.pt", net_generator=gs, discriminator=gs.discriminator))
+    for name, broken in (("no_d", {k: v for k, v in state.items() if k != "D"}),
+                         ("bad_kwargs", {**state, "Gs": {**state["Gs"], "static_kwargs": {"G": None}}}),
+                         ("bad_shape", {**state, "Gs": {**state["Gs"], "variables": {
+                             **state["Gs"]["variables"], "mapping/Dense0/weight": torch.zeros(2, 2)}}})):
+        torch.save(broken, tmp_path / f"{name}.pt")
+        with pytest.raises(CheckpointError):
+            load_generator(tmp_path / f"{name}.pt")
