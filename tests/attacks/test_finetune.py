@@ -238,34 +238,24 @@ def test_stylegan2_finetunes_with_logistic_r1_and_saves_the_rosinality_layout(re
         assert torch.equal(reloaded.discriminator.state_dict()[key], value), key
 
 
-@pytest.mark.skipif(not TF_PGAN.is_file(), reason=f"TF PGAN fixture not found at {TF_PGAN}")
-def test_an_official_tf_pgan_finetunes_with_wgan_gp_and_is_written_as_its_tf_variables(tmp_path: Path) -> None:
-    generator = load_generator(TF_PGAN)
+@pytest.mark.parametrize(("source", "objective", "written", "trained_option"), [
+    (TF_PGAN, "wgan-gp", "pgan_tf_torch", {"use_avg": False}),
+    (TF_STYLEGAN, "logistic-r1", "stylegan_tf_torch", {"use_gs": False}),
+], ids=["tf_pgan", "tf_stylegan"])
+def test_an_official_tf_network_finetunes_with_its_loss_and_is_written_as_its_tf_variables(
+        source: Path, objective: str, written: str, trained_option: dict, tmp_path: Path) -> None:
+    if not source.is_file():
+        pytest.skip(f"TF fixture not found at {source}")
+    generator = load_generator(source)
     reals = torch.from_numpy(np.stack(random_crops(builtin_photos(), 16, generator.resolution, seed=1)))
     attack = finetuner(reals.permute(0, 3, 1, 2).contiguous(), generator=generator)
     result = attack.run(2, batch=4, out=tmp_path, progress=False)
-    assert result.settings["objective"] == "wgan-gp" and result.settings["format"] == "pgan_tf_torch"
+    assert result.settings["objective"] == objective and result.settings["format"] == written
     reloaded = load_generator(result.checkpoint)
-    assert reloaded.format == "pgan_tf_torch"
+    assert reloaded.format == written
     assert torch.equal(images(reloaded), images(result.generator))
-    assert torch.equal(images(load_generator(result.checkpoint, use_avg=False)), images(result.trained))
-    assert not torch.equal(images(reloaded), images(load_generator(TF_PGAN)))  # it did train
-    for key, value in result.discriminator.state_dict().items():
-        assert torch.equal(reloaded.discriminator.state_dict()[key], value), key
-
-
-@pytest.mark.skipif(not TF_STYLEGAN.is_file(), reason=f"TF StyleGAN fixture not found at {TF_STYLEGAN}")
-def test_an_official_tf_stylegan_finetunes_with_logistic_r1_and_is_written_as_its_tf_variables(tmp_path: Path) -> None:
-    generator = load_generator(TF_STYLEGAN)
-    reals = torch.from_numpy(np.stack(random_crops(builtin_photos(), 16, generator.resolution, seed=1)))
-    attack = finetuner(reals.permute(0, 3, 1, 2).contiguous(), generator=generator)
-    result = attack.run(2, batch=4, out=tmp_path, progress=False)
-    assert result.settings["objective"] == "logistic-r1" and result.settings["format"] == "stylegan_tf_torch"
-    reloaded = load_generator(result.checkpoint)
-    assert reloaded.format == "stylegan_tf_torch"
-    assert torch.equal(images(reloaded), images(result.generator))
-    assert torch.equal(images(load_generator(result.checkpoint, use_gs=False)), images(result.trained))
-    assert not torch.equal(images(reloaded), images(load_generator(TF_STYLEGAN)))  # it did train
+    assert torch.equal(images(load_generator(result.checkpoint, **trained_option)), images(result.trained))
+    assert not torch.equal(images(reloaded), images(load_generator(source)))  # it did train
     for key, value in result.discriminator.state_dict().items():
         assert torch.equal(reloaded.discriminator.state_dict()[key], value), key
 
