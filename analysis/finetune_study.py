@@ -137,23 +137,8 @@ def _check_settings(config: FinetuneConfig) -> None:
 
 
 def _check_out(config: FinetuneConfig, resume: bool, force: bool) -> None:
-    """Refuse an output folder holding other results, or this study unless resume/force."""
-    out = Path(config.out)
-    saved = out / "config.yaml"
-    if not saved.is_file():
-        if out.is_dir() and any(out.iterdir()):
-            raise InputError(f"{out}: exists and is not a finetuning folder (no config.yaml); choose a new --out")
-        return
-    if force:
-        return
-    if not resume:
-        raise InputError(f"{out}: already holds a finetuning run; pass --resume to continue it, --force to "
-                         f"start again, or choose another --out")
-    old = configs.read_yaml(saved)
-    changed = [k for k, v in configs.to_dict(config).items() if k not in RESUMABLE_CHANGES and old.get(k) != v]
-    if changed:
-        raise InputError(f"{out}: cannot resume with different {', '.join(changed)} "
-                         f"(saved: {', '.join(f'{k}={old.get(k)!r}' for k in changed)}); pass --force to restart")
+    configs.check_run_folder(config, config.out, holds="a finetuning run", folder="a finetuning folder",
+                             resumable=RESUMABLE_CHANGES, resume=resume, force=force)
 
 
 def _lpips_for(config: FinetuneConfig, device: torch.device) -> nn.Module | None:

@@ -70,23 +70,8 @@ def _check_settings(config: RetrainStudyConfig) -> None:
 
 
 def _check_out(config: RetrainStudyConfig, resume: bool, force: bool) -> None:
-    """Refuse an output folder holding other results, or this study unless resume/force."""
-    out = Path(config.out)
-    saved = out / "config.yaml"
-    if not saved.is_file():
-        if out.is_dir() and any(out.iterdir()):
-            raise InputError(f"{out}: exists and is not a retrain study (no config.yaml); choose a new --out")
-        return
-    if force:
-        return
-    if not resume:
-        raise InputError(f"{out}: already holds a retrain study; pass --resume to continue it, "
-                         f"--force to redo it, or choose another --out")
-    old = configs.read_yaml(saved)
-    changed = [k for k, v in configs.to_dict(config).items() if k not in RESUMABLE_CHANGES and old.get(k) != v]
-    if changed:
-        raise InputError(f"{out}: cannot resume with different {', '.join(changed)} "
-                         f"(saved: {', '.join(f'{k}={old.get(k)!r}' for k in changed)}); pass --force to redo it")
+    configs.check_run_folder(config, config.out, holds="a retrain study", folder="a retrain study",
+                             resumable=RESUMABLE_CHANGES, resume=resume, force=force, force_to="redo it")
 
 
 def _patches_cached(checkpoint: Path, result: RetrainResult, folder: Path, segmenter: Segmenter,

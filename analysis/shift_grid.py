@@ -150,23 +150,9 @@ def _eval_seed(config: ExaggerateConfig) -> int:
 
 
 def _check_out(config: ExaggerateConfig, resume: bool, force: bool) -> None:
-    """Refuse an output folder holding other results, or this study unless resume/force."""
-    out = Path(config.out)
-    saved = out / "config.yaml"
-    if not saved.is_file():
-        if out.is_dir() and any(out.iterdir()):
-            raise InputError(f"{out}: exists and is not an exaggeration folder (no config.yaml); choose a new --out")
-        return
-    if force:
-        return
-    if not resume:
-        raise InputError(f"{out}: already holds an exaggeration; pass --resume to re-score its shift, "
-                         f"--force to fit it again, or choose another --out")
-    old = configs.read_yaml(saved)
-    changed = [k for k, v in configs.to_dict(config).items() if k not in RESUMABLE_CHANGES and old.get(k) != v]
-    if changed:
-        raise InputError(f"{out}: cannot resume with different {', '.join(changed)} "
-                         f"(saved: {', '.join(f'{k}={old.get(k)!r}' for k in changed)}); pass --force to refit")
+    configs.check_run_folder(config, config.out, holds="an exaggeration", folder="an exaggeration folder",
+                             resumable=RESUMABLE_CHANGES, resume=resume, force=force,
+                             resume_to="re-score its shift", force_to="fit it again")
 
 
 def _lpips_for(config: ExaggerateConfig, device: torch.device) -> nn.Module | None:

@@ -277,18 +277,8 @@ def _check_out(config: InvertConfig, root: Path, resume: bool) -> None:
     out = Path(config.out)
     if out.resolve() == root.resolve() or root.resolve() in out.resolve().parents:
         raise InputError(f"--out {out}: inside the images folder {root}; choose a folder outside it")
-    saved = out / "config.yaml"
-    if saved.is_file():
-        if not resume:
-            raise InputError(f"{out}: already holds an inversion; pass --resume to continue it, "
-                             f"or choose another --out")
-        old = configs.read_yaml(saved)
-        changed = [k for k, v in configs.to_dict(config).items() if k not in RESUMABLE_CHANGES and old.get(k) != v]
-        if changed:
-            raise InputError(f"{out}: cannot resume with different {', '.join(changed)} "
-                             f"(saved: {', '.join(f'{k}={old.get(k)!r}' for k in changed)})")
-    elif out.is_dir() and any(out.iterdir()):
-        raise InputError(f"{out}: exists and is not an inversion folder (no config.yaml); choose a new --out")
+    configs.check_run_folder(config, out, holds="an inversion", folder="an inversion folder",
+                             resumable=RESUMABLE_CHANGES, resume=resume, force_to=None)
 
 
 def _load_progress(out: Path, sha256: str) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
