@@ -5,14 +5,13 @@ config, randomly initialised as the TF code would); sampled by the patchscope co
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from generators.base import NOISE_MODES, StyleGenerator
-from generators.stylegan_ops import (ACTIVATION_GAIN, EqualizedConv, EqualizedDense, activation,
+from generators.stylegan_ops import (ACTIVATION_GAIN, EqualizedConv, EqualizedDense, ProgressiveShape, activation,
                                      blur2d, blur_kernel, instance_norm, pixel_norm, uses_fused_scale)
 
 # Paper sampling defaults (the official `G_style` keyword defaults).
@@ -21,7 +20,7 @@ DEFAULT_TRUNCATION_CUTOFF = 8
 
 
 @dataclass(frozen=True)
-class StyleGANConfig:
+class StyleGANConfig(ProgressiveShape):
     """The `G_style` / `G_mapping` / `G_synthesis` keyword arguments that shape the network."""
 
     resolution: int = 1024
@@ -45,23 +44,10 @@ class StyleGANConfig:
     fused_scale: bool | str = "auto"
     blur_filter: tuple[float, ...] | None = (1.0, 2.0, 1.0)
 
-    def __post_init__(self) -> None:
-        log2 = int(round(math.log2(self.resolution)))
-        if self.resolution < 4 or 2 ** log2 != self.resolution:
-            raise ValueError(f"resolution must be a power of two >= 4, got {self.resolution}")
-
-    @property
-    def resolution_log2(self) -> int:
-        return int(round(math.log2(self.resolution)))
-
     @property
     def num_layers(self) -> int:
         """Two style layers per resolution from 4x4 up."""
         return 2 * self.resolution_log2 - 2
-
-    def channels(self, stage: int) -> int:
-        """Feature maps `nf(stage)` of the official code; resolution 2**r uses stage r - 1."""
-        return min(int(self.fmap_base / (2.0 ** (stage * self.fmap_decay))), self.fmap_max)
 
     @staticmethod
     def layer_resolution(layer: int) -> int:

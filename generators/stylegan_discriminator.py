@@ -5,18 +5,17 @@ used by generator finetuning (eq. 4) and by anyone scoring images with the GAN's
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from generators.stylegan_ops import (EqualizedConv, EqualizedDense, activation, blur2d, blur_kernel,
+from generators.stylegan_ops import (EqualizedConv, EqualizedDense, ProgressiveShape, activation, blur2d, blur_kernel,
                                      minibatch_stddev, uses_fused_scale)
 
 
 @dataclass(frozen=True)
-class DiscriminatorConfig:
+class DiscriminatorConfig(ProgressiveShape):
     """The `D_basic` keyword arguments that shape the network."""
 
     resolution: int = 1024
@@ -30,18 +29,6 @@ class DiscriminatorConfig:
     mbstd_num_features: int = 1
     fused_scale: bool | str = "auto"
     blur_filter: tuple[float, ...] | None = (1.0, 2.0, 1.0)
-
-    def __post_init__(self) -> None:
-        log2 = int(round(math.log2(self.resolution)))
-        if self.resolution < 4 or 2 ** log2 != self.resolution:
-            raise ValueError(f"resolution must be a power of two >= 4, got {self.resolution}")
-
-    @property
-    def resolution_log2(self) -> int:
-        return int(round(math.log2(self.resolution)))
-
-    def channels(self, stage: int) -> int:
-        return min(int(self.fmap_base / (2.0 ** (stage * self.fmap_decay))), self.fmap_max)
 
 
 class DownBlock(nn.Module):

@@ -110,6 +110,29 @@ def minibatch_stddev(x: torch.Tensor, group_size: int, num_features: int = 1) ->
     return torch.cat([x, y], dim=1)
 
 
+class ProgressiveShape:
+    """Shape rules the StyleGAN (v1) generator and discriminator configs share: a power-of-two
+    `resolution` and the official feature-map count `nf(stage)` from `fmap_base/decay/max`."""
+
+    resolution: int
+    fmap_base: int
+    fmap_decay: float
+    fmap_max: int
+
+    def __post_init__(self) -> None:
+        log2 = int(round(math.log2(self.resolution)))
+        if self.resolution < 4 or 2 ** log2 != self.resolution:
+            raise ValueError(f"resolution must be a power of two >= 4, got {self.resolution}")
+
+    @property
+    def resolution_log2(self) -> int:
+        return int(round(math.log2(self.resolution)))
+
+    def channels(self, stage: int) -> int:
+        """Feature maps `nf(stage)` of the official code; resolution 2**r uses stage r - 1."""
+        return min(int(self.fmap_base / (2.0 ** (stage * self.fmap_decay))), self.fmap_max)
+
+
 class EqualizedDense(nn.Module):
     """`dense` + `apply_bias` of the TF code: weight stored [out, in], scaled at run time."""
 
