@@ -10,7 +10,7 @@ from typing import Any
 import click
 
 from cli import main
-from cli.common import config_layers, overrides, user_errors
+from cli.common import config_layers, overrides, scoring_options, user_errors
 from forensics import config as configs
 
 
@@ -71,13 +71,7 @@ def train(config: str | None, resume: bool, **options: Any) -> None:
 @click.option("--split", help="Split folder used when a source has splits.  [default: test]")
 @click.option("--aggregation", type=click.Choice(["after_softmax", "before_softmax", "vote"]),
               help="Image score for accuracy and the PR curve (metrics.json holds all three).  [default: after_softmax]")
-@click.option("--load-size", type=click.IntRange(1), help="[default: as trained]")
-@click.option("--crop-size", type=click.IntRange(1), help="[default: as trained]")
-@click.option("--batch-size", type=click.IntRange(1), help="[default: 64]")
-@click.option("--device", help="auto | cpu | cuda | cuda:N.  [default: auto]")
-@click.option("--precision", type=click.Choice(["auto", "fp32", "bf16"]), help="[default: auto]")
-@click.option("--workers", type=click.IntRange(0), help="DataLoader workers.  [default: 0]")
-@click.option("--on-bad-image", type=click.Choice(["skip", "error"]), help="[default: skip]")
+@scoring_options
 @click.option("--force", is_flag=True, default=None, help="Replace an existing metrics.json (and robustness results).")
 @click.option("--heatmaps", type=click.IntRange(0), default=0,
               help="Also write heatmap pages of the N easiest and N hardest test images per class "
@@ -153,13 +147,7 @@ def _metrics_table(summary: dict[str, Any]) -> str:
                    "face-part classes.  [default: none: flat/edge/texture classes from local gradients]")
 @click.option("--seed", type=click.IntRange(0), help="Seeds the random baseline patch of each image.  [default: 0]")
 @click.option("--which", type=click.Choice(["best", "last"]), help="Checkpoint of a run directory.  [default: best]")
-@click.option("--load-size", type=click.IntRange(1), help="[default: as trained]")
-@click.option("--crop-size", type=click.IntRange(1), help="[default: as trained]")
-@click.option("--batch-size", type=click.IntRange(1), help="[default: 64]")
-@click.option("--device", help="auto | cpu | cuda | cuda:N.  [default: auto]")
-@click.option("--precision", type=click.Choice(["auto", "fp32", "bf16"]), help="[default: auto]")
-@click.option("--workers", type=click.IntRange(0), help="DataLoader workers.  [default: 0]")
-@click.option("--on-bad-image", type=click.Choice(["skip", "error"]), help="[default: skip]")
+@scoring_options
 @click.option("--sheet-max", type=click.IntRange(1), help="Patches on each contact sheet.  [default: 225]")
 @click.option("--crops/--no-crops", "save_crops", default=None, help="One PNG per top patch.  [default: on]")
 @click.option("--force", is_flag=True, default=None, help="Replace an existing patches.json.")

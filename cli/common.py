@@ -51,6 +51,24 @@ def lpips_options(command: Callable) -> Callable:
         click.option("--lpips-random/--no-lpips-random", default=None,
                      help="Random LPIPS backbone: smoke tests only, its distances are not perceptual.  [default: off]"),
     ]
+    return _stacked(command, options)
+
+
+def scoring_options(command: Callable) -> Callable:
+    """How a trained classifier scores images: the options `eval` and `patches` share."""
+    return _stacked(command, [
+        click.option("--load-size", type=click.IntRange(1), help="[default: as trained]"),
+        click.option("--crop-size", type=click.IntRange(1), help="[default: as trained]"),
+        click.option("--batch-size", type=click.IntRange(1), help="[default: 64]"),
+        click.option("--device", help="auto | cpu | cuda | cuda:N.  [default: auto]"),
+        click.option("--precision", type=click.Choice(["auto", "fp32", "bf16"]), help="[default: auto]"),
+        click.option("--workers", type=click.IntRange(0), help="DataLoader workers.  [default: 0]"),
+        click.option("--on-bad-image", type=click.Choice(["skip", "error"]), help="[default: skip]"),
+    ])
+
+
+def _stacked(command: Callable, options: list[Callable]) -> Callable:
+    """`command` with `options` applied so that --help lists them in this order."""
     for option in reversed(options):
         command = option(command)
     return command
