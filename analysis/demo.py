@@ -24,6 +24,7 @@ from analysis.shift_grid import ExaggerateConfig, run_exaggerate
 from attacks.perceptual import find_backbone_weights
 from forensics import config as configs
 from forensics.atomic import write_json
+from forensics.device import resolve_device
 from forensics.errors import InputError
 from forensics.builtin_images import write_builtin_reals
 from forensics.evaluate import EvalConfig, evaluate
@@ -181,7 +182,7 @@ class Demo:
 
         def work(resume: bool) -> dict[str, Any]:
             sample_dataset(self.generator, self.fakes, cfg.counts, seed=cfg.seed, size=cfg.size,
-                           batch_size=cfg.sample_batch_size, device=_device(cfg.device))
+                           batch_size=cfg.sample_batch_size, device=resolve_device(cfg.device))
             return {"n": sum(cfg.counts.values())}
 
         return self.book.run("fakes", self.fakes, {"size": cfg.size}, ["data", "generator"], work,
@@ -294,12 +295,6 @@ def _shown(path: str) -> str:
         return str(Path(path).resolve().relative_to(Path.cwd()))
     except ValueError:
         return path
-
-
-def _device(name: str) -> str:
-    import torch
-
-    return ("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name
 
 
 def summary_rows(results: Mapping[str, Any]) -> list[tuple[str, float]]:
