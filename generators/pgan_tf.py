@@ -21,7 +21,7 @@ from generators.atomic import replace_atomically
 from generators.base import Generator
 from generators.errors import CheckpointError
 from generators.pgan import pixel_norm, upscale_nearest
-from generators.safe_pickle import PickledRecord
+from generators.safe_pickle import PickledRecord, variable_arrays
 
 SQRT2 = math.sqrt(2.0)
 
@@ -113,11 +113,7 @@ class _Variables:
         if not isinstance(arrays, Mapping) or not isinstance(kwargs, Mapping):
             raise CheckpointError(f"network {role}: expected a mapping of variables and one of static_kwargs")
         variables = cls(None, role)
-        try:
-            variables.arrays = {str(k): np.asarray(v.numpy() if isinstance(v, torch.Tensor) else v)
-                                for k, v in arrays.items()}
-        except (TypeError, ValueError, RuntimeError) as error:
-            raise CheckpointError(f"network {role} has unreadable variables ({error})") from error
+        variables.arrays = variable_arrays(dict(arrays), role)
         variables.kwargs = dict(kwargs)
         return variables
 

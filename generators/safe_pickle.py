@@ -335,3 +335,14 @@ def is_zip_file(path: str | os.PathLike) -> bool:
     except OSError as error:
         raise _checkpoint_error(path, "cannot be opened", error) from error
 
+
+
+def variable_arrays(values: Any, role: str) -> dict[str, np.ndarray]:
+    """A name -> tensor (or array) mapping read from a file as name -> ndarray; a CheckpointError naming
+    the network `role` when it is not one (the TF-variables files patchscope writes)."""
+    if not isinstance(values, dict):
+        raise CheckpointError(f"network {role}: expected a mapping of variables")
+    try:
+        return {str(k): np.asarray(v.numpy() if isinstance(v, torch.Tensor) else v) for k, v in values.items()}
+    except (TypeError, ValueError, RuntimeError) as error:
+        raise CheckpointError(f"network {role} has unreadable variables ({error})") from error

@@ -17,7 +17,7 @@ from torch import nn
 
 from generators.atomic import replace_atomically
 from generators.errors import CheckpointError
-from generators.safe_pickle import describe_source, load_pickle
+from generators.safe_pickle import describe_source, load_pickle, variable_arrays
 from generators.stylegan import DEFAULT_PSI, DEFAULT_TRUNCATION_CUTOFF, StyleGAN, StyleGANConfig
 from generators.stylegan_discriminator import DiscriminatorConfig, StyleGANDiscriminator
 
@@ -302,12 +302,7 @@ def _arrays(network: Any, role: str) -> tuple[dict[str, Any], dict[str, np.ndarr
     if not isinstance(network, dict) or not isinstance(network.get("variables"), dict) \
             or not isinstance(network.get("static_kwargs"), dict):
         raise CheckpointError(f"a {TF_TORCH_FORMAT} file lacks the network {role} (variables and static_kwargs)")
-    try:
-        arrays = {str(k): np.asarray(v.numpy() if isinstance(v, torch.Tensor) else v)
-                  for k, v in network["variables"].items()}
-    except (TypeError, ValueError, RuntimeError) as error:
-        raise CheckpointError(f"network {role} has unreadable variables ({error})") from error
-    return network["static_kwargs"], arrays
+    return network["static_kwargs"], variable_arrays(network["variables"], role)
 
 
 def load_stylegan_tf_torch(state: dict[str, Any], *, use_gs: bool = True, psi: float = DEFAULT_PSI,
