@@ -11,8 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from analysis.segment import Segmenter, check_images
-from forensics.errors import InputError
+from patchscope.analysis.segment import Segmenter, check_images
+from patchscope.common.errors import InputError
 
 # Label order of CelebAMask-HQ as the public parser was trained (background first).
 FACE_PARTS = ["background", "skin", "l_brow", "r_brow", "l_eye", "r_eye", "eye_g", "l_ear", "r_ear", "ear_r",

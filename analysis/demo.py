@@ -14,26 +14,27 @@ from typing import Any, Mapping
 
 import click
 
-from analysis.demo_stages import StageBook
-from analysis.finetune_study import FinetuneConfig, run_finetune
-from analysis.heatmaps import write_eval_heatmaps
-from analysis.patches import LABEL_NAMES, run_patches
-from analysis.report import write_report
-from analysis.residual import RetrainStudyConfig, run_retrain_study
-from analysis.shift_grid import ExaggerateConfig, run_exaggerate
-from attacks.perceptual import find_backbone_weights
-from forensics import config as configs
-from forensics.atomic import write_json
-from forensics.device import resolve_device
-from forensics.errors import InputError
-from forensics.builtin_images import write_builtin_reals
-from forensics.evaluate import EvalConfig, evaluate
-from forensics.train import TrainConfig, fit
-from generators.formats import checkpoint_sha256
-from generators.gan_training import GANTrainConfig, train_gan
-from generators.sampling import sample_dataset
+from patchscope.analysis.demo_stages import StageBook
+from patchscope.analysis.finetune_study import FinetuneConfig, run_finetune
+from patchscope.analysis.heatmaps import write_eval_heatmaps
+from patchscope.analysis.patches import LABEL_NAMES, run_patches
+from patchscope.analysis.report.build import write_report
+from patchscope.analysis.residual import RetrainStudyConfig, run_retrain_study
+from patchscope.analysis.shift_grid import ExaggerateConfig, run_exaggerate
+from patchscope.attacks.perceptual import find_backbone_weights
+from patchscope.configs import bundled_config
+from patchscope.forensics import config as configs
+from patchscope.common.atomic import write_json
+from patchscope.common.device import resolve_device
+from patchscope.common.errors import InputError
+from patchscope.forensics.builtin_images import write_builtin_reals
+from patchscope.forensics.evaluate import EvalConfig, evaluate
+from patchscope.forensics.train import TrainConfig, fit
+from patchscope.generators.io.formats import checkpoint_sha256
+from patchscope.generators.training.trainer import GANTrainConfig, train_gan
+from patchscope.generators.sampling import sample_dataset
 
-DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
+DEFAULT_CONFIG = bundled_config("demo.yaml")
 # A PGAN grown by `patchscope train-gan` on the demo's train crops (the command is in its .json).
 BUNDLED_GENERATOR = Path(__file__).resolve().parent / "demo_assets" / "pgan32_builtin.pt"
 TEST_SET = "builtin"

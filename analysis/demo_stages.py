@@ -17,7 +17,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import click
 
-from forensics.atomic import write_json
+from patchscope.common.atomic import write_json
 
 BOOK_FILE = "stages.json"
 

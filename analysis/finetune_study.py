@@ -17,24 +17,24 @@ import torch
 from PIL import Image
 from torch import nn
 
-from analysis.grids import image_grid, save_image, to_uint8
-from analysis.shift_grid import LARGEST_TILE
-from attacks.finetune import GeneratorFinetuner
-from attacks.finetune_eval import FINETUNED, ORIGINAL, Comparison
-from attacks.finetune_files import GENERATOR_FILE, METRICS_FILE, RESUME_FILE, written_format
-from attacks.gan_objectives import objective_for
-from attacks.perceptual import LPIPS_NETS, find_backbone_weights, load_lpips
-from attacks.real_batches import RealImages
-from attacks.shift import ClassifierInput
-from forensics import config as configs
-from forensics.atomic import write_json, write_text
-from forensics.checkpoint import load_classifier, resolve_checkpoint
-from forensics.data import BAD_IMAGE_POLICIES
-from forensics.device import configure_backends, resolve_device, resolve_precision
-from forensics.errors import InputError
-from forensics.scoring import AGGREGATIONS
-from generators import checkpoint_sha256, load_generator
-from generators.base import Generator
+from patchscope.analysis.grids import image_grid, save_image, to_uint8
+from patchscope.analysis.shift_grid import LARGEST_TILE
+from patchscope.attacks.finetune import GeneratorFinetuner
+from patchscope.attacks.finetune_eval import FINETUNED, ORIGINAL, Comparison
+from patchscope.attacks.finetune_files import GENERATOR_FILE, METRICS_FILE, RESUME_FILE, written_format
+from patchscope.attacks.gan_objectives import objective_for
+from patchscope.attacks.perceptual import LPIPS_NETS, find_backbone_weights, load_lpips
+from patchscope.attacks.real_batches import RealImages
+from patchscope.attacks.shift import ClassifierInput
+from patchscope.forensics import config as configs
+from patchscope.common.atomic import write_json, write_text
+from patchscope.forensics.checkpoint import load_classifier, resolve_checkpoint
+from patchscope.forensics.data import BAD_IMAGE_POLICIES
+from patchscope.common.device import configure_backends, resolve_device, resolve_precision
+from patchscope.common.errors import InputError
+from patchscope.forensics.scoring import AGGREGATIONS
+from patchscope.generators import checkpoint_sha256, load_generator
+from patchscope.generators.base import Generator
 
 log = logging.getLogger("patchscope.finetune")
 

@@ -16,8 +16,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from forensics.atomic import write_bytes
-from forensics.errors import InputError
+from patchscope.common.atomic import write_bytes
+from patchscope.common.errors import InputError
 
 GAP = 4             # px between tiles and around the tile block; a highlight frame lives in it
 PAD = 6             # px around every text band

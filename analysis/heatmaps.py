@@ -22,15 +22,15 @@ import numpy as np
 import torch
 from PIL import Image
 
-from analysis.grids import ColourBar, colour_lut, image_grid, save_image, to_uint8
-from analysis.lightbox import LightboxItem, write_lightbox
-from forensics import checkpoint, data
-from forensics.atomic import write_bytes, write_json
-from forensics.device import resolve_device, resolve_precision
-from forensics.errors import InputError
-from forensics.evaluate import EvalConfig, parse_test_spec, predict
-from forensics.figures import figure_format, render_figure
-from forensics.receptive import ModelLike, Size, output_size, receptive_field
+from patchscope.analysis.grids import ColourBar, colour_lut, image_grid, save_image, to_uint8
+from patchscope.analysis.lightbox import LightboxItem, write_lightbox
+from patchscope.forensics import checkpoint, data
+from patchscope.common.atomic import write_bytes, write_json
+from patchscope.common.device import resolve_device, resolve_precision
+from patchscope.common.errors import InputError
+from patchscope.forensics.evaluate import EvalConfig, parse_test_spec, predict
+from patchscope.forensics.figures import figure_format, render_figure
+from patchscope.forensics.receptive import ModelLike, Size, output_size, receptive_field
 
 GROUPS = ("real_easy", "real_hard", "fake_easy", "fake_hard")
 GROUP_TITLES = {"real_easy": "real, easiest", "real_hard": "real, hardest",

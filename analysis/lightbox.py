@@ -11,7 +11,7 @@ from pathlib import Path, PurePath
 from typing import Sequence
 from urllib.parse import quote
 
-from forensics.atomic import write_text
+from patchscope.common.atomic import write_text
 
 
 @dataclass(frozen=True)

@@ -16,14 +16,14 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from analysis.grids import save_grid, save_image
-from analysis.segment import LowLevelSegmenter, Segmenter, class_histogram, patch_class, plot_histograms
-from forensics import checkpoint, config as configs, data
-from forensics.atomic import write_json, write_text
-from forensics.device import configure_backends, resolve_device, resolve_precision
-from forensics.errors import InputError
-from forensics.evaluate import predict
-from forensics.receptive import ModelLike, ReceptiveField, Size, patch_boxes, receptive_field
+from patchscope.analysis.grids import save_grid, save_image
+from patchscope.analysis.segment import LowLevelSegmenter, Segmenter, class_histogram, patch_class, plot_histograms
+from patchscope.forensics import checkpoint, config as configs, data
+from patchscope.common.atomic import write_json, write_text
+from patchscope.common.device import configure_backends, resolve_device, resolve_precision
+from patchscope.common.errors import InputError
+from patchscope.forensics.evaluate import predict
+from patchscope.forensics.receptive import ModelLike, ReceptiveField, Size, patch_boxes, receptive_field
 
 log = logging.getLogger("patchscope.patches")
 
@@ -192,7 +192,7 @@ class PatchesConfig:
 
 def make_segmenter(face_parser: str | None, device: torch.device) -> Segmenter:
     if face_parser:
-        from analysis.bisenet import BiSeNetSegmenter  # torch model code only needed for faces
+        from patchscope.analysis.bisenet import BiSeNetSegmenter  # torch model code only needed for faces
         return BiSeNetSegmenter(face_parser, device=device)
     return LowLevelSegmenter()
 

@@ -15,15 +15,15 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 from matplotlib.figure import Figure
 
-from analysis.patches import make_segmenter, run_patches
-from analysis.segment import Segmenter, class_histogram, save_figure
-from attacks.retrain import CLASSIFIERS, TEST_SETS, TEST_SPLIT, RetrainResult, record_stage, retrain, stage_is_current
-from forensics import config as configs
-from forensics.atomic import write_json, write_text
-from forensics.device import resolve_device
-from forensics.errors import InputError
-from forensics.scoring import AGGREGATIONS
-from generators import checkpoint_sha256
+from patchscope.analysis.patches import make_segmenter, run_patches
+from patchscope.analysis.segment import Segmenter, class_histogram, save_figure
+from patchscope.attacks.retrain import CLASSIFIERS, TEST_SETS, TEST_SPLIT, RetrainResult, record_stage, retrain, stage_is_current
+from patchscope.forensics import config as configs
+from patchscope.common.atomic import write_json, write_text
+from patchscope.common.device import resolve_device
+from patchscope.common.errors import InputError
+from patchscope.forensics.scoring import AGGREGATIONS
+from patchscope.generators import checkpoint_sha256
 
 log = logging.getLogger("patchscope.residual")
 

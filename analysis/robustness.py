@@ -14,15 +14,15 @@ from typing import Any, Sequence
 
 import torch
 
-from forensics import checkpoint, data
-from forensics.atomic import write_json, write_text
-from forensics.device import configure_backends, resolve_device, resolve_precision
-from forensics.errors import InputError
-from forensics.evaluate import EvalConfig, parse_test_spec, predict
-from forensics.figures import figure_format, save_figure
-from forensics.perturb import Perturbation, PerturbedImageSet, parse_perturbations
-from forensics.receptive import receptive_field
-from forensics.scoring import AGGREGATIONS, compute_metrics, image_scores
+from patchscope.forensics import checkpoint, data
+from patchscope.common.atomic import write_json, write_text
+from patchscope.common.device import configure_backends, resolve_device, resolve_precision
+from patchscope.common.errors import InputError
+from patchscope.forensics.evaluate import EvalConfig, parse_test_spec, predict
+from patchscope.forensics.figures import figure_format, save_figure
+from patchscope.forensics.perturb import Perturbation, PerturbedImageSet, parse_perturbations
+from patchscope.forensics.receptive import receptive_field
+from patchscope.forensics.scoring import AGGREGATIONS, compute_metrics, image_scores
 
 log = logging.getLogger("patchscope.robustness")
 

@@ -12,9 +12,9 @@ import numpy as np
 from matplotlib.figure import Figure
 from scipy import ndimage
 
-from forensics.atomic import write_json
-from forensics.figures import save_figure  # noqa: F401 - analysis.residual imports it from here
-from forensics.errors import InputError
+from patchscope.common.atomic import write_json
+from patchscope.forensics.figures import save_figure  # noqa: F401 - analysis.residual imports it from here
+from patchscope.common.errors import InputError
 
 Box = tuple[int, int, int, int]  # (top, left, bottom, right), bottom/right exclusive
 

@@ -15,18 +15,18 @@ import torch
 from PIL import Image
 from torch import nn
 
-from analysis.grids import image_grid, save_image, to_uint8
-from attacks.perceptual import LPIPS_NETS, find_backbone_weights, load_lpips
-from attacks.shift import (DEFAULT_KS, SIGN_CONVENTION, ClassifierInput, ShiftExaggeration, ShiftSweep,
+from patchscope.analysis.grids import image_grid, save_image, to_uint8
+from patchscope.attacks.perceptual import LPIPS_NETS, find_backbone_weights, load_lpips
+from patchscope.attacks.shift import (DEFAULT_KS, SIGN_CONVENTION, ClassifierInput, ShiftExaggeration, ShiftSweep,
                            check_held_out, load_shift, resolve_space, save_shift)
-from forensics import config as configs
-from forensics.atomic import write_json, write_text
-from forensics.checkpoint import load_classifier, resolve_checkpoint
-from forensics.device import configure_backends, resolve_device, resolve_precision
-from forensics.errors import InputError
-from forensics.scoring import AGGREGATIONS
-from generators import checkpoint_sha256, load_generator
-from generators.base import Generator
+from patchscope.forensics import config as configs
+from patchscope.common.atomic import write_json, write_text
+from patchscope.forensics.checkpoint import load_classifier, resolve_checkpoint
+from patchscope.common.device import configure_backends, resolve_device, resolve_precision
+from patchscope.common.errors import InputError
+from patchscope.forensics.scoring import AGGREGATIONS
+from patchscope.generators import checkpoint_sha256, load_generator
+from patchscope.generators.base import Generator
 
 log = logging.getLogger("patchscope.exaggerate")
 

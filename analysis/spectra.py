@@ -14,10 +14,10 @@ import numpy as np
 from scipy.ndimage import median_filter
 from tqdm import tqdm
 
-from forensics.atomic import write_bytes, write_json
-from forensics.data import BAD_IMAGE_POLICIES, BadImageError, ImageSet, list_images, read_image, resize_image
-from forensics.errors import InputError
-from forensics.figures import figure_format, save_figure
+from patchscope.common.atomic import write_bytes, write_json
+from patchscope.forensics.data import BAD_IMAGE_POLICIES, BadImageError, ImageSet, list_images, read_image, resize_image
+from patchscope.common.errors import InputError
+from patchscope.forensics.figures import figure_format, save_figure
 
 log = logging.getLogger("patchscope.spectra")
 

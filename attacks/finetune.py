@@ -13,21 +13,21 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from attacks.finetune_eval import FINETUNED, Comparison, SampleJudge, compare_generators
-from attacks.finetune_files import (GENERATOR_FILE, METRICS_FILE, RESUME_FILE, load_network_state, load_resume,
+from patchscope.attacks.finetune_eval import FINETUNED, Comparison, SampleJudge, compare_generators
+from patchscope.attacks.finetune_files import (GENERATOR_FILE, METRICS_FILE, RESUME_FILE, load_network_state, load_resume,
                                     network_state, save_generator_checkpoint, save_resume, truncate_log,
                                     written_format)
-from attacks.gan_objectives import GANObjective, objective_for
-from attacks.latent_optim import frozen
-from attacks.real_batches import RealImages
-from attacks.shift import ClassifierInput
-from forensics.atomic import append_line
-from forensics.device import autocast
-from forensics.errors import InputError
-from forensics.scoring import patch_cross_entropy
-from generators.base import Generator, StyleGenerator
-from generators.gan_schedule import batch_indices, derive_seed
-from generators.stylegan2 import StyleGAN2Discriminator
+from patchscope.attacks.gan_objectives import GANObjective, objective_for
+from patchscope.attacks.latent_optim import frozen
+from patchscope.attacks.real_batches import RealImages
+from patchscope.attacks.shift import ClassifierInput
+from patchscope.common.atomic import append_line
+from patchscope.common.device import autocast
+from patchscope.common.errors import InputError
+from patchscope.forensics.scoring import patch_cross_entropy
+from patchscope.generators.base import Generator, StyleGenerator
+from patchscope.generators.training.schedule import batch_indices, derive_seed
+from patchscope.generators.stylegan2.model import StyleGAN2Discriminator
 
 REAL = 0
 # Purposes of derived seeds (generators.gan_schedule uses 0-2 for its own streams).

@@ -9,12 +9,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from attacks.latent_optim import frozen
-from attacks.real_batches import RealImages
-from attacks.shift import ClassifierInput
-from forensics.device import autocast
-from forensics.scoring import AGGREGATIONS, compute_metrics, image_scores
-from generators.base import Generator
+from patchscope.attacks.latent_optim import frozen
+from patchscope.attacks.real_batches import RealImages
+from patchscope.attacks.shift import ClassifierInput
+from patchscope.common.device import autocast
+from patchscope.forensics.scoring import AGGREGATIONS, compute_metrics, image_scores
+from patchscope.generators.base import Generator
 
 ORIGINAL, FINETUNED = "original", "finetuned"
 

@@ -12,16 +12,16 @@ from typing import Any
 import torch
 from torch import nn
 
-from forensics.atomic import atomic_open, write_text
-from forensics.checkpoint import load_resume_state, save_resume_state
-from forensics.errors import InputError
-from generators.base import Generator
-from generators.pgan import PGANZooDiscriminator, PGANZooGenerator, save_pgan_zoo
-from generators.pgan_tf import PGANTFDiscriminator, PGANTFGenerator, save_pgan_tf
-from generators.stylegan import StyleGAN
-from generators.stylegan2 import StyleGAN2Discriminator, StyleGAN2Generator
-from generators.stylegan_discriminator import StyleGANDiscriminator
-from generators.stylegan_tf import save_stylegan_tf
+from patchscope.common.atomic import atomic_open, write_text
+from patchscope.forensics.checkpoint import load_resume_state, save_resume_state
+from patchscope.common.errors import InputError
+from patchscope.generators.base import Generator
+from patchscope.generators.pgan.zoo import PGANZooDiscriminator, PGANZooGenerator, save_pgan_zoo
+from patchscope.generators.pgan.tf import PGANTFDiscriminator, PGANTFGenerator, save_pgan_tf
+from patchscope.generators.stylegan.model import StyleGAN
+from patchscope.generators.stylegan2.model import StyleGAN2Discriminator, StyleGAN2Generator
+from patchscope.generators.stylegan.discriminator import StyleGANDiscriminator
+from patchscope.generators.stylegan.tf import save_stylegan_tf
 
 GENERATOR_FILE = "generator.pt"
 RESUME_FILE = "resume.pt"

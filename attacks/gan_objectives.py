@@ -10,12 +10,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from forensics.errors import InputError
-from generators.gan_losses import DRIFT, LAMBDA_GP, Critic, critic_loss, generator_loss
-from generators.pgan import PGANZooDiscriminator
-from generators.pgan_tf import PGANTFDiscriminator
-from generators.stylegan2 import StyleGAN2Discriminator
-from generators.stylegan_discriminator import StyleGANDiscriminator
+from patchscope.common.errors import InputError
+from patchscope.generators.training.losses import DRIFT, LAMBDA_GP, Critic, critic_loss, generator_loss
+from patchscope.generators.pgan.zoo import PGANZooDiscriminator
+from patchscope.generators.pgan.tf import PGANTFDiscriminator
+from patchscope.generators.stylegan2.model import StyleGAN2Discriminator
+from patchscope.generators.stylegan.discriminator import StyleGANDiscriminator
 
 
 class GANObjective(Protocol):

@@ -17,15 +17,15 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
 
-from attacks.latent_optim import frozen, optimize_latents
-from attacks.perceptual import find_backbone_weights, load_lpips
-from forensics import config as configs
-from forensics.atomic import atomic_open, write_bytes, write_json, write_text
-from forensics.data import BAD_IMAGE_POLICIES, BadImageError, list_images, read_image, resize_image
-from forensics.device import resolve_device
-from forensics.errors import InputError
-from generators import checkpoint_sha256, load_generator
-from generators.base import Generator, StyleGenerator
+from patchscope.attacks.latent_optim import frozen, optimize_latents
+from patchscope.attacks.perceptual import find_backbone_weights, load_lpips
+from patchscope.forensics import config as configs
+from patchscope.common.atomic import atomic_open, write_bytes, write_json, write_text
+from patchscope.forensics.data import BAD_IMAGE_POLICIES, BadImageError, list_images, read_image, resize_image
+from patchscope.common.device import resolve_device
+from patchscope.common.errors import InputError
+from patchscope.generators import checkpoint_sha256, load_generator
+from patchscope.generators.base import Generator, StyleGenerator
 
 log = logging.getLogger("patchscope.invert")
 

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision import models as tv_models
 
-from forensics.errors import InputError
+from patchscope.common.errors import InputError
 
 log = logging.getLogger("patchscope.perceptual")
 

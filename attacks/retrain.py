@@ -16,17 +16,17 @@ from typing import Any, Mapping
 
 import yaml
 
-from forensics import config as configs, data
-from forensics.atomic import write_json, write_text
-from forensics.checkpoint import load_classifier, load_resume_state, resolve_checkpoint
-from forensics.errors import InputError
-from forensics.evaluate import EvalConfig, evaluate
-from forensics.scoring import AGGREGATIONS
-from forensics.train import RESUMABLE_CHANGES as TRAIN_RESUMABLE_CHANGES
-from forensics.train import TrainConfig, fit
-from generators import checkpoint_sha256, load_generator
-from generators.base import Generator
-from generators.sampling import MANIFEST, sample_dataset, weights_sha256
+from patchscope.forensics import config as configs, data
+from patchscope.common.atomic import write_json, write_text
+from patchscope.forensics.checkpoint import load_classifier, load_resume_state, resolve_checkpoint
+from patchscope.common.errors import InputError
+from patchscope.forensics.evaluate import EvalConfig, evaluate
+from patchscope.forensics.scoring import AGGREGATIONS
+from patchscope.forensics.train import RESUMABLE_CHANGES as TRAIN_RESUMABLE_CHANGES
+from patchscope.forensics.train import TrainConfig, fit
+from patchscope.generators import checkpoint_sha256, load_generator
+from patchscope.generators.base import Generator
+from patchscope.generators.sampling import MANIFEST, sample_dataset, weights_sha256
 
 log = logging.getLogger("patchscope.retrain")
 

@@ -15,14 +15,14 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from attacks.invert import make_renderer
-from attacks.latent_optim import frozen, optimize_latents
-from forensics.atomic import atomic_open, write_json
-from forensics.data import resized_shape
-from forensics.device import autocast
-from forensics.errors import InputError
-from forensics.scoring import AGGREGATIONS, image_scores, patch_cross_entropy
-from generators.base import Generator, StyleGenerator
+from patchscope.attacks.invert import make_renderer
+from patchscope.attacks.latent_optim import frozen, optimize_latents
+from patchscope.common.atomic import atomic_open, write_json
+from patchscope.forensics.data import resized_shape
+from patchscope.common.device import autocast
+from patchscope.common.errors import InputError
+from patchscope.forensics.scoring import AGGREGATIONS, image_scores, patch_cross_entropy
+from patchscope.generators.base import Generator, StyleGenerator
 
 SPACES = ("z", "w")
 DEFAULT_KS = (-2.0, -1.0, 0.0, 1.0, 2.0)

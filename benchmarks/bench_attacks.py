@@ -15,14 +15,14 @@ from typing import Callable
 
 import torch
 
-from attacks.finetune import GeneratorFinetuner
-from attacks.perceptual import load_lpips
-from attacks.shift import ClassifierInput, ShiftExaggeration
-from forensics.device import configure_backends, resolve_device
-from forensics.models import build_model
-from analysis.demo import BUNDLED_GENERATOR
-from generators.formats import load_generator
-from generators.pgan import build_pgan_zoo
+from patchscope.attacks.finetune import GeneratorFinetuner
+from patchscope.attacks.perceptual import load_lpips
+from patchscope.attacks.shift import ClassifierInput, ShiftExaggeration
+from patchscope.common.device import configure_backends, resolve_device
+from patchscope.forensics.models import build_model
+from patchscope.analysis.demo import BUNDLED_GENERATOR
+from patchscope.generators.io.formats import load_generator
+from patchscope.generators.pgan.zoo import build_pgan_zoo
 
 
 @dataclass(frozen=True)

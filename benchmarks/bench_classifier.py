@@ -12,9 +12,9 @@ import time
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from forensics.device import resolve_device
-from forensics.models import build_model
-from forensics.scoring import patch_cross_entropy
+from patchscope.common.device import resolve_device
+from patchscope.forensics.models import build_model
+from patchscope.forensics.scoring import patch_cross_entropy
 
 # name: (memory format, autocast bf16, torch.compile)
 VARIANTS = {

@@ -17,14 +17,15 @@ import torch
 from PIL import Image
 from torch.utils.flop_counter import FlopCounterMode
 
-from generators.base import Generator
-from generators.glow import Glow, GlowConfig, GlowGenerator, openai_celebahq_config
-from generators.pgan import build_pgan_zoo
-from generators.pgan_tf import load_pgan_tf
-from generators.safe_pickle import PickledRecord
-from generators.sampling import LatentSource, resolve_device, resolve_options, sampling_arithmetic, to_pixels
-from generators.stylegan import StyleGAN, StyleGANConfig
-from generators.stylegan2 import StyleGAN2Config, StyleGAN2Generator, nvlabs_channels
+from patchscope.generators.base import Generator
+from patchscope.generators.glow.model import Glow, GlowConfig, GlowGenerator, openai_celebahq_config
+from patchscope.generators.pgan.zoo import build_pgan_zoo
+from patchscope.generators.pgan.tf import load_pgan_tf
+from patchscope.generators.io.safe_pickle import PickledRecord
+from patchscope.common.device import resolve_device
+from patchscope.generators.sampling import LatentSource, resolve_options, sampling_arithmetic, to_pixels
+from patchscope.generators.stylegan.model import StyleGAN, StyleGANConfig
+from patchscope.generators.stylegan2.model import StyleGAN2Config, StyleGAN2Generator, nvlabs_channels
 
 # The published sizes: pytorch_GAN_zoo hub PGAN (celebAHQ 256 and 512), the official TF PGAN and
 # StyleGAN CelebA-HQ/FFHQ 1024, StyleGAN2 FFHQ config-f 1024, openai's CelebA-HQ Glow 256.

@@ -27,4 +27,4 @@ def main(verbose: bool) -> None:
                         format="%(levelname).1s %(name)s: %(message)s", stream=sys.stderr)
 
 
-from cli import attack, classifier, demo, generation  # noqa: E402,F401 - registers the commands
+from patchscope.cli import attack, classifier, demo, generation  # noqa: E402,F401 - registers the commands

@@ -8,9 +8,9 @@ from typing import Any
 
 import click
 
-from cli import main
-from cli.common import config_layers, lpips_options, overrides, user_errors
-from forensics import config as configs
+from patchscope.cli import main
+from patchscope.cli.common import config_layers, lpips_options, overrides, user_errors
+from patchscope.forensics import config as configs
 
 
 @main.command("exaggerate")
@@ -59,7 +59,7 @@ def exaggerate(config: str | None, ks: str | None, resume: bool, force: bool, **
       patchscope exaggerate --generator weights/pgan-celebahq-256.pt --classifier runs/xb2 \\
           --out runs/xb2/exaggerate --lpips-weights weights/alexnet-owt-7be5be79.pth
     """
-    from analysis.shift_grid import ExaggerateConfig, parse_ks, run_exaggerate
+    from patchscope.analysis.shift_grid import ExaggerateConfig, parse_ks, run_exaggerate
 
     cli = {**overrides(options), **({"ks": parse_ks(ks)} if ks else {})}
     cfg = configs.resolve(ExaggerateConfig, config_layers(config, "exaggerate"), cli, source=config or "options")
@@ -145,7 +145,7 @@ def finetune(config: str | None, resume: bool, force: bool, **options: Any) -> N
           --real data/real --out runs/xb2/finetune --steps 2000 \\
           --lpips-weights weights/alexnet-owt-7be5be79.pth
     """
-    from analysis.finetune_study import FinetuneConfig, run_finetune
+    from patchscope.analysis.finetune_study import FinetuneConfig, run_finetune
 
     cfg = configs.resolve(FinetuneConfig, config_layers(config, "finetune"), overrides(options), source=config or "options")
     summary = run_finetune(cfg, resume=resume, force=force)
@@ -217,7 +217,7 @@ def retrain(config: str | None, train: int | None, val: int | None, test: int | 
       patchscope retrain --classifier runs/xb2 --generator runs/finetune/generator.pt \\
           --out runs/xb2/retrain --face-parser weights/79999_iter.pth
     """
-    from analysis.residual import RetrainStudyConfig, run_retrain_study
+    from patchscope.analysis.residual import RetrainStudyConfig, run_retrain_study
 
     counts = {name: n for name, n in (("train", train), ("val", val), ("test", test)) if n is not None}
     cli = {**overrides(options), **({"counts": counts} if counts else {})}

@@ -9,9 +9,9 @@ from typing import Any
 
 import click
 
-from cli import main
-from cli.common import config_layers, overrides, scoring_options, user_errors
-from forensics import config as configs
+from patchscope.cli import main
+from patchscope.cli.common import config_layers, overrides, scoring_options, user_errors
+from patchscope.forensics import config as configs
 
 
 @main.command()
@@ -55,7 +55,7 @@ def train(config: str | None, resume: bool, **options: Any) -> None:
       patchscope train --real data/real --fake data/pgan --out runs/xb2 \\
           --model xception_block2 --load-size 128 --crop-size 128
     """
-    from forensics.train import TrainConfig, fit
+    from patchscope.forensics.train import TrainConfig, fit
 
     cfg = configs.resolve(TrainConfig, config_layers(config, "train"), overrides(options), source=config or "options")
     summary = fit(cfg, resume=resume)
@@ -97,8 +97,8 @@ def evaluate(run: str, config: str | None, tests: tuple[str, ...], heatmaps: int
       patchscope eval runs/xb2 --test pgan=data/real,data/pgan --heatmaps 10
       patchscope eval runs/xb2 --test pgan=data/real,data/pgan --perturb jpeg:95,75,50,30 --perturb blur:1,2,3
     """
-    from forensics.evaluate import EvalConfig, evaluate as run_eval
-    from forensics.perturb import parse_perturbations
+    from patchscope.forensics.evaluate import EvalConfig, evaluate as run_eval
+    from patchscope.forensics.perturb import parse_perturbations
 
     perturbations = parse_perturbations(perturb)
     layers = config_layers(config, "eval")
@@ -108,12 +108,12 @@ def evaluate(run: str, config: str | None, tests: tuple[str, ...], heatmaps: int
     click.echo(_metrics_table(summary))
     click.echo(f"results: {summary['out']}")
     if heatmaps:
-        from analysis.heatmaps import write_eval_heatmaps
+        from patchscope.analysis.heatmaps import write_eval_heatmaps
 
         for name, written in write_eval_heatmaps(cfg, heatmaps).items():
             click.echo(f"heatmaps ({name}): {written['page']}")
     if perturbations:
-        from analysis.robustness import evaluate_robustness_tests, format_robustness_table
+        from patchscope.analysis.robustness import evaluate_robustness_tests, format_robustness_table
 
         sweep = evaluate_robustness_tests(cfg, perturbations)
         for name, rows in sweep["results"].items():
@@ -167,7 +167,7 @@ def patches(run: str, config: str | None, **options: Any) -> None:
       patchscope patches runs/xb2 --real data/real --fake data/pgan -n 1000 \\
           --face-parser weights/79999_iter.pth
     """
-    from analysis.patches import PatchesConfig, run_patches
+    from patchscope.analysis.patches import PatchesConfig, run_patches
 
     cli = {**overrides(options), "run": run}
     cfg = configs.resolve(PatchesConfig, config_layers(config, "patches"), cli, source=config or "options")
@@ -216,7 +216,7 @@ def spectra(real: str, fake: str, out: str, **options: Any) -> None:
     Example:
       patchscope spectra --real data/real --fake data/pgan --out runs/spectra/pgan --size 128
     """
-    from analysis.spectra import compare_spectra
+    from patchscope.analysis.spectra import compare_spectra
 
     result = compare_spectra(real, fake, out, progress=True, **options)
     summary = result["summary"]
@@ -237,8 +237,8 @@ def models() -> None:
     Example:
       patchscope models
     """
-    from forensics.models import build_model, count_parameters, model_names
-    from forensics.receptive import receptive_field
+    from patchscope.forensics.models import build_model, count_parameters, model_names
+    from patchscope.forensics.receptive import receptive_field
 
     click.echo(f"{'model':<18} {'channels':>8} {'params':>9} {'receptive field':>16} {'map @299':>9}")
     for name in model_names():
@@ -270,7 +270,7 @@ def report(run_dir: str, out: str | None, title: str | None) -> None:
       patchscope report runs/demo
       patchscope report runs/xb2 --out reports/xb2.html --title "xception_block2 on PGAN"
     """
-    from analysis.report import write_report
+    from patchscope.analysis.report.build import write_report
 
     path = write_report(run_dir, out=out, title=title)
     click.echo(f"report: {path}")

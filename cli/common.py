@@ -10,12 +10,8 @@ from typing import Any, Callable
 
 import click
 
-from forensics import config as configs
-from forensics.errors import InputError
-from generators.errors import CheckpointError, DatasetError
-
-USER_ERRORS = (InputError, CheckpointError, DatasetError)
-
+from patchscope.forensics import config as configs
+from patchscope.common.errors import InputError
 
 def user_errors(fn: Callable) -> Callable:
     """Turn a user error into one line on stderr and exit code 2, without a traceback."""
@@ -23,7 +19,7 @@ def user_errors(fn: Callable) -> Callable:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return fn(*args, **kwargs)
-        except USER_ERRORS as err:
+        except InputError as err:
             click.echo(f"error: {err}", err=True)
             sys.exit(2)
         except KeyboardInterrupt:

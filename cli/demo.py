@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import click
 
-from cli import main
-from cli.common import user_errors
+from patchscope.cli import main
+from patchscope.cli.common import user_errors
 
 
 @main.command()
@@ -30,7 +30,7 @@ def demo(out: str, quick: bool, force: bool, config: str | None) -> None:
     Example:
       patchscope demo --out runs/demo
     """
-    from analysis.demo import run_demo
+    from patchscope.analysis.demo import run_demo
 
     run_demo(out, quick=quick, force=force, config_path=config)
 

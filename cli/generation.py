@@ -9,9 +9,9 @@ from typing import Any
 
 import click
 
-from cli import main
-from cli.common import config_layers, lpips_options, overrides, user_errors
-from forensics import config as configs
+from patchscope.cli import main
+from patchscope.cli.common import config_layers, lpips_options, overrides, user_errors
+from patchscope.forensics import config as configs
 
 
 def _split_counts(train: int | None, val: int | None, test: int | None) -> dict[str, int]:
@@ -62,7 +62,7 @@ def sample(generator: str, out: str, train: int | None, val: int | None, test: i
       patchscope sample pgan_celebahq_1024.pkl --out data/pgan --size 128 \\
           --train 10000 --val 500 --test 500
     """
-    from generators.sampling import sample_dataset
+    from patchscope.generators.sampling import sample_dataset
 
     counts = _split_counts(train, val, test)
     if not counts:
@@ -106,7 +106,7 @@ def prepare(sources: tuple[str, ...], generator: str | None, resolution: int | N
     Example:
       patchscope prepare celebahq/ --generator pgan_celebahq_1024.pkl --size 128 --out data/real
     """
-    from generators.prepare import generator_resolution, prepare_reals
+    from patchscope.generators.prepare import generator_resolution, prepare_reals
 
     if (generator is None) == (resolution is None):
         raise click.UsageError("give exactly one of --generator and --resolution")
@@ -150,7 +150,7 @@ def invert(config: str | None, resume: bool, **options: Any) -> None:
       patchscope invert --generator weights/stylegan2-ffhq-256.pt --images data/real/test \\
           --out data/sg2_reprojected --lpips-weights weights/alexnet-owt-7be5be79.pth
     """
-    from attacks.invert import InvertConfig, invert_folder
+    from patchscope.attacks.invert import InvertConfig, invert_folder
 
     cfg = configs.resolve(InvertConfig, config_layers(config, "invert"), overrides(options), source=config or "options")
     summary = invert_folder(cfg, resume=resume)
@@ -199,7 +199,7 @@ def train_gan(config: str | None, resume: bool, **options: Any) -> None:
     Example:
       patchscope train-gan --images data/real/train --out runs/pgan32 --config configs/train_gan_tiny.yaml
     """
-    from generators.gan_training import GANTrainConfig, train_gan as run_training
+    from patchscope.generators.training.trainer import GANTrainConfig, train_gan as run_training
 
     cfg = configs.resolve(GANTrainConfig, config_layers(config, "train_gan"), overrides(options), source=config or "options")
     summary = run_training(cfg, resume=resume)

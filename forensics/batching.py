@@ -10,7 +10,7 @@ from typing import Iterator
 import numpy as np
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from forensics.errors import InputError
+from patchscope.common.errors import InputError
 
 
 def _cycled_permutations(n: int, length: int, rng: np.random.Generator) -> np.ndarray:

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from forensics.atomic import write_json
+from patchscope.common.atomic import write_json
 
 # Colour camera photographs bundled in the scikit-image wheel (no download needed).
 SKIMAGE_PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "hubble_deep_field",

@@ -13,9 +13,9 @@ from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors_bytes
 from safetensors.torch import save as save_safetensors_bytes
 
-from forensics.atomic import atomic_open, write_bytes, write_json
-from forensics.errors import InputError
-from forensics.models import PatchClassifier, build_model
+from patchscope.common.atomic import atomic_open, write_bytes, write_json
+from patchscope.common.errors import InputError
+from patchscope.forensics.models import PatchClassifier, build_model
 
 KIND = "patchscope-classifier"
 FORMAT_VERSION = 1

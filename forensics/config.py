@@ -10,7 +10,7 @@ from typing import Any, Collection, Mapping, TypeVar
 
 import yaml
 
-from forensics.errors import InputError
+from patchscope.common.errors import InputError
 
 T = TypeVar("T")
 

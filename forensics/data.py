@@ -19,9 +19,9 @@ from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
-from forensics.batching import (BalancedBatchSampler, EpochBatches, SequentialBatches,  # noqa: F401 - re-exported
+from patchscope.forensics.batching import (BalancedBatchSampler, EpochBatches, SequentialBatches,  # noqa: F401 - re-exported
                                 make_loader, set_epoch)
-from forensics.errors import InputError
+from patchscope.common.errors import InputError
 
 log = logging.getLogger("patchscope.data")
 

@@ -14,12 +14,12 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from forensics import checkpoint, config as configs, data
-from forensics.atomic import write_json, write_text
-from forensics.device import autocast, configure_backends, resolve_device, resolve_precision
-from forensics.errors import InputError
-from forensics.receptive import receptive_field
-from forensics.scoring import AGGREGATIONS, append_csv, compute_metrics, image_scores, plot_pr_curves
+from patchscope.forensics import checkpoint, config as configs, data
+from patchscope.common.atomic import write_json, write_text
+from patchscope.common.device import autocast, configure_backends, resolve_device, resolve_precision
+from patchscope.common.errors import InputError
+from patchscope.forensics.receptive import receptive_field
+from patchscope.forensics.scoring import AGGREGATIONS, append_csv, compute_metrics, image_scores, plot_pr_curves
 
 log = logging.getLogger("patchscope.eval")
 

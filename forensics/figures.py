@@ -9,8 +9,8 @@ import os
 from pathlib import Path
 from typing import Any
 
-from forensics.atomic import write_bytes
-from forensics.errors import InputError
+from patchscope.common.atomic import write_bytes
+from patchscope.common.errors import InputError
 
 FIGURE_FORMATS = ("png", "pdf", "svg")
 

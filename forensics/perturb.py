@@ -13,7 +13,7 @@ import numpy as np
 from PIL import Image
 from scipy.ndimage import gaussian_filter
 
-from forensics.errors import InputError
+from patchscope.common.errors import InputError
 
 PERTURBATION_KINDS = ("jpeg", "blur")
 JPEG_SUBSAMPLING = {"4:4:4": 0, "4:2:2": 1, "4:2:0": 2}

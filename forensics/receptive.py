@@ -12,8 +12,8 @@ from typing import Sequence, Union
 import numpy as np
 import torch
 
-from forensics.errors import InputError
-from forensics.models import LayerGeometry, PatchClassifier, build_model
+from patchscope.common.errors import InputError
+from patchscope.forensics.models import LayerGeometry, PatchClassifier, build_model
 
 # A model, a registered model name, or directly the layer list of a model's main path.
 ModelLike = Union[PatchClassifier, str, Sequence[LayerGeometry]]

@@ -16,9 +16,9 @@ import torch
 import torch.nn.functional as F
 from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score, roc_curve
 
-from forensics.atomic import write_text
-from forensics.errors import InputError
-from forensics.figures import figure_format, save_figure
+from patchscope.common.atomic import write_text
+from patchscope.common.errors import InputError
+from patchscope.forensics.figures import figure_format, save_figure
 
 AGGREGATIONS = ("after_softmax", "before_softmax", "vote")
 

@@ -15,14 +15,14 @@ from typing import Any, Callable
 import torch
 from tqdm import tqdm
 
-from forensics import checkpoint, config as configs, data
-from forensics.atomic import append_line, write_text
-from forensics.device import autocast, configure_backends, resolve_device, resolve_precision
-from forensics.errors import InputError
-from forensics.evaluate import predict
-from forensics.models import build_model
-from forensics.receptive import receptive_field
-from forensics.scoring import compute_metrics, patch_cross_entropy
+from patchscope.forensics import checkpoint, config as configs, data
+from patchscope.common.atomic import append_line, write_text
+from patchscope.common.device import autocast, configure_backends, resolve_device, resolve_precision
+from patchscope.common.errors import InputError
+from patchscope.forensics.evaluate import predict
+from patchscope.forensics.models import build_model
+from patchscope.forensics.receptive import receptive_field
+from patchscope.forensics.scoring import compute_metrics, patch_cross_entropy
 
 log = logging.getLogger("patchscope.train")
 

@@ -1,10 +1,13 @@
 """Face generators behind one interface, and safe loaders for their public checkpoint formats.
 
 `load_generator(path)` reads any supported checkpoint without executing anything in it.
+One subpackage per family (`pgan`, `stylegan`, `stylegan2`, `glow`): each holds its networks
+and the readers and writers of its public formats. `io` holds what the formats share (the
+allow-list unpickler, format detection, the table of formats); `training` grows a PGAN.
 """
-from generators.base import Generator, StyleGenerator
-from generators.errors import CheckpointError
-from generators.formats import FORMATS, checkpoint_sha256, detect_format, load_generator
+from patchscope.common.errors import CheckpointError
+from patchscope.generators.base import Generator, StyleGenerator
+from patchscope.generators.io.formats import FORMATS, checkpoint_sha256, detect_format, load_generator
 
 __all__ = ["Generator", "StyleGenerator", "CheckpointError", "FORMATS", "checkpoint_sha256",
            "detect_format", "load_generator"]

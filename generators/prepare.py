@@ -17,9 +17,9 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageOps
 
-from generators.errors import DatasetError
-from generators.formats import load_generator
-from generators.sampling import (MANIFEST, SPLIT_SEED_OFFSETS, check_same_settings, is_complete_png, read_manifest,
+from patchscope.common.errors import DatasetError
+from patchscope.generators.io.formats import load_generator
+from patchscope.generators.sampling import (MANIFEST, SPLIT_SEED_OFFSETS, check_same_settings, is_complete_png, read_manifest,
                                  remove_stale_temps, resize_lanczos, write_manifest, write_png)
 
 LOG = logging.getLogger("patchscope.prepare")

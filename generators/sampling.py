@@ -29,11 +29,12 @@ import numpy as np
 import torch
 from PIL import Image
 
-from generators.base import Generator, StyleGenerator
-from generators.atomic import replace_atomically
-from generators.errors import DatasetError
-from generators.formats import checkpoint_sha256, load_generator
-from generators.glow import GlowGenerator
+from patchscope.generators.base import Generator, StyleGenerator
+from patchscope.common.atomic import replace_atomically
+from patchscope.common.device import resolve_device
+from patchscope.common.errors import DatasetError
+from patchscope.generators.io.formats import checkpoint_sha256, load_generator
+from patchscope.generators.glow.model import GlowGenerator
 
 LOG = logging.getLogger("patchscope.sample")
 MANIFEST = "manifest.json"
@@ -213,18 +214,6 @@ def weights_sha256(generator: Generator) -> str:
         digest.update(f"{name}:{data.dtype}:{list(data.shape)};".encode())
         digest.update(data.reshape(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
-
-
-def resolve_device(device: str | torch.device) -> torch.device:
-    if str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        resolved = torch.device(device)
-    except RuntimeError as error:
-        raise DatasetError(f"unknown device {device!r} (expected auto, cpu, cuda or cuda:N)") from error
-    if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise DatasetError(f"device {device!r} asked for but CUDA is not available here")
-    return resolved
 
 
 @contextlib.contextmanager

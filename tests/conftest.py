@@ -23,7 +23,7 @@ def shared_fixtures() -> Path:
 @pytest.fixture(scope="session")
 def builtin_dataset(tmp_path_factory) -> Path:
     """Real crops and resampled fakes, 32 px: train 96, val 32, test 48 of each."""
-    from forensics.builtin_images import write_builtin_dataset
+    from patchscope.forensics.builtin_images import write_builtin_dataset
 
     return write_builtin_dataset(tmp_path_factory.mktemp("builtin"), {"train": 96, "val": 32, "test": 48},
                                  size=32, seed=0)

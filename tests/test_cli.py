@@ -6,7 +6,7 @@ import json
 import pytest
 from click.testing import CliRunner
 
-from cli import main
+from patchscope.cli import main
 
 COMMANDS = ["train", "eval", "patches", "spectra", "sample", "prepare", "train-gan", "invert", "exaggerate", "finetune", "retrain", "report", "models", "demo"]
 

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import torch
 
-from generators.pgan import build_pgan_zoo, save_pgan_zoo
+from patchscope.generators.pgan.zoo import build_pgan_zoo, save_pgan_zoo
 
 RESOLUTION = 16
 LATENT_DIM = 8

@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from analysis.bisenet import FACE_GROUPS, FACE_PARTS, PART_TO_GROUP, BiSeNet, BiSeNetSegmenter, load_bisenet
-from forensics.errors import InputError
+from patchscope.analysis.bisenet import FACE_GROUPS, FACE_PARTS, PART_TO_GROUP, BiSeNet, BiSeNetSegmenter, load_bisenet
+from patchscope.common.errors import InputError
 
 # Derived by hand from face-parsing.PyTorch (model.py, resnet.py), not from our model:
 # ResNet-18 without fc has 11,689,512 - 513,000 = 11,176,512 parameters; on top of it

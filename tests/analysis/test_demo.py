@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from analysis.demo import BUNDLED_GENERATOR, DEFAULT_CONFIG, Demo, DemoConfig, load_demo_config
-from cli import main
-from generators.formats import checkpoint_sha256, load_generator
+from patchscope.analysis.demo import BUNDLED_GENERATOR, DEFAULT_CONFIG, Demo, DemoConfig, load_demo_config
+from patchscope.cli import main
+from patchscope.generators.io.formats import checkpoint_sha256, load_generator
 from tests.browser import chromium_or_skip, console_lines, image_states, render
 
 ARTIFACTS = ("stages.json", "data/real/dataset.json", "data/real/train/00000.png", "fakes/manifest.json",

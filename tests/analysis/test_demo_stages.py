@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from analysis.demo import DemoConfig, load_demo_config, with_quick
-from forensics.errors import InputError
-from analysis.demo_stages import BOOK_FILE, StageBook
+from patchscope.analysis.demo import DemoConfig, load_demo_config, with_quick
+from patchscope.common.errors import InputError
+from patchscope.analysis.demo_stages import BOOK_FILE, StageBook
 
 
 class Calls:
@@ -128,7 +128,7 @@ def test_an_unknown_setting_is_an_input_error(tmp_path):
 
 
 def test_stage_keys_do_not_depend_on_where_the_demo_folder_or_the_generator_is(tmp_path, monkeypatch):
-    from analysis.demo import BUNDLED_GENERATOR, Demo
+    from patchscope.analysis.demo import BUNDLED_GENERATOR, Demo
 
     monkeypatch.chdir(tmp_path)
     here = Demo(DemoConfig(), Path("run"))._portable(

@@ -11,14 +11,14 @@ import pytest
 import torch
 from PIL import Image
 
-from analysis.finetune_study import GRID_TITLE, FinetuneConfig, finetune_grid_content, run_finetune
-from analysis.grids import grid_layout, to_uint8
-from attacks.finetune import GeneratorFinetuner
-from forensics.checkpoint import save_classifier
-from forensics.errors import InputError
-from generators import checkpoint_sha256, load_generator
-from generators.pgan import save_pgan_zoo
-from generators.stylegan2 import StyleGAN2Config, StyleGAN2Generator, export_rosinality
+from patchscope.analysis.finetune_study import GRID_TITLE, FinetuneConfig, finetune_grid_content, run_finetune
+from patchscope.analysis.grids import grid_layout, to_uint8
+from patchscope.attacks.finetune import GeneratorFinetuner
+from patchscope.forensics.checkpoint import save_classifier
+from patchscope.common.errors import InputError
+from patchscope.generators import checkpoint_sha256, load_generator
+from patchscope.generators.pgan.zoo import save_pgan_zoo
+from patchscope.generators.stylegan2.model import StyleGAN2Config, StyleGAN2Generator, export_rosinality
 from tests.attacks.test_finetune import detector
 from tests.attacks.test_shift import RESOLUTION, tiny_pgan
 
@@ -29,7 +29,7 @@ GRID_ROWS = 3
 @pytest.fixture(scope="module")
 def sources(tmp_path_factory) -> dict[str, Path]:
     """Real 16 px crops as PNGs in train/ and val/, a saved tiny PGAN with its critic, a saved detector."""
-    from forensics.builtin_images import builtin_photos, random_crops
+    from patchscope.forensics.builtin_images import builtin_photos, random_crops
 
     root = tmp_path_factory.mktemp("finetune")
     for split, seed in (("train", 0), ("val", 1)):

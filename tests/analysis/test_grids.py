@@ -6,9 +6,9 @@ import pytest
 import torch
 from PIL import Image
 
-from analysis.grids import (BACKGROUND, GAP, HIGHLIGHT, MIN_TILE, ColourBar, colour_lut, grid_layout, image_grid,
+from patchscope.analysis.grids import (BACKGROUND, GAP, HIGHLIGHT, MIN_TILE, ColourBar, colour_lut, grid_layout, image_grid,
                             save_grid, to_uint8)
-from forensics.errors import InputError
+from patchscope.common.errors import InputError
 
 
 def _tiles(rows: int, cols: int, height: int = 32, width: int = 32, seed: int = 0) -> np.ndarray:

@@ -12,16 +12,16 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from analysis.grids import colour_lut
-from analysis.heatmaps import (GROUPS, average_heatmaps, collect_inputs, colourize, overlay, select_extremes,
+from patchscope.analysis.grids import colour_lut
+from patchscope.analysis.heatmaps import (GROUPS, average_heatmaps, collect_inputs, colourize, overlay, select_extremes,
                                upsample_map, write_eval_heatmaps, write_heatmaps)
-from analysis.lightbox import LightboxItem, write_lightbox
-from forensics import data
-from forensics.checkpoint import save_classifier
-from forensics.errors import InputError
-from forensics.evaluate import EvalConfig, evaluate
-from forensics.models import LayerGeometry, build_model
-from forensics.receptive import cell_for_pixel, output_size, receptive_field
+from patchscope.analysis.lightbox import LightboxItem, write_lightbox
+from patchscope.forensics import data
+from patchscope.forensics.checkpoint import save_classifier
+from patchscope.common.errors import InputError
+from patchscope.forensics.evaluate import EvalConfig, evaluate
+from patchscope.forensics.models import LayerGeometry, build_model
+from patchscope.forensics.receptive import cell_for_pixel, output_size, receptive_field
 
 
 @pytest.mark.parametrize("model, size, cell", [

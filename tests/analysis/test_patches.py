@@ -8,14 +8,14 @@ import pytest
 import torch
 from PIL import Image
 
-from analysis.patches import (PADDING_GRAY, best_cells, crop_patch, model_input_pixels, patch_tile,
+from patchscope.analysis.patches import (PADDING_GRAY, best_cells, crop_patch, model_input_pixels, patch_tile,
                               random_patches, run_patches, top_patches)
-from analysis.segment import LowLevelSegmenter
-from forensics.checkpoint import save_classifier
-from forensics.data import load_split
-from forensics.errors import InputError
-from forensics.models import build_model
-from forensics.receptive import output_size, patch_boxes, receptive_field
+from patchscope.analysis.segment import LowLevelSegmenter
+from patchscope.forensics.checkpoint import save_classifier
+from patchscope.forensics.data import load_split
+from patchscope.common.errors import InputError
+from patchscope.forensics.models import build_model
+from patchscope.forensics.receptive import output_size, patch_boxes, receptive_field
 
 MODEL = "xception_block1"
 SIZE = 32
@@ -165,7 +165,7 @@ def test_run_crops_are_the_model_input_pixels_of_the_boxes(patch_run, builtin_da
 
 def test_run_patches_agree_with_the_classifier_maps(patch_run, builtin_dataset):
     root, summary = patch_run
-    from forensics.checkpoint import load_classifier
+    from patchscope.forensics.checkpoint import load_classifier
     model, _ = load_classifier(root / "run")
     dataset = load_split(builtin_dataset / "real", builtin_dataset / "fake", "test", cache=False)
     record = summary["top"][-1]  # a fake: its cell holds the highest P(fake) of its image

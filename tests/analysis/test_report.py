@@ -13,16 +13,16 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from analysis.heatmaps import write_eval_heatmaps
-from analysis.patches import run_patches
-from analysis.report import REPORT_FILE, render_report, write_report
-from analysis.report_html import MAX_SIDE, format_value
-from analysis.report_sections import ReportContext, Section, build_heatmaps
-from analysis.segment import LowLevelSegmenter
-from forensics.atomic import write_json, write_text
-from forensics.errors import InputError
-from forensics.evaluate import EvalConfig, evaluate
-from forensics.train import TrainConfig, fit
+from patchscope.analysis.heatmaps import write_eval_heatmaps
+from patchscope.analysis.patches import run_patches
+from patchscope.analysis.report.build import REPORT_FILE, render_report, write_report
+from patchscope.analysis.report.html import MAX_SIDE, format_value
+from patchscope.analysis.report.sections import ReportContext, Section, build_heatmaps
+from patchscope.analysis.segment import LowLevelSegmenter
+from patchscope.common.atomic import write_json, write_text
+from patchscope.common.errors import InputError
+from patchscope.forensics.evaluate import EvalConfig, evaluate
+from patchscope.forensics.train import TrainConfig, fit
 
 HOSTILE = "<script>alert(1)</script>"
 SETTINGS = {"device": "cpu", "precision": "fp32"}
@@ -238,14 +238,14 @@ def test_numbers_are_formatted_for_tables(value, text) -> None:
 def studies(run, builtin_dataset, tmp_path_factory) -> dict:
     """The run plus robustness/, spectra/, exaggerate/ and finetune/ from the real stages on a tiny PGAN, and
     retrain/ assembled with the retrain study's own writers from this run's evaluation and patches."""
-    from analysis.residual import patch_histograms, plot_comparison, summary_text
-    from analysis.finetune_study import FinetuneConfig, run_finetune
-    from analysis.robustness import evaluate_robustness
-    from analysis.shift_grid import ExaggerateConfig, run_exaggerate
-    from analysis.spectra import compare_spectra
-    from attacks.retrain import CLASSIFIERS, METRIC_KEYS, TEST_SETS
-    from forensics.checkpoint import save_classifier
-    from generators.pgan import save_pgan_zoo
+    from patchscope.analysis.residual import patch_histograms, plot_comparison, summary_text
+    from patchscope.analysis.finetune_study import FinetuneConfig, run_finetune
+    from patchscope.analysis.robustness import evaluate_robustness
+    from patchscope.analysis.shift_grid import ExaggerateConfig, run_exaggerate
+    from patchscope.analysis.spectra import compare_spectra
+    from patchscope.attacks.retrain import CLASSIFIERS, METRIC_KEYS, TEST_SETS
+    from patchscope.forensics.checkpoint import save_classifier
+    from patchscope.generators.pgan.zoo import save_pgan_zoo
     from tests.attacks.test_shift import RESOLUTION, brightness_classifier, tiny_pgan
 
     sources = tmp_path_factory.mktemp("studies")

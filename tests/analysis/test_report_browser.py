@@ -10,14 +10,14 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from analysis.heatmaps import write_eval_heatmaps
-from analysis.patches import run_patches
-from analysis.report import write_report
-from analysis.segment import LowLevelSegmenter
-from forensics.atomic import write_text
-from forensics.checkpoint import save_classifier
-from forensics.evaluate import EvalConfig, evaluate
-from forensics.models import build_model
+from patchscope.analysis.heatmaps import write_eval_heatmaps
+from patchscope.analysis.patches import run_patches
+from patchscope.analysis.report.build import write_report
+from patchscope.analysis.segment import LowLevelSegmenter
+from patchscope.common.atomic import write_text
+from patchscope.forensics.checkpoint import save_classifier
+from patchscope.forensics.evaluate import EvalConfig, evaluate
+from patchscope.forensics.models import build_model
 from tests.browser import chromium_or_skip, console_lines, image_states, render
 
 MIN_COLOURS = 1000      # this page renders ~3000 (plots, photos); a page with one heading ~120

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from analysis.residual import RetrainStudyConfig, patch_histograms, run_retrain_study, summary_text
-from forensics.errors import InputError
+from patchscope.analysis.residual import RetrainStudyConfig, patch_histograms, run_retrain_study, summary_text
+from patchscope.common.errors import InputError
 from tests.attacks.test_retrain import COUNTS, make_world
 
 N = 8  # top patches per class and classifier: fewer than the 16 test images, so the choice matters

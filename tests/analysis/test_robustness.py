@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from analysis.robustness import COLUMNS, evaluate_robustness, evaluate_robustness_tests, format_robustness_table
-from forensics.errors import InputError
-from forensics.evaluate import EvalConfig, evaluate
-from forensics.perturb import Perturbation
-from forensics.train import TrainConfig, fit
+from patchscope.analysis.robustness import COLUMNS, evaluate_robustness, evaluate_robustness_tests, format_robustness_table
+from patchscope.common.errors import InputError
+from patchscope.forensics.evaluate import EvalConfig, evaluate
+from patchscope.forensics.perturb import Perturbation
+from patchscope.forensics.train import TrainConfig, fit
 
 METRICS = ("ap", "ap_real", "acc", "acc_real", "acc_fake")
 

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from analysis.segment import LowLevelSegmenter, class_histogram, patch_class, plot_histograms
-from forensics.errors import InputError
+from patchscope.analysis.segment import LowLevelSegmenter, class_histogram, patch_class, plot_histograms
+from patchscope.common.errors import InputError
 
 FLAT, EDGE, TEXTURE = LowLevelSegmenter.FLAT, LowLevelSegmenter.EDGE, LowLevelSegmenter.TEXTURE
 

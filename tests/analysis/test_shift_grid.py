@@ -11,13 +11,13 @@ import pytest
 import torch
 from PIL import Image
 
-from analysis.grids import BACKGROUND, GAP, HIGHLIGHT, grid_layout, to_uint8
-from analysis.shift_grid import ExaggerateConfig, render_shift_grid, run_exaggerate, shift_grid, shift_grid_content
-from attacks.shift import SIGN_CONVENTION, ShiftExaggeration, load_shift, step_seed
-from forensics.checkpoint import save_classifier
-from forensics.errors import InputError
-from generators import checkpoint_sha256
-from generators.pgan import save_pgan_zoo
+from patchscope.analysis.grids import BACKGROUND, GAP, HIGHLIGHT, grid_layout, to_uint8
+from patchscope.analysis.shift_grid import ExaggerateConfig, render_shift_grid, run_exaggerate, shift_grid, shift_grid_content
+from patchscope.attacks.shift import SIGN_CONVENTION, ShiftExaggeration, load_shift, step_seed
+from patchscope.forensics.checkpoint import save_classifier
+from patchscope.common.errors import InputError
+from patchscope.generators import checkpoint_sha256
+from patchscope.generators.pgan.zoo import save_pgan_zoo
 from tests.attacks.test_shift import RESOLUTION, brightness_classifier, tiny_pgan
 
 KS = (-2.0, -1.0, 0.0, 1.0, 2.0)

@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from analysis.spectra import average_spectrum, compare_spectra, frequencies, high_pass, image_spectrum
-from forensics.data import ImageSet
-from forensics.errors import InputError
+from patchscope.analysis.spectra import average_spectrum, compare_spectra, frequencies, high_pass, image_spectrum
+from patchscope.forensics.data import ImageSet
+from patchscope.common.errors import InputError
 
 SIZE = 32
 

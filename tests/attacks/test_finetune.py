@@ -10,17 +10,17 @@ import pytest
 import torch
 from PIL import Image
 
-import attacks.gan_objectives as gan_objectives
-from attacks.finetune import GeneratorFinetuner
-from attacks.finetune_eval import FINETUNED, ORIGINAL
-from attacks.gan_objectives import LogisticR1, WassersteinGP, objective_for
-from attacks.real_batches import RealImages
-from forensics.builtin_images import builtin_photos, random_crops
-from forensics.errors import InputError
-from generators import load_generator
-from generators.glow import Glow, GlowConfig, GlowGenerator
-from generators.safe_pickle import load_torch
-from generators.stylegan2 import StyleGAN2Config, StyleGAN2Discriminator, StyleGAN2Generator
+import patchscope.attacks.gan_objectives as gan_objectives
+from patchscope.attacks.finetune import GeneratorFinetuner
+from patchscope.attacks.finetune_eval import FINETUNED, ORIGINAL
+from patchscope.attacks.gan_objectives import LogisticR1, WassersteinGP, objective_for
+from patchscope.attacks.real_batches import RealImages
+from patchscope.forensics.builtin_images import builtin_photos, random_crops
+from patchscope.common.errors import InputError
+from patchscope.generators import load_generator
+from patchscope.generators.glow.model import Glow, GlowConfig, GlowGenerator
+from patchscope.generators.io.safe_pickle import load_torch
+from patchscope.generators.stylegan2.model import StyleGAN2Config, StyleGAN2Discriminator, StyleGAN2Generator
 from tests.attacks.test_shift import brightness_classifier, tiny_pgan
 
 RESOLUTION = 16
@@ -46,7 +46,7 @@ def pgan_with_discriminator():
 
 @pytest.fixture(scope="module")
 def reals() -> torch.Tensor:
-    from forensics.builtin_images import builtin_photos, random_crops
+    from patchscope.forensics.builtin_images import builtin_photos, random_crops
 
     crops = random_crops(builtin_photos(), 48, RESOLUTION, seed=0)
     return torch.from_numpy(np.stack(crops)).permute(0, 3, 1, 2).contiguous()
@@ -302,8 +302,8 @@ def test_real_images_are_centre_squares_at_the_generator_resolution(tmp_path: Pa
 
 
 def test_a_stylegan_not_loaded_from_tf_is_refused_before_training(reals) -> None:
-    from generators.stylegan import StyleGAN, StyleGANConfig
-    from generators.stylegan_discriminator import DiscriminatorConfig, StyleGANDiscriminator
+    from patchscope.generators.stylegan.model import StyleGAN, StyleGANConfig
+    from patchscope.generators.stylegan.discriminator import DiscriminatorConfig, StyleGANDiscriminator
 
     generator = StyleGAN(StyleGANConfig(resolution=RESOLUTION, fmap_base=32, fmap_max=16, latent_dim=8, w_dim=8,
                                         mapping_layers=2, mapping_fmaps=8))

@@ -10,15 +10,15 @@ import pytest
 import torch
 from PIL import Image
 
-import attacks.invert as invert_module
-from attacks.invert import InvertConfig, invert, invert_folder, to_png_bytes
-from attacks.latent_optim import frozen, optimize_latents
-from attacks.perceptual import load_lpips
-from forensics.errors import InputError
-from generators import load_generator
-from generators.glow import Glow, GlowConfig, GlowGenerator
-from generators.pgan import save_pgan_zoo
-from generators.stylegan2 import StyleGAN2Config, StyleGAN2Generator
+import patchscope.attacks.invert as invert_module
+from patchscope.attacks.invert import InvertConfig, invert, invert_folder, to_png_bytes
+from patchscope.attacks.latent_optim import frozen, optimize_latents
+from patchscope.attacks.perceptual import load_lpips
+from patchscope.common.errors import InputError
+from patchscope.generators import load_generator
+from patchscope.generators.glow.model import Glow, GlowConfig, GlowGenerator
+from patchscope.generators.pgan.zoo import save_pgan_zoo
+from patchscope.generators.stylegan2.model import StyleGAN2Config, StyleGAN2Generator
 from tests.tiny_models import LATENT_DIM, RESOLUTION, tiny_pgan
 
 

@@ -9,8 +9,8 @@ import pytest
 import torch
 from torchvision import models as tv_models
 
-from attacks.perceptual import backbone_key, load_lpips
-from forensics.errors import InputError
+from patchscope.attacks.perceptual import backbone_key, load_lpips
+from patchscope.common.errors import InputError
 
 
 

@@ -13,15 +13,15 @@ import pytest
 import torch
 from PIL import Image
 
-import attacks.retrain as retrain_module
-from attacks.retrain import plan_sampling, retrain
-from forensics.builtin_images import builtin_photos, random_crops
-from forensics.checkpoint import load_classifier
-from forensics.config import read_yaml
-from forensics.errors import InputError
-from forensics.train import TrainConfig, fit
-from generators.errors import CheckpointError
-from generators.sampling import sample_dataset
+import patchscope.attacks.retrain as retrain_module
+from patchscope.attacks.retrain import plan_sampling, retrain
+from patchscope.forensics.builtin_images import builtin_photos, random_crops
+from patchscope.forensics.checkpoint import load_classifier
+from patchscope.forensics.config import read_yaml
+from patchscope.common.errors import InputError
+from patchscope.forensics.train import TrainConfig, fit
+from patchscope.common.errors import CheckpointError
+from patchscope.generators.sampling import sample_dataset
 from tests.tiny_models import save_tiny_pgan
 
 RESOLUTION = 16  # generator output; the fake sets are Lanczos-resized to SIZE, as a working size would be
@@ -219,7 +219,7 @@ def test_a_folder_holding_other_files_is_refused(world, tmp_path) -> None:
 def test_a_finetuned_generator_of_another_architecture_samples_with_its_own_defaults(world, tmp_path) -> None:
     """The original set's forward options (PGAN's alpha) do not apply to a StyleGAN2: they are dropped, not
     passed on to fail; the other sampling settings still carry over."""
-    from generators.stylegan2 import StyleGAN2Config, StyleGAN2Generator
+    from patchscope.generators.stylegan2.model import StyleGAN2Config, StyleGAN2Generator
 
     assert plan_sampling(world["original_fakes"], TrainConfig()).made_by == "PGANZooGenerator"
     torch.manual_seed(0)

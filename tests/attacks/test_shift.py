@@ -9,14 +9,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from attacks.perceptual import load_lpips
-from attacks.shift import (SIGN_CONVENTION, ClassifierInput, ShiftExaggeration, check_held_out, evaluate_shift,
+from patchscope.attacks.perceptual import load_lpips
+from patchscope.attacks.shift import (SIGN_CONVENTION, ClassifierInput, ShiftExaggeration, check_held_out, evaluate_shift,
                            load_shift, save_shift, step_seed)
-from forensics.errors import InputError
-from forensics.models import PatchClassifier, build_model
-from forensics.scoring import image_scores
-from generators.glow import Glow, GlowConfig, GlowGenerator
-from generators.stylegan2 import StyleGAN2Config, StyleGAN2Generator
+from patchscope.common.errors import InputError
+from patchscope.forensics.models import PatchClassifier, build_model
+from patchscope.forensics.scoring import image_scores
+from patchscope.generators.glow.model import Glow, GlowConfig, GlowGenerator
+from patchscope.generators.stylegan2.model import StyleGAN2Config, StyleGAN2Generator
 from tests.tiny_models import LATENT_DIM, RESOLUTION, tiny_pgan  # noqa: F401 - re-exported to other tests
 
 SLOPE = 4.0

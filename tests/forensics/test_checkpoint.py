@@ -6,9 +6,9 @@ import json
 import pytest
 import torch
 
-from forensics.checkpoint import load_classifier, load_resume_state, save_classifier, save_resume_state
-from forensics.errors import InputError
-from forensics.models import build_model
+from patchscope.forensics.checkpoint import load_classifier, load_resume_state, save_classifier, save_resume_state
+from patchscope.common.errors import InputError
+from patchscope.forensics.models import build_model
 
 
 def test_round_trip_gives_identical_logits_and_metadata(tmp_path):

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from forensics.models import build_model, count_parameters, model_names
+from patchscope.forensics.models import build_model, count_parameters, model_names
 
 # REFERENCE.md §1, measured with the public code: channels before the head, parameters (M),
 # output map side at 299 px and at 128 px.

@@ -6,10 +6,10 @@ import pytest
 import torch
 from PIL import Image
 
-from forensics.builtin_images import builtin_photos, random_crops
-from forensics.data import ImageSet, RealFakeDataset
-from forensics.errors import InputError
-from forensics.perturb import Perturbation, PerturbedImageSet, blur, jpeg, parse_perturbation, parse_perturbations
+from patchscope.forensics.builtin_images import builtin_photos, random_crops
+from patchscope.forensics.data import ImageSet, RealFakeDataset
+from patchscope.common.errors import InputError
+from patchscope.forensics.perturb import Perturbation, PerturbedImageSet, blur, jpeg, parse_perturbation, parse_perturbations
 
 
 @pytest.fixture(scope="module")

@@ -12,9 +12,9 @@ import pytest
 import torch
 from torch import nn
 
-from forensics.errors import InputError
-from forensics.models import LayerGeometry, build_model
-from forensics.receptive import (ReceptiveField, cell_box, cell_for_pixel, min_input_size, output_size,
+from patchscope.common.errors import InputError
+from patchscope.forensics.models import LayerGeometry, build_model
+from patchscope.forensics.receptive import (ReceptiveField, cell_box, cell_for_pixel, min_input_size, output_size,
                                  patch_boxes, read_extent, receptive_field)
 
 # The specification: receptive fields measured with the public code (REFERENCE.md §1).

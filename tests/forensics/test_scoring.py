@@ -16,8 +16,8 @@ import torch.nn.functional as F
 from PIL import Image
 from sklearn.metrics import average_precision_score, roc_auc_score
 
-from forensics.errors import InputError
-from forensics.scoring import (
+from patchscope.common.errors import InputError
+from patchscope.forensics.scoring import (
     AGGREGATIONS,
     METRIC_COLUMNS,
     append_csv,

@@ -6,10 +6,10 @@ import json
 import pytest
 import torch
 
-from forensics import checkpoint
-from forensics.errors import InputError
-from forensics.evaluate import EvalConfig, evaluate
-from forensics.train import TrainConfig, fit
+from patchscope.forensics import checkpoint
+from patchscope.common.errors import InputError
+from patchscope.forensics.evaluate import EvalConfig, evaluate
+from patchscope.forensics.train import TrainConfig, fit
 
 
 def tiny_config(dataset, out, **overrides) -> TrainConfig:

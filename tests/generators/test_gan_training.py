@@ -12,14 +12,14 @@ import pytest
 import torch
 from PIL import Image
 
-from generators import CheckpointError, load_generator
-from generators.gan_growing import GrowingGAN
-from generators.gan_images import TrainingImages, TrainingInputError
-from generators.gan_losses import critic_loss, drift_penalty, gradient_penalty, interpolate
-from generators.gan_schedule import batch_indices, fade_alpha, scale_depths
-from generators.gan_training import GANTrainConfig, GANTrainer, LossMeter, check_config, train_gan
-from generators.pgan import PGANZooGenerator, build_pgan_zoo
-from generators.safe_pickle import load_torch
+from patchscope.generators import CheckpointError, load_generator
+from patchscope.generators.training.growing import GrowingGAN
+from patchscope.generators.training.images import TrainingImages, TrainingInputError
+from patchscope.generators.training.losses import critic_loss, drift_penalty, gradient_penalty, interpolate
+from patchscope.generators.training.schedule import batch_indices, fade_alpha, scale_depths
+from patchscope.generators.training.trainer import GANTrainConfig, GANTrainer, LossMeter, check_config, train_gan
+from patchscope.generators.pgan.zoo import PGANZooGenerator, build_pgan_zoo
+from patchscope.generators.io.safe_pickle import load_torch
 
 TINY = dict(resolution=16, latent_dim=8, fmap_base=64, fmap_max=8, batch_size=4, scale_images=24,
             fade_images=12, gp_every=2, log_images=8, snapshot_images=20, ema_half_life=16, channels_last=False)
@@ -38,7 +38,7 @@ def one_thread():
 @pytest.fixture(scope="module")
 def crops(tmp_path_factory) -> Path:
     """24 real photo crops, 16 px PNGs, two folders deep (the reader searches recursively)."""
-    from forensics.builtin_images import builtin_photos, random_crops
+    from patchscope.forensics.builtin_images import builtin_photos, random_crops
 
     folder = tmp_path_factory.mktemp("crops")
     for i, crop in enumerate(random_crops(builtin_photos(), 24, 16, seed=0)):

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from generators.errors import CheckpointError
-from generators.glow import Glow, GlowConfig, GlowGenerator, openai_celebahq_config, quantize_pixels
-from generators.glow_y0ast import load_glow_y0ast, load_glow_y0ast_file
+from patchscope.common.errors import CheckpointError
+from patchscope.generators.glow.model import Glow, GlowConfig, GlowGenerator, openai_celebahq_config, quantize_pixels
+from patchscope.generators.glow.y0ast import load_glow_y0ast, load_glow_y0ast_file
 
 FIXTURES = Path(__file__).resolve().parents[2] / ".." / "shared" / "fixtures" / "generators"
 GLOW_DIR = FIXTURES / "glow_y0ast"

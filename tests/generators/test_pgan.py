@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-from generators import CheckpointError, load_generator
-from generators.pgan import PGANZooGenerator, build_pgan_zoo, save_pgan_zoo
-from generators.pgan_tf import TF_NETWORKS, PGANTFGenerator, save_pgan_tf
-from generators.safe_pickle import load_pickle, load_torch
+from patchscope.generators import CheckpointError, load_generator
+from patchscope.generators.pgan.zoo import PGANZooGenerator, build_pgan_zoo, save_pgan_zoo
+from patchscope.generators.pgan.tf import TF_NETWORKS, PGANTFGenerator, save_pgan_tf
+from patchscope.generators.io.safe_pickle import load_pickle, load_torch
 
 FIXTURES = Path(__file__).resolve().parents[2] / ".." / "shared" / "fixtures" / "generators"
 ZOO = FIXTURES / "pgan_zoo"
@@ -236,7 +236,7 @@ def _tf_style_pickle(monkeypatch: pytest.MonkeyPatch, networks: tuple) -> bytes:
 
 
 def test_tf_pickle_missing_a_variable_is_named(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    from generators.safe_pickle import load_pickle
+    from patchscope.generators.io.safe_pickle import load_pickle
 
     g, d, gs = load_pickle(TF / "pgan_tf_tiny32_fused_nosrc.pkl")
     broken_gs = dict(gs.state, variables=[(k, v) for k, v in gs.attr("variables") if k != "16x16/Conv1/bias"])
@@ -250,7 +250,7 @@ def test_tf_pickle_missing_a_variable_is_named(monkeypatch: pytest.MonkeyPatch, 
 
 
 def test_zoo_minibatch_stddev_follows_the_zoo_grouping_for_eight_samples() -> None:
-    from generators.pgan import zoo_minibatch_stddev
+    from patchscope.generators.pgan.zoo import zoo_minibatch_stddev
 
     x = torch.randn(8, 2, 4, 4, generator=torch.Generator().manual_seed(0))
     out = zoo_minibatch_stddev(x)
@@ -263,7 +263,7 @@ def test_zoo_minibatch_stddev_follows_the_zoo_grouping_for_eight_samples() -> No
 
 
 def test_tf_minibatch_stddev_uses_biased_variance_and_strided_groups() -> None:
-    from generators.pgan_tf import tf_minibatch_stddev
+    from patchscope.generators.pgan.tf import tf_minibatch_stddev
 
     x = torch.randn(8, 2, 4, 4, generator=torch.Generator().manual_seed(1))
     out = tf_minibatch_stddev(x, group_size=4)

@@ -11,10 +11,10 @@ import pytest
 import torch
 from PIL import Image
 
-from generators.errors import DatasetError
-from generators.pgan import build_pgan_zoo, save_pgan_zoo
-from generators.prepare import generator_resolution, prepare_reals, read_rgb
-from generators.sampling import sample_dataset
+from patchscope.common.errors import DatasetError
+from patchscope.generators.pgan.zoo import build_pgan_zoo, save_pgan_zoo
+from patchscope.generators.prepare import generator_resolution, prepare_reals, read_rgb
+from patchscope.generators.sampling import sample_dataset
 
 
 def _save(path: Path, image: Image.Image) -> Path:

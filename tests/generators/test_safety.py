@@ -20,9 +20,10 @@ import numpy as np
 import pytest
 import torch
 
-from generators import checkpoint_sha256, formats, load_generator
-from generators.errors import CheckpointError
-from generators.safe_pickle import BaseConfig, PickledRecord, load_pickle, load_torch
+from patchscope.generators import checkpoint_sha256, load_generator
+from patchscope.generators.io import formats
+from patchscope.common.errors import CheckpointError
+from patchscope.generators.io.safe_pickle import BaseConfig, PickledRecord, load_pickle, load_torch
 
 FIXTURES = Path(__file__).resolve().parents[2] / ".." / "shared" / "fixtures" / "generators"
 GENERATORS_SRC = Path(__file__).resolve().parents[2] / "generators"
@@ -350,18 +351,6 @@ def test_load_generator_names_a_missing_file(tmp_path: Path) -> None:
     with pytest.raises(CheckpointError) as caught:
         load_generator(path)
     _assert_one_line_naming(caught.value, path, "no such checkpoint file")
-
-
-def test_recognised_format_without_its_loader_is_a_clear_error(monkeypatch: pytest.MonkeyPatch,
-                                                               tmp_path: Path) -> None:
-    fmt = formats.FORMATS["pgan_zoo"]
-    monkeypatch.setitem(formats.FORMATS, "pgan_zoo",
-                        formats.Format(fmt.name, ("generators.not_written_yet",), fmt.loader, fmt.description))
-    path = tmp_path / "zoo.pt"
-    torch.save({"config": {}, "netG": {"formatLayer.module.weight": torch.zeros(4, 2)}, "netD": {}}, path)
-    with pytest.raises(CheckpointError) as caught:
-        load_generator(path)
-    _assert_one_line_naming(caught.value, path, "pgan_zoo", "generators.not_written_yet")
 
 
 def test_checkpoint_hash_is_the_sha256_of_the_bytes(tmp_path: Path) -> None:

@@ -11,10 +11,10 @@ import pytest
 import torch
 from PIL import Image
 
-from generators import checkpoint_sha256, load_generator
-from generators.errors import DatasetError
-from generators.pgan import build_pgan_zoo, save_pgan_zoo
-from generators.sampling import LatentSource, sample_dataset
+from patchscope.generators import checkpoint_sha256, load_generator
+from patchscope.common.errors import DatasetError
+from patchscope.generators.pgan.zoo import build_pgan_zoo, save_pgan_zoo
+from patchscope.generators.sampling import LatentSource, sample_dataset
 
 FIXTURES = Path(__file__).resolve().parents[2] / ".." / "shared" / "fixtures" / "generators"
 needs_fixtures = pytest.mark.skipif(not FIXTURES.is_dir(), reason=f"generator fixtures not found at {FIXTURES}")

@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 import torch
 
-from generators.errors import CheckpointError
-from generators.safe_pickle import PickledRecord, load_pickle
-from generators.stylegan import StyleGAN, StyleGANConfig
-from generators.stylegan_tf import load_stylegan_tf, load_stylegan_tf_file
+from patchscope.common.errors import CheckpointError
+from patchscope.generators.io.safe_pickle import PickledRecord, load_pickle
+from patchscope.generators.stylegan.model import StyleGAN, StyleGANConfig
+from patchscope.generators.stylegan.tf import load_stylegan_tf, load_stylegan_tf_file
 
 FIXTURES = Path(__file__).resolve().parents[2] / ".." / "shared" / "fixtures" / "generators"
 SG1 = FIXTURES / "sg1_tf"
@@ -242,9 +242,9 @@ def test_network_still_growing_is_refused(records32):
 def test_written_back_as_tf_variables_it_reloads_to_the_same_networks(size: int, tmp_path: Path) -> None:
     """save_stylegan_tf: every variable a finished network reads, bitwise in TF layout under its full TF name,
     with the static_kwargs of G, mapping, synthesis and D; load_generator rebuilds the same G, Gs and D."""
-    from generators.formats import load_generator
-    from generators.safe_pickle import load_torch
-    from generators.stylegan_tf import save_stylegan_tf
+    from patchscope.generators.io.formats import load_generator
+    from patchscope.generators.io.safe_pickle import load_torch
+    from patchscope.generators.stylegan.tf import save_stylegan_tf
 
     gs, g = load_generator(pickle_path(size)), load_generator(pickle_path(size), use_gs=False)
     path = save_stylegan_tf(gs, tmp_path / "generator.pt", net_generator=g, discriminator=gs.discriminator)
@@ -283,9 +283,9 @@ def test_truncation_works_under_bf16_autocast(case) -> None:
 
 
 def test_a_malformed_written_back_file_is_a_checkpoint_error(tmp_path: Path) -> None:
-    from generators.formats import load_generator
-    from generators.safe_pickle import load_torch
-    from generators.stylegan_tf import save_stylegan_tf
+    from patchscope.generators.io.formats import load_generator
+    from patchscope.generators.io.safe_pickle import load_torch
+    from patchscope.generators.stylegan.tf import save_stylegan_tf
 
     gs = load_generator(pickle_path(32))
     state = load_torch(save_stylegan_tf(gs, tmp_path / "ok.pt", net_generator=gs, discriminator=gs.discriminator))

@@ -11,14 +11,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from generators.errors import CheckpointError
-from generators.safe_pickle import PickledRecord, load_pickle, load_torch
-from generators.stylegan2 import (
+from patchscope.common.errors import CheckpointError
+from patchscope.generators.io.safe_pickle import PickledRecord, load_pickle, load_torch
+from patchscope.generators.stylegan2.model import (
     StyleGAN2Config, StyleGAN2Discriminator, StyleGAN2Generator, export_rosinality, load_rosinality,
     load_rosinality_file, nvlabs_channels, rosinality_channels,
 )
-from generators.stylegan2_layers import BiasedLeakyReLU, ToRGB
-from generators.stylegan2_nvlabs import (
+from patchscope.generators.stylegan2.layers import BiasedLeakyReLU, ToRGB
+from patchscope.generators.stylegan2.nvlabs import (
     load_nvlabs, load_nvlabs_file, nvlabs_to_rosinality_discriminator, nvlabs_to_rosinality_generator,
     read_network, rosinality_to_nvlabs_discriminator, rosinality_to_nvlabs_generator,
 )
@@ -347,7 +347,7 @@ def test_describe_reports_shapes_and_truncation_source(nv_gen):
     (ROS / "sg2_rosinality_tiny32.pt", "ros", "img_ema_const_noise_buffers"),
     (NV / "sg2ada_tiny32_nosrc.pkl", "nv", "img_const_noise")])
 def test_load_generator_detects_and_reads_both_formats(path, io_key, ref_key, ros_io, nv_io):
-    from generators.formats import load_generator
+    from patchscope.generators.io.formats import load_generator
 
     io = {"ros": ros_io, "nv": nv_io}[io_key]
     gen = load_generator(path)

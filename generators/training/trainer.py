@@ -21,11 +21,12 @@ import torch
 import yaml
 from tqdm import tqdm
 
-from generators.atomic import replace_atomically
-from generators.gan_growing import GrowingGAN
-from generators.gan_images import TrainingImages, TrainingInputError, to_model_range
-from generators.gan_schedule import batch_indices, draw_step, fade_alpha, scale_depths, scale_resolutions
-from generators.pgan import save_pgan_zoo
+from patchscope.common.atomic import replace_atomically
+from patchscope.common.device import resolve_device
+from patchscope.generators.training.growing import GrowingGAN
+from patchscope.generators.training.images import TrainingImages, TrainingInputError, to_model_range
+from patchscope.generators.training.schedule import batch_indices, draw_step, fade_alpha, scale_depths, scale_resolutions
+from patchscope.generators.pgan.zoo import save_pgan_zoo
 
 log = logging.getLogger("patchscope.gan")
 
@@ -108,18 +109,6 @@ def check_config(config: GANTrainConfig) -> None:
         problems.append("no run directory given (--out)")
     if problems:
         raise TrainingInputError("; ".join(problems))
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise TrainingInputError(f"--device {name}: expected auto, cpu, cuda or cuda:N") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise TrainingInputError(f"--device {name}: CUDA is not available on this machine")
-    return device
 
 
 def _prepare_run_dir(config: GANTrainConfig, resume: bool) -> Path:

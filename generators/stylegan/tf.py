@@ -15,11 +15,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from generators.atomic import replace_atomically
-from generators.errors import CheckpointError
-from generators.safe_pickle import describe_source, load_pickle, variable_arrays
-from generators.stylegan import DEFAULT_PSI, DEFAULT_TRUNCATION_CUTOFF, StyleGAN, StyleGANConfig
-from generators.stylegan_discriminator import DiscriminatorConfig, StyleGANDiscriminator
+from patchscope.common.atomic import replace_atomically
+from patchscope.common.errors import CheckpointError
+from patchscope.generators.io.safe_pickle import describe_source, load_pickle, variable_arrays
+from patchscope.generators.stylegan.model import DEFAULT_PSI, DEFAULT_TRUNCATION_CUTOFF, StyleGAN, StyleGANConfig
+from patchscope.generators.stylegan.discriminator import DiscriminatorConfig, StyleGANDiscriminator
 
 # static_kwargs name -> config field, per network.
 _SYNTHESIS_KWARGS = {

@@ -12,8 +12,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from generators.base import Generator
-from generators.glow_layers import (FlowStep, SplitPrior, Squeeze, ZeroConv, gaussian_log_prob,
+from patchscope.generators.base import Generator
+from patchscope.generators.glow.layers import (FlowStep, SplitPrior, Squeeze, ZeroConv, gaussian_log_prob,
                                     split_halves)
 
 COUPLINGS = ("additive", "affine")

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from generators.stylegan_ops import (EqualizedConv, EqualizedDense, ProgressiveShape, activation, blur2d, blur_kernel,
+from patchscope.generators.stylegan.ops import (EqualizedConv, EqualizedDense, ProgressiveShape, activation, blur2d, blur_kernel,
                                      minibatch_stddev, uses_fused_scale)
 
 

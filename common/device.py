@@ -1,4 +1,4 @@
-"""Device and precision choices shared by training, evaluation, the attacks and the benchmarks.
+"""Device and precision choices shared by every command, the GAN trainer and the benchmarks.
 
 `--device auto|cpu|cuda[:i]` and `--precision auto|fp32|bf16` resolve here, in one place.
 """
@@ -12,12 +12,15 @@ from typing import ContextManager
 
 import torch
 
-from forensics.errors import InputError
+from patchscope.common.errors import InputError
 
 PRECISIONS = ("auto", "fp32", "bf16")
 
 
-def resolve_device(name: str = "auto") -> torch.device:
+def resolve_device(name: str | torch.device = "auto") -> torch.device:
+    """`auto` (CUDA when available, else CPU), `cpu`, `cuda` or `cuda:N`, checked against this machine."""
+    if isinstance(name, torch.device):
+        name = str(name)
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:

@@ -6,10 +6,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from analysis.report_curves import FINETUNE_PANELS, SHIFT_PANELS
-from analysis.report_html import Column, format_short, format_value, heading, key_values, paragraph, preformatted, table
-from analysis.report_sections import METRIC_COLUMNS, ReportContext, Section, as_mapping
-from analysis.residual import SET_NAMES, WHO
+from patchscope.analysis.report.curves import FINETUNE_PANELS, SHIFT_PANELS
+from patchscope.analysis.report.html import Column, format_short, format_value, heading, key_values, paragraph, preformatted, table
+from patchscope.analysis.report.sections import METRIC_COLUMNS, ReportContext, Section, as_mapping
+from patchscope.analysis.residual import SET_NAMES, WHO
 
 
 def build_exaggerate(folder: Path, ctx: ReportContext, section: Section) -> None:

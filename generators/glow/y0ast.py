@@ -12,8 +12,8 @@ from typing import Any
 
 import torch
 
-from generators.errors import CheckpointError
-from generators.glow import DEFAULT_TEMPERATURE, Glow, GlowConfig, GlowGenerator
+from patchscope.common.errors import CheckpointError
+from patchscope.generators.glow.model import DEFAULT_TEMPERATURE, Glow, GlowConfig, GlowGenerator
 
 STEP_KEY = re.compile(r"^flow\.layers\.(\d+)\.actnorm\.bias$")
 SPLIT_KEY = re.compile(r"^flow\.layers\.(\d+)\.conv\.logs$")

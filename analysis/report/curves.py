@@ -10,7 +10,7 @@ import math
 from pathlib import Path
 from typing import Any, Sequence
 
-from forensics.figures import render_figure
+from patchscope.forensics.figures import render_figure
 
 Panel = tuple[str, tuple[str, ...]]  # (panel title, key patterns in fnmatch syntax)
 

@@ -17,7 +17,7 @@ from typing import Any, BinaryIO, Iterable
 import numpy as np
 import torch
 
-from generators.errors import CheckpointError
+from patchscope.common.errors import CheckpointError
 
 __all__ = ["PickledRecord", "BaseConfig", "load_pickle", "load_torch", "is_zip_file", "describe_source"]
 

@@ -14,10 +14,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from generators.base import NOISE_MODES, StyleGenerator
-from generators.errors import CheckpointError
-from generators.safe_pickle import load_torch
-from generators.stylegan2_layers import (
+from patchscope.generators.base import NOISE_MODES, StyleGenerator
+from patchscope.common.errors import CheckpointError
+from patchscope.generators.io.safe_pickle import load_torch
+from patchscope.generators.stylegan2.layers import (
     ConstantInput, ConvLayer, EqualLinear, PixelNorm, ResBlock, StyledConv, ToRGB, minibatch_stddev,
 )
 
@@ -336,10 +336,3 @@ def export_rosinality(gen: StyleGAN2Generator) -> dict[str, Any]:
 def load_rosinality_file(path: str | os.PathLike, **opts: Any) -> StyleGAN2Generator:
     """`load_rosinality` on a `.pt` read with `torch.load(weights_only=True)`; errors name the file."""
     return load_rosinality(load_torch(path), source=str(path), **opts)
-
-
-def load_nvlabs(snapshot: Mapping[str, Any], **opts: Any) -> StyleGAN2Generator:
-    """`generators.stylegan2_nvlabs.load_nvlabs`, reachable from here for the format table."""
-    from generators.stylegan2_nvlabs import load_nvlabs as load  # that module imports this one
-
-    return load(snapshot, **opts)

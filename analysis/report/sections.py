@@ -8,9 +8,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-from analysis.heatmaps import GROUP_TITLES, GROUPS
-from analysis.report_curves import TRAINING_PANELS, Panel, plot_log, read_log
-from analysis.report_html import (Column, ImageEmbedder, ImageSkipped, details, figure, format_short, format_value,
+from patchscope.analysis.heatmaps import GROUP_TITLES, GROUPS
+from patchscope.analysis.report.curves import TRAINING_PANELS, Panel, plot_log, read_log
+from patchscope.analysis.report.html import (Column, ImageEmbedder, ImageSkipped, details, figure, format_short, format_value,
                                   heading, key_values, paragraph, preformatted, table)
 
 MAX_CARDS = 16       # heatmap cards in one report: each is a wide PNG, the full sets stay on heatmaps.html

@@ -12,9 +12,9 @@ from typing import Any, Iterator, Sequence
 
 import torch
 
-from generators.gan_losses import critic_loss, generator_loss
-from generators.gan_schedule import INIT, derive_seed
-from generators.pgan import PGANZooDiscriminator, PGANZooGenerator, build_pgan_zoo
+from patchscope.generators.training.losses import critic_loss, generator_loss
+from patchscope.generators.training.schedule import INIT, derive_seed
+from patchscope.generators.pgan.zoo import PGANZooDiscriminator, PGANZooGenerator, build_pgan_zoo
 
 
 @contextlib.contextmanager

@@ -17,11 +17,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from generators.atomic import replace_atomically
-from generators.base import Generator
-from generators.errors import CheckpointError
-from generators.pgan import pixel_norm, upscale_nearest
-from generators.safe_pickle import PickledRecord, variable_arrays
+from patchscope.common.atomic import replace_atomically
+from patchscope.generators.base import Generator
+from patchscope.common.errors import CheckpointError
+from patchscope.generators.pgan.zoo import pixel_norm, upscale_nearest
+from patchscope.generators.io.safe_pickle import PickledRecord, variable_arrays
 
 SQRT2 = math.sqrt(2.0)
 

@@ -13,13 +13,13 @@ from typing import Any
 
 import torch
 
-from generators.errors import CheckpointError
-from generators.safe_pickle import PickledRecord, load_pickle
-from generators.stylegan2 import (
+from patchscope.common.errors import CheckpointError
+from patchscope.generators.io.safe_pickle import PickledRecord, load_pickle
+from patchscope.generators.stylegan2.model import (
     MAPPING_LR_MUL, StyleGAN2Discriminator, StyleGAN2Generator, build_discriminator, build_generator,
     count_indexed_keys,
 )
-from generators.stylegan2_layers import make_fir_kernel
+from patchscope.generators.stylegan2.layers import make_fir_kernel
 
 UP_GAIN = 4  # rosinality stores upsampling kernels times factor**2; NVlabs stores them normalised
 

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from generators.errors import CheckpointError
+from patchscope.common.errors import CheckpointError
 
 log = logging.getLogger("patchscope.gan")
 

@@ -5,48 +5,46 @@ Used by the CLI, sampling and the attacks: one call turns a path into a `Generat
 from __future__ import annotations
 
 import hashlib
-import importlib
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from generators.base import Generator
-from generators.errors import CheckpointError
-from generators.safe_pickle import PickledRecord, is_zip_file, load_pickle, load_torch
+from patchscope.common.errors import CheckpointError
+from patchscope.generators.base import Generator
+from patchscope.generators.glow.y0ast import load_glow_y0ast
+from patchscope.generators.pgan.tf import load_pgan_tf, load_pgan_tf_torch
+from patchscope.generators.pgan.zoo import load_pgan_zoo
+from patchscope.generators.stylegan.tf import load_stylegan_tf, load_stylegan_tf_torch
+from patchscope.generators.stylegan2.model import load_rosinality
+from patchscope.generators.stylegan2.nvlabs import load_nvlabs
+from patchscope.generators.io.safe_pickle import PickledRecord, is_zip_file, load_pickle, load_torch
 
 PERSISTENT_CONSTRUCTOR = "torch_utils.persistence._reconstruct_persistent_obj"
 
 
 @dataclass(frozen=True)
 class Format:
-    """A checkpoint format and the function that builds its generator, imported only when needed
-    from the first of `modules` that defines it (architectures may split loader and network)."""
+    """A checkpoint format and the function that builds its generator from the file's contents."""
 
     name: str
-    modules: tuple[str, ...]
-    loader: str
+    loader: Callable[..., Generator]
     description: str
 
 
 FORMATS: dict[str, Format] = {f.name: f for f in (
-    Format("pgan_zoo", ("generators.pgan",), "load_pgan_zoo",
-           "pytorch_GAN_zoo PGAN .pt {config, netG, netD, avgG}"),
-    Format("pgan_tf", ("generators.pgan_tf", "generators.pgan"), "load_pgan_tf",
-           "official TF PGAN pickle (G, D, Gs)"),
-    Format("pgan_tf_torch", ("generators.pgan_tf",), "load_pgan_tf_torch",
+    Format("pgan_zoo", load_pgan_zoo, "pytorch_GAN_zoo PGAN .pt {config, netG, netD, avgG}"),
+    Format("pgan_tf", load_pgan_tf, "official TF PGAN pickle (G, D, Gs)"),
+    Format("pgan_tf_torch", load_pgan_tf_torch,
            "a TF PGAN finetuned by patchscope: .pt {format, G, D, Gs} of TF variables"),
-    Format("stylegan_tf", ("generators.stylegan", "generators.stylegan_tf"), "load_stylegan_tf",
-           "official TF StyleGAN pickle (G, D, Gs)"),
-    Format("stylegan_tf_torch", ("generators.stylegan_tf",), "load_stylegan_tf_torch",
+    Format("stylegan_tf", load_stylegan_tf, "official TF StyleGAN pickle (G, D, Gs)"),
+    Format("stylegan_tf_torch", load_stylegan_tf_torch,
            "a TF StyleGAN finetuned by patchscope: .pt {format, G, D, Gs} of TF variables"),
-    Format("sg2_rosinality", ("generators.stylegan2",), "load_rosinality", "rosinality StyleGAN2 .pt with g_ema"),
-    Format("sg2_nvlabs", ("generators.stylegan2", "generators.stylegan2_nvlabs"), "load_nvlabs",
-           "NVlabs stylegan2-ada / stylegan3 network pickle with G_ema"),
-    Format("glow_y0ast", ("generators.glow", "generators.glow_y0ast"), "load_glow_y0ast",
-           "y0ast Glow-PyTorch state dict"),
+    Format("sg2_rosinality", load_rosinality, "rosinality StyleGAN2 .pt with g_ema"),
+    Format("sg2_nvlabs", load_nvlabs, "NVlabs stylegan2-ada / stylegan3 network pickle with G_ema"),
+    Format("glow_y0ast", load_glow_y0ast, "y0ast Glow-PyTorch state dict"),
 )}
 
 
@@ -152,21 +150,6 @@ def _sibling_hparams(path: Path) -> dict[str, Any] | None:
     return None
 
 
-def _loader_for(fmt: Format, path: Path) -> Any:
-    problems = []
-    for module_name in fmt.modules:
-        try:
-            loader = getattr(importlib.import_module(module_name), fmt.loader, None)
-        except ImportError as error:
-            problems.append(f"{module_name}: {error}")
-            continue
-        if loader is not None:
-            return loader
-        problems.append(f"{module_name} has no {fmt.loader}")
-    raise CheckpointError(f"{path}: recognised as {fmt.name} but its loader {fmt.loader} is not available "
-                          f"({'; '.join(problems)})")
-
-
 def load_generator(path: str | os.PathLike, **opts: Any) -> Generator:
     """Read a generator checkpoint of any format in `FORMATS`; `opts` go to that format's loader
     (e.g. `use_avg`, `alpha` for PGAN; `psi`, `noise_mode` for StyleGAN; `hparams` for Glow)."""
@@ -182,9 +165,8 @@ def load_generator(path: str | os.PathLike, **opts: Any) -> Generator:
         payload = _glow_state(obj)
         if "hparams" not in opts:
             opts["hparams"] = _sibling_hparams(path)
-    loader = _loader_for(fmt, path)
     try:
-        generator = loader(payload, **opts)
+        generator = fmt.loader(payload, **opts)
     except CheckpointError as error:
         message = str(error)
         raise CheckpointError(message if str(path) in message else f"{path}: {fmt.name}: {message}") from error

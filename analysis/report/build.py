@@ -12,13 +12,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from analysis.report_html import escape, page, paragraph
-from analysis.report_sections import (ReportContext, Section, as_mapping, build_eval, build_heatmaps, build_patches,
+from patchscope.analysis.report.html import escape, page, paragraph
+from patchscope.analysis.report.sections import (ReportContext, Section, as_mapping, build_eval, build_heatmaps, build_patches,
                                       build_robustness, build_spectra, build_training)
-from analysis.report_studies import (build_demo_summary, build_exaggerate, build_finetune, build_retrain,
+from patchscope.analysis.report.studies import (build_demo_summary, build_exaggerate, build_finetune, build_retrain,
                                      build_retrain_study)
-from forensics.atomic import write_text
-from forensics.errors import InputError
+from patchscope.common.atomic import write_text
+from patchscope.common.errors import InputError
 
 log = logging.getLogger("patchscope.report")
 

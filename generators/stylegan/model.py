@@ -10,8 +10,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from generators.base import NOISE_MODES, StyleGenerator
-from generators.stylegan_ops import (ACTIVATION_GAIN, EqualizedConv, EqualizedDense, ProgressiveShape, activation,
+from patchscope.generators.base import NOISE_MODES, StyleGenerator
+from patchscope.generators.stylegan.ops import (ACTIVATION_GAIN, EqualizedConv, EqualizedDense, ProgressiveShape, activation,
                                      blur2d, blur_kernel, instance_norm, pixel_norm, uses_fused_scale)
 
 # Paper sampling defaults (the official `G_style` keyword defaults).
