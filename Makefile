@@ -8,7 +8,7 @@ PIP = $(VENV)/bin/python -m pip
 DEMO_OUT ?= runs/demo
 PYTEST_ARGS ?= -n 2 --dist loadfile
 
-.PHONY: install demo test bench clean
+.PHONY: install demo test test-all test-fast bench clean
 
 install: $(VENV)/.installed
 
@@ -22,8 +22,16 @@ $(VENV)/.installed: pyproject.toml Makefile
 demo: install
 	$(VENV)/bin/patchscope demo --out $(DEMO_OUT)
 
+# `make test` (what CI runs) is the whole suite, the slow end-to-end tests included (about 5 min on
+# two cores); test-all says so explicitly, whatever addopts may deselect; test-fast skips them.
 test: install
 	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
+
+test-all: install
+	$(VENV)/bin/python -m pytest $(PYTEST_ARGS) -m "slow or not slow"
+
+test-fast: install
+	$(VENV)/bin/python -m pytest $(PYTEST_ARGS) -m "not slow"
 
 bench: install
 	$(VENV)/bin/python benchmarks/bench_classifier.py

@@ -17,22 +17,24 @@ import click
 from patchscope.analysis.demo_stages import StageBook
 from patchscope.analysis.finetune_study import FinetuneConfig, run_finetune
 from patchscope.analysis.heatmaps import write_eval_heatmaps
-from patchscope.analysis.patches import LABEL_NAMES, run_patches
+from patchscope.analysis.patches import run_patches
 from patchscope.analysis.report.build import write_report
 from patchscope.analysis.residual import RetrainStudyConfig, run_retrain_study
 from patchscope.analysis.shift_grid import ExaggerateConfig, run_exaggerate
-from patchscope.attacks.perceptual import find_backbone_weights
+from patchscope.attacks.perceptual import LPIPS_NETS, find_backbone_weights
 from patchscope.configs import bundled_config
-from patchscope.forensics import config as configs
+from patchscope.common import config as configs
 from patchscope.common.atomic import write_json
-from patchscope.common.device import resolve_device
+from patchscope.common.checks import check_choice, check_counts, check_int, check_mapping, check_text
+from patchscope.common.device import PRECISIONS, resolve_device
 from patchscope.common.errors import InputError
+from patchscope.common.labels import LABEL_NAMES, LABELS
 from patchscope.forensics.builtin_images import write_builtin_reals
 from patchscope.forensics.evaluate import EvalConfig, evaluate
 from patchscope.forensics.train import TrainConfig, fit
 from patchscope.generators.io.formats import checkpoint_sha256
 from patchscope.generators.training.trainer import GANTrainConfig, train_gan
-from patchscope.generators.sampling import sample_dataset
+from patchscope.generators.sampling import SampleConfig, sample_dataset
 
 DEFAULT_CONFIG = bundled_config("demo.yaml")
 # A PGAN grown by `patchscope train-gan` on the demo's train crops (the command is in its .json).
@@ -61,12 +63,29 @@ class DemoConfig:
     precision: str = "auto"             # every stage's precision (auto: bf16 on CUDA and bf16 CPUs), likewise
     quick: dict[str, Any] = field(default_factory=dict)       # overrides for --quick (mappings merge)
 
+    def __post_init__(self) -> None:
+        check_int(self, "size", 4)
+        check_int(self, "seed", 0)
+        check_counts(self, "counts")
+        check_text(self, "generator", optional=True)
+        check_int(self, "sample_batch_size", 1)
+        check_int(self, "heatmaps", 0)
+        check_int(self, "patches", 1)
+        for name in ("train_gan",):
+            check_mapping(self, name, optional=True)
+        for name in ("train", "exaggerate", "finetune", "retrain", "quick"):
+            check_mapping(self, name)
+        check_choice(self, "lpips_net", LPIPS_NETS)
+        check_text(self, "lpips_weights", optional=True)
+        check_text(self, "device")
+        check_choice(self, "precision", PRECISIONS)
+
 
 def load_demo_config(path: str | Path | None = None, quick: bool = False) -> DemoConfig:
     """configs/demo.yaml, updated by the file at `path` (mappings key by key), then by its `quick` overrides."""
     if not DEFAULT_CONFIG.is_file():
-        raise InputError(f"{DEFAULT_CONFIG}: the demo's settings are missing (patchscope demo runs from a source "
-                         f"checkout, installed with `pip install -e .`)")
+        raise InputError(f"{DEFAULT_CONFIG}: the demo's settings are missing; this patchscope installation is "
+                         f"incomplete (reinstall it)")
     merged = _merged({}, configs.read_yaml(DEFAULT_CONFIG))
     if path is not None:
         merged = _merged(merged, configs.read_yaml(path))
@@ -182,8 +201,9 @@ class Demo:
         cfg = self.cfg
 
         def work(resume: bool) -> dict[str, Any]:
-            sample_dataset(self.generator, self.fakes, cfg.counts, seed=cfg.seed, size=cfg.size,
-                           batch_size=cfg.sample_batch_size, device=resolve_device(cfg.device))
+            sample_dataset(SampleConfig(generator=str(self.generator), out=str(self.fakes), counts=cfg.counts,
+                                        seed=cfg.seed, size=cfg.size, batch_size=cfg.sample_batch_size,
+                                        device=str(resolve_device(cfg.device))))
             return {"n": sum(cfg.counts.values())}
 
         return self.book.run("fakes", self.fakes, {"size": cfg.size}, ["data", "generator"], work,
@@ -224,7 +244,7 @@ class Demo:
             result = run_patches(str(self.classifier), str(self.reals), str(self.fakes), out=str(self.out / "patches"),
                                  n=self.cfg.patches, force=True, **_runtime(self.cfg))
             return {"segmenter": result["segmenter"], "n": len(result["top"]),
-                    **{LABEL_NAMES[label]: _majority(result["top"], result["classes"], label) for label in (0, 1)}}
+                    **{LABEL_NAMES[label]: _majority(result["top"], result["classes"], label) for label in LABELS}}
 
         return self.book.run("patches", self.out / "patches", {"n": self.cfg.patches, **_runtime(self.cfg)},
                              ["classifier"], work,

@@ -26,12 +26,13 @@ from patchscope.attacks.gan_objectives import objective_for
 from patchscope.attacks.perceptual import LPIPS_NETS, find_backbone_weights, load_lpips
 from patchscope.attacks.real_batches import RealImages
 from patchscope.attacks.shift import ClassifierInput
-from patchscope.forensics import config as configs
 from patchscope.common.atomic import write_json, write_text
-from patchscope.forensics.checkpoint import load_classifier, resolve_checkpoint
+from patchscope.forensics.checkpoint import CHECKPOINT_CHOICES, load_classifier, resolve_checkpoint
 from patchscope.forensics.data import BAD_IMAGE_POLICIES
-from patchscope.common.device import configure_backends, resolve_device, resolve_precision
+from patchscope.common.checks import check_bool, check_choice, check_float, check_int, check_text, require
+from patchscope.common.device import PRECISIONS, configure_backends, resolve_device, resolve_precision
 from patchscope.common.errors import InputError
+from patchscope.common.runfolder import RunFolder
 from patchscope.forensics.scoring import AGGREGATIONS
 from patchscope.generators import checkpoint_sha256, load_generator
 from patchscope.generators.base import Generator
@@ -47,6 +48,7 @@ GRID_TITLE = "original vs finetuned ({steps} steps), same latents; caption = P(f
 SOURCES_FILE = "sources.json"  # SHA-256 of the generator and classifier files the run started from
 RESULT_FILES = (GENERATOR_FILE, RESUME_FILE, METRICS_FILE, SOURCES_FILE, "before_after.json", "before_after.csv",
                 "grid.png")
+RUN_FOLDER = RunFolder(holds="a finetuning run", resumable=RESUMABLE_CHANGES, writes=RESULT_FILES)
 
 
 @dataclass
@@ -89,6 +91,36 @@ class FinetuneConfig:
     device: str = "auto"
     precision: str = "auto"             # auto (bf16 on CUDA and CPUs with native bf16) | fp32 | bf16
 
+    def __post_init__(self) -> None:
+        for name in ("generator", "classifier", "real", "out", "device"):
+            check_text(self, name)
+        check_text(self, "real_split", optional=True)
+        check_choice(self, "which", CHECKPOINT_CHOICES)
+        check_int(self, "steps", 0)
+        check_int(self, "batch_size", 2)
+        check_float(self, "lr", 0, low_open=True, optional=True)
+        check_float(self, "beta1", 0, 1, high_open=True)
+        check_float(self, "beta2", 0, 1, high_open=True)
+        check_float(self, "ema_beta", 0, 1, high_open=True)
+        for name in ("classifier_weight", "lambda_gp", "drift", "r1_gamma"):
+            check_float(self, name, 0)
+        check_float(self, "max_loss", 0, low_open=True)
+        for name in ("n_critic", "r1_every", "eval_n", "compare_n"):
+            check_int(self, name, 1)
+        for name in ("seed", "checkpoint_every", "log_every", "grid_rows"):
+            check_int(self, name, 0)
+        check_int(self, "eval_seed", 0, optional=True)
+        check_choice(self, "aggregation", AGGREGATIONS)
+        check_int(self, "load_size", 1, optional=True)
+        check_int(self, "crop_size", 1, optional=True)
+        check_choice(self, "lpips_net", LPIPS_NETS)
+        check_text(self, "lpips_weights", optional=True)
+        for name in ("lpips_random", "mirror"):
+            check_bool(self, name)
+        check_bool(self, "cache_real", optional=True)
+        check_choice(self, "on_bad_image", BAD_IMAGE_POLICIES)
+        check_choice(self, "precision", PRECISIONS)
+
 
 # ----------------------------------------------------------------------------- the grid
 
@@ -115,30 +147,8 @@ def render_finetune_grid(comparison: Comparison, steps: int, tile_size: int | No
 
 # ----------------------------------------------------------------------------- the study
 
-def _check_settings(config: FinetuneConfig) -> None:
-    for name in ("generator", "classifier", "real", "out"):
-        if not getattr(config, name):
-            raise InputError(f"no --{name.replace('_', '-')} given")
-    if (config.steps < 0 or config.batch_size < 2 or config.classifier_weight < 0 or config.n_critic < 1
-            or not 0 <= config.ema_beta < 1 or config.seed < 0 or config.checkpoint_every < 0 or config.log_every < 0
-            or config.eval_n < 1 or config.compare_n < 1 or config.grid_rows < 0 or config.r1_every < 1
-            or (config.lr is not None and config.lr <= 0) or config.max_loss <= 0):
-        raise InputError("expected steps >= 0, batch_size >= 2, classifier_weight >= 0, n_critic >= 1, "
-                         "0 <= ema_beta < 1, seed >= 0, lr > 0, max_loss > 0, eval_n and compare_n >= 1, "
-                         "r1_every >= 1 and non-negative intervals and grid_rows; got "
-                         + ", ".join(f"{k}={v!r}" for k, v in configs.to_dict(config).items()
-                                     if isinstance(v, (int, float)) and not isinstance(v, bool)))
-    if config.aggregation not in AGGREGATIONS:
-        raise InputError(f"--aggregation {config.aggregation!r}: expected one of {', '.join(AGGREGATIONS)}")
-    if config.lpips_net not in LPIPS_NETS:
-        raise InputError(f"--lpips-net {config.lpips_net!r}: expected one of {', '.join(LPIPS_NETS)}")
-    if config.on_bad_image not in BAD_IMAGE_POLICIES:
-        raise InputError(f"--on-bad-image {config.on_bad_image!r}: expected one of {', '.join(BAD_IMAGE_POLICIES)}")
-
-
 def _check_out(config: FinetuneConfig, resume: bool, force: bool) -> None:
-    configs.check_run_folder(config, config.out, holds="a finetuning run", folder="a finetuning folder",
-                             resumable=RESUMABLE_CHANGES, resume=resume, force=force)
+    RUN_FOLDER.check(config.out, config, resume=resume, force=force)
 
 
 def _lpips_for(config: FinetuneConfig, device: torch.device) -> nn.Module | None:
@@ -203,7 +213,8 @@ def run_finetune(config: FinetuneConfig, resume: bool = False, force: bool = Fal
     refused unless `resume` (continues from resume.pt; a finished run is only re-scored, more steps
     continue it) or `force` (starts again).
     """
-    _check_settings(config)
+    for name in ("generator", "classifier", "real", "out"):
+        require(config, name)
     _check_out(config, resume, force)
     out = Path(config.out)
     eval_seed = config.seed + 1 if config.eval_seed is None else config.eval_seed
@@ -232,7 +243,7 @@ def run_finetune(config: FinetuneConfig, resume: bool = False, force: bool = Fal
     sources = {"generator_sha256": checkpoint_sha256(config.generator),
                "classifier_sha256": checkpoint_sha256(classifier_file)}
     _check_sources(out, sources)
-    write_text(out / "config.yaml", configs.to_yaml(config))
+    RUN_FOLDER.save(out, config)
     result = finetuner.run(config.steps, config.batch_size, config.seed, out=out,
                            checkpoint_every=config.checkpoint_every, log_every=config.log_every,
                            eval_n=config.eval_n, eval_seed=eval_seed, resume=resume)

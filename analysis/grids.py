@@ -1,6 +1,7 @@
 """Labelled image grids rendered with Pillow: the one renderer behind every comparison figure.
 
-Used for exaggeration rows G(z + k·w), original-vs-finetuned sheets, sample sheets and heatmap cards.
+Used for exaggeration rows G(z − k·w) (k > 0 more fake; see attacks.shift.SIGN_CONVENTION),
+original-vs-finetuned sheets, sample sheets and heatmap cards.
 """
 from __future__ import annotations
 

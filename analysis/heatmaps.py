@@ -28,6 +28,7 @@ from patchscope.forensics import checkpoint, data
 from patchscope.common.atomic import write_bytes, write_json
 from patchscope.common.device import resolve_device, resolve_precision
 from patchscope.common.errors import InputError
+from patchscope.common.labels import LABEL_NAMES, LABELS, REAL
 from patchscope.forensics.evaluate import EvalConfig, parse_test_spec, predict
 from patchscope.forensics.figures import figure_format, render_figure
 from patchscope.forensics.receptive import ModelLike, Size, output_size, receptive_field
@@ -35,7 +36,6 @@ from patchscope.forensics.receptive import ModelLike, Size, output_size, recepti
 GROUPS = ("real_easy", "real_hard", "fake_easy", "fake_hard")
 GROUP_TITLES = {"real_easy": "real, easiest", "real_hard": "real, hardest",
                 "fake_easy": "fake, easiest", "fake_hard": "fake, hardest"}
-LABEL_NAMES = ("real", "fake")
 MODES = ("linear", "nearest")
 DEFAULT_CMAP = "jet"
 OVERLAY_ALPHA = 0.5  # share of the heatmap colour in the overlay
@@ -128,12 +128,12 @@ def select_extremes(scores: Any, labels: Any, n: int) -> dict[str, list[int]]:
         raise ValueError(f"n must be 0 or more, got {n}")
     if np.isnan(scores_np).any():
         raise ValueError("scores contain NaN")
-    if labels_np.size and not np.isin(labels_np, (0, 1)).all():
+    if labels_np.size and not np.isin(labels_np, LABELS).all():
         raise ValueError("labels must be 0 (real) or 1 (fake)")
     chosen = {}
     for label, name in enumerate(LABEL_NAMES):
         index = np.flatnonzero(labels_np == label)
-        wrongness = scores_np[index] if label == 0 else -scores_np[index]
+        wrongness = scores_np[index] if label == REAL else -scores_np[index]
         # lexsort: the last key is the primary one, index order breaks ties.
         chosen[f"{name}_easy"] = index[np.lexsort((index, wrongness))][:n].tolist()
         chosen[f"{name}_hard"] = index[np.lexsort((index, -wrongness))][:n].tolist()

@@ -14,20 +14,22 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 from PIL import Image
-from tqdm import tqdm
+from patchscope.common.progress import progress_bar
 
 from patchscope.analysis.grids import save_grid, save_image
 from patchscope.analysis.segment import LowLevelSegmenter, Segmenter, class_histogram, patch_class, plot_histograms
-from patchscope.forensics import checkpoint, config as configs, data
+from patchscope.common import config as configs
+from patchscope.forensics import checkpoint, data
 from patchscope.common.atomic import write_json, write_text
-from patchscope.common.device import configure_backends, resolve_device, resolve_precision
+from patchscope.common.checks import check_bool, check_choice, check_int, check_text
+from patchscope.common.device import PRECISIONS, configure_backends, resolve_device, resolve_precision
 from patchscope.common.errors import InputError
+from patchscope.common.labels import FAKE, LABEL_NAMES, LABELS, REAL, p_fake
 from patchscope.forensics.evaluate import predict
 from patchscope.forensics.receptive import ModelLike, ReceptiveField, Size, patch_boxes, receptive_field
 
 log = logging.getLogger("patchscope.patches")
 
-LABEL_NAMES = {0: "real", 1: "fake"}
 PADDING_GRAY = 128  # what zero padding looks like to the classifier: 0 in [-1, 1]
 
 
@@ -58,7 +60,7 @@ def _as_numpy(patch_probs: Any) -> np.ndarray:
 def _checked(patch_probs: Any, labels: Any, model: ModelLike, input_size: Size) -> tuple[np.ndarray, ...]:
     probs = _as_numpy(patch_probs)
     labels = np.asarray(labels.cpu() if isinstance(labels, torch.Tensor) else labels).astype(np.int64)
-    if labels.shape != probs.shape[:1] or not np.isin(labels, (0, 1)).all():
+    if labels.shape != probs.shape[:1] or not np.isin(labels, LABELS).all():
         raise InputError(f"expected one 0/1 label per map ({probs.shape[0]}), got {labels.shape}")
     boxes = patch_boxes(model, input_size)
     if boxes.shape[:2] != probs.shape[1:]:
@@ -69,10 +71,10 @@ def _checked(patch_probs: Any, labels: Any, model: ModelLike, input_size: Size) 
 
 def _record(index: int, row: int, col: int, probs: np.ndarray, labels: np.ndarray, boxes: np.ndarray,
             paths: Sequence[Any] | None) -> PatchRecord:
-    p_fake = float(probs[index, row, col])
+    fake_prob = float(probs[index, row, col])
     label = int(labels[index])
     return PatchRecord(index=index, path=str(paths[index]) if paths is not None else "", label=label,
-                       row=row, col=col, prob=p_fake if label == 1 else 1.0 - p_fake,
+                       row=row, col=col, prob=fake_prob if label == FAKE else 1.0 - fake_prob,
                        box=tuple(int(v) for v in boxes[row, col]))
 
 
@@ -85,7 +87,7 @@ def best_cells(patch_probs: Any, labels: Any) -> tuple[np.ndarray, np.ndarray]:
     probs = _as_numpy(patch_probs)
     flat = probs.reshape(len(probs), -1)
     labels = np.asarray(labels)
-    cells = np.where(labels == 1, flat.argmax(axis=1), flat.argmin(axis=1))
+    cells = np.where(labels == FAKE, flat.argmax(axis=1), flat.argmin(axis=1))
     return np.unravel_index(cells, probs.shape[1:])
 
 
@@ -103,7 +105,7 @@ def top_patches(patch_probs: Any, labels: Any, model: ModelLike, input_size: Siz
     ranked = sorted(records, key=lambda r: (-r.prob, r.index))
     if not per_class:
         return ranked[:n]
-    return [r for label in (0, 1) for r in [r for r in ranked if r.label == label][:n]]
+    return [r for label in (REAL, FAKE) for r in [r for r in ranked if r.label == label][:n]]
 
 
 def random_patches(patch_probs: Any, labels: Any, model: ModelLike, input_size: Size, seed: int = 0,
@@ -189,6 +191,23 @@ class PatchesConfig:
     save_crops: bool = True         # one PNG per top patch under crops/
     force: bool = False             # replace an existing patches.json
 
+    def __post_init__(self) -> None:
+        for name in ("run", "real", "fake", "split", "device"):
+            check_text(self, name)
+        for name in ("out", "face_parser"):
+            check_text(self, name, optional=True)
+        for name in ("n", "batch_size", "sheet_max"):
+            check_int(self, name, 1)
+        check_int(self, "seed", 0)
+        check_choice(self, "which", checkpoint.CHECKPOINT_CHOICES)
+        check_int(self, "load_size", 1, optional=True)
+        check_int(self, "crop_size", 1, optional=True)
+        check_choice(self, "precision", PRECISIONS)
+        check_int(self, "workers", 0)
+        check_choice(self, "on_bad_image", data.BAD_IMAGE_POLICIES)
+        for name in ("per_class", "save_crops", "force"):
+            check_bool(self, name)
+
 
 def make_segmenter(face_parser: str | None, device: torch.device) -> Segmenter:
     if face_parser:
@@ -212,7 +231,7 @@ def score_images(cfg: PatchesConfig, device: torch.device) -> dict[str, Any]:
     loader = data.make_loader(dataset, cfg.batch_size, train=False, workers=cfg.workers, device_type=device.type)
     logits, labels = predict(model, loader, device, resolve_precision(cfg.precision, device), keep_logits=True)
     return {"model": model, "meta": meta, "rf": rf, "dataset": dataset, "labels": labels,
-            "probs": torch.softmax(logits, dim=1)[:, 1], "input_size": tuple(dataset[0][0].shape[-2:])}
+            "probs": p_fake(logits), "input_size": tuple(dataset[0][0].shape[-2:])}
 
 
 def run_patches(run: str, real: str, fake: str, out: str | None = None, split: str = "test", n: int = 100,
@@ -225,8 +244,6 @@ def run_patches(run: str, real: str, fake: str, out: str | None = None, split: s
     """
     cfg = configs.resolve(PatchesConfig, {"run": run, "real": real, "fake": fake, "out": out, "split": split,
                                           "n": n}, settings, source="run_patches")
-    if cfg.n < 1 or cfg.sheet_max < 1:
-        raise InputError(f"n and sheet_max must be at least 1, got {cfg.n} and {cfg.sheet_max}")
     run_dir = Path(cfg.run) if Path(cfg.run).is_dir() else Path(cfg.run).parent
     out_dir = Path(cfg.out) if cfg.out else run_dir / "patches"
     if (out_dir / "patches.json").exists() and not cfg.force:
@@ -273,7 +290,7 @@ def run_patches(run: str, real: str, fake: str, out: str | None = None, split: s
 
 def class_ranks(top: Sequence[PatchRecord]) -> dict[int, int]:
     """Image index -> rank of its patch among the top patches of its class (0 = surest)."""
-    ranks, counters = {}, {0: 0, 1: 0}
+    ranks, counters = {}, {REAL: 0, FAKE: 0}
     for record in top:
         ranks[record.index], counters[record.label] = counters[record.label], counters[record.label] + 1
     return ranks
@@ -286,7 +303,7 @@ def _label_and_crop(dataset: data.RealFakeDataset, top: list[PatchRecord], basel
     random_of = {r.index: r for r in baseline}
     ranks = class_ranks(top)
     labelled_top, labelled_random, tiles = {}, {}, {}
-    for start in tqdm(range(0, len(top), chunk), desc="segmenting", leave=False, disable=None):
+    for start in progress_bar(range(0, len(top), chunk), desc="segmenting", unit="chunk", leave=False):
         records = top[start:start + chunk]
         images = np.stack([model_input_pixels(dataset, r.index) for r in records])
         maps = segmenter.segment(images)

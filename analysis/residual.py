@@ -18,10 +18,12 @@ from matplotlib.figure import Figure
 from patchscope.analysis.patches import make_segmenter, run_patches
 from patchscope.analysis.segment import Segmenter, class_histogram, save_figure
 from patchscope.attacks.retrain import CLASSIFIERS, TEST_SETS, TEST_SPLIT, RetrainResult, record_stage, retrain, stage_is_current
-from patchscope.forensics import config as configs
 from patchscope.common.atomic import write_json, write_text
-from patchscope.common.device import resolve_device
-from patchscope.common.errors import InputError
+from patchscope.common.checks import check_choice, check_counts, check_int, check_text, require
+from patchscope.common.device import PRECISIONS, resolve_device
+from patchscope.common.runfolder import RunFolder
+from patchscope.forensics.checkpoint import CHECKPOINT_CHOICES
+from patchscope.forensics.data import BAD_IMAGE_POLICIES
 from patchscope.forensics.scoring import AGGREGATIONS
 from patchscope.generators import checkpoint_sha256
 
@@ -33,6 +35,9 @@ COLORS = {"old": "tab:blue", "new": "tab:orange", "random": "tab:gray"}
 SET_NAMES = {"original": "original fakes", "finetuned": "finetuned fakes"}
 # Settings a resumed study may change: where and how fast it runs, never what it computes.
 RESUMABLE_CHANGES = ("out", "device", "workers", "sample_batch_size", "batch_size")
+RUN_FOLDER = RunFolder(holds="a retrain study", resumable=RESUMABLE_CHANGES, force_to="redo it",
+                       writes=("retrain", "patches", "comparison.json", "comparison.csv", "comparison.png",
+                               "summary.txt"))
 
 
 @dataclass
@@ -56,22 +61,26 @@ class RetrainStudyConfig:
     workers: int = 0
     on_bad_image: str = "skip"
 
-
-def _check_settings(config: RetrainStudyConfig) -> None:
-    for name in ("classifier", "generator", "out"):
-        if not getattr(config, name):
-            raise InputError(f"no --{name.replace('_', '-')} given")
-    if config.n < 1 or config.patch_seed < 0 or config.batch_size < 1 or config.sample_batch_size < 1:
-        raise InputError(f"expected n >= 1, patch_seed >= 0 and batch sizes >= 1; got n={config.n}, "
-                         f"patch_seed={config.patch_seed}, batch_size={config.batch_size}, "
-                         f"sample_batch_size={config.sample_batch_size}")
-    if config.aggregation not in AGGREGATIONS:
-        raise InputError(f"--aggregation {config.aggregation!r}: expected one of {', '.join(AGGREGATIONS)}")
+    def __post_init__(self) -> None:
+        for name in ("classifier", "generator", "out", "device"):
+            check_text(self, name)
+        for name in ("real", "original_fakes", "face_parser"):
+            check_text(self, name, optional=True)
+        check_counts(self, "counts", optional=True)
+        check_int(self, "seed", 0, optional=True)
+        check_choice(self, "which", CHECKPOINT_CHOICES)
+        check_choice(self, "aggregation", AGGREGATIONS)
+        check_int(self, "n", 1)
+        check_int(self, "patch_seed", 0)
+        for name in ("sample_batch_size", "batch_size"):
+            check_int(self, name, 1)
+        check_choice(self, "precision", PRECISIONS)
+        check_int(self, "workers", 0)
+        check_choice(self, "on_bad_image", BAD_IMAGE_POLICIES)
 
 
 def _check_out(config: RetrainStudyConfig, resume: bool, force: bool) -> None:
-    configs.check_run_folder(config, config.out, holds="a retrain study", folder="a retrain study",
-                             resumable=RESUMABLE_CHANGES, resume=resume, force=force, force_to="redo it")
+    RUN_FOLDER.check(config.out, config, resume=resume, force=force)
 
 
 def _patches_cached(checkpoint: Path, result: RetrainResult, folder: Path, segmenter: Segmenter,
@@ -237,13 +246,14 @@ def run_retrain_study(config: RetrainStudyConfig, resume: bool = False, force: b
     (analysis.patches results). An existing OUT is refused unless `resume` (finished stages are reused,
     unfinished ones continue) or `force` (every stage is redone).
     """
-    _check_settings(config)
+    for name in ("classifier", "generator", "out"):
+        require(config, name)
     _check_out(config, resume, force)
     out = Path(config.out)
     segmenter = make_segmenter(config.face_parser, resolve_device(config.device))  # a missing parser fails first
     fresh = not (out / "config.yaml").is_file()
     out.mkdir(parents=True, exist_ok=True)
-    write_text(out / "config.yaml", configs.to_yaml(config))
+    RUN_FOLDER.save(out, config)
     try:
         result = retrain(config.classifier, config.generator, config.original_fakes, config.real,
                          out / "retrain", config.counts, config.seed, which=config.which,

@@ -17,13 +17,15 @@ from torch import nn
 
 from patchscope.analysis.grids import image_grid, save_image, to_uint8
 from patchscope.attacks.perceptual import LPIPS_NETS, find_backbone_weights, load_lpips
-from patchscope.attacks.shift import (DEFAULT_KS, SIGN_CONVENTION, ClassifierInput, ShiftExaggeration, ShiftSweep,
-                           check_held_out, load_shift, resolve_space, save_shift)
-from patchscope.forensics import config as configs
+from patchscope.attacks.shift import (DEFAULT_KS, SIGN_CONVENTION, SPACES, ClassifierInput, ShiftExaggeration,
+                                     ShiftSweep, check_held_out, load_shift, resolve_space, save_shift)
 from patchscope.common.atomic import write_json, write_text
-from patchscope.forensics.checkpoint import load_classifier, resolve_checkpoint
-from patchscope.common.device import configure_backends, resolve_device, resolve_precision
+from patchscope.forensics.checkpoint import CHECKPOINT_CHOICES, load_classifier, resolve_checkpoint
+from patchscope.common.checks import (check_bool, check_choice, check_float, check_int, check_numbers, check_text,
+                                      require)
+from patchscope.common.device import PRECISIONS, configure_backends, resolve_device, resolve_precision
 from patchscope.common.errors import InputError
+from patchscope.common.runfolder import RunFolder
 from patchscope.forensics.scoring import AGGREGATIONS
 from patchscope.generators import checkpoint_sha256, load_generator
 from patchscope.generators.base import Generator
@@ -36,6 +38,9 @@ METRIC_FIELDS = ("k", "n", "p_fake", "p_fake_std", "lpips", "lpips_std")
 # What shift.json records about the fit; a reused shift must agree on all of it.
 FIT_KEYS = ("space", "load_size", "crop_size", "lam", "steps", "batch_size", "lr", "seed", "precision", "lpips")
 RESUMABLE_CHANGES = ("out", "ks", "eval_n", "eval_seed", "eval_batch_size", "grid_rows", "aggregation", "device")
+RUN_FOLDER = RunFolder(holds="an exaggeration", resumable=RESUMABLE_CHANGES, resume_to="re-score its shift",
+                       force_to="fit it again",
+                       writes=("metrics.jsonl", "shift.pt", "shift.json", "metrics.json", "metrics.csv", "grid.png"))
 
 
 # ----------------------------------------------------------------------------- the grid
@@ -110,6 +115,28 @@ class ExaggerateConfig:
     device: str = "auto"
     precision: str = "auto"             # auto (bf16 on CUDA and CPUs with native bf16) | fp32 | bf16
 
+    def __post_init__(self) -> None:
+        for name in ("generator", "classifier", "out", "device"):
+            check_text(self, name)
+        check_choice(self, "which", CHECKPOINT_CHOICES)
+        check_choice(self, "space", ("auto", *SPACES))
+        check_float(self, "lam", 0)
+        check_int(self, "steps", 0)
+        check_float(self, "lr", 0, low_open=True)
+        for name in ("batch_size", "eval_n", "eval_batch_size"):
+            check_int(self, name, 1)
+        check_int(self, "seed", 0)
+        check_int(self, "eval_seed", 0, optional=True)
+        check_numbers(self, "ks")
+        check_int(self, "grid_rows", 0)
+        check_choice(self, "aggregation", AGGREGATIONS)
+        check_int(self, "load_size", 1, optional=True)
+        check_int(self, "crop_size", 1, optional=True)
+        check_choice(self, "lpips_net", LPIPS_NETS)
+        check_text(self, "lpips_weights", optional=True)
+        check_bool(self, "lpips_random")
+        check_choice(self, "precision", PRECISIONS)
+
 
 def parse_ks(text: str) -> list[float]:
     """`"-2,-1,0,1,2"` -> [-2.0, -1.0, 0.0, 1.0, 2.0]: the columns G(z − k·w) of `--ks`."""
@@ -122,24 +149,6 @@ def parse_ks(text: str) -> list[float]:
     return ks
 
 
-def _check_settings(config: ExaggerateConfig) -> None:
-    for name in ("generator", "classifier", "out"):
-        if not getattr(config, name):
-            raise InputError(f"no --{name} given")
-    if (config.steps < 0 or config.batch_size < 1 or config.lr <= 0 or config.lam < 0 or config.seed < 0
-            or config.eval_n < 1 or config.eval_batch_size < 1 or config.grid_rows < 0):
-        raise InputError(f"expected steps >= 0, batch_size >= 1, lr > 0, lam >= 0, seed >= 0, eval_n >= 1, "
-                         f"grid_rows >= 0; got steps={config.steps}, batch_size={config.batch_size}, "
-                         f"lr={config.lr}, lam={config.lam}, seed={config.seed}, eval_n={config.eval_n}, "
-                         f"grid_rows={config.grid_rows}")
-    if not config.ks:
-        raise InputError("--ks: expected at least one k, e.g. -2,-1,0,1,2")
-    if config.aggregation not in AGGREGATIONS:
-        raise InputError(f"--aggregation {config.aggregation!r}: expected one of {', '.join(AGGREGATIONS)}")
-    if config.lpips_net not in LPIPS_NETS:
-        raise InputError(f"--lpips-net {config.lpips_net!r}: expected one of {', '.join(LPIPS_NETS)}")
-
-
 def _eval_seed(config: ExaggerateConfig) -> int:
     seed = config.seed + 1 if config.eval_seed is None else config.eval_seed
     try:
@@ -150,9 +159,7 @@ def _eval_seed(config: ExaggerateConfig) -> int:
 
 
 def _check_out(config: ExaggerateConfig, resume: bool, force: bool) -> None:
-    configs.check_run_folder(config, config.out, holds="an exaggeration", folder="an exaggeration folder",
-                             resumable=RESUMABLE_CHANGES, resume=resume, force=force,
-                             resume_to="re-score its shift", force_to="fit it again")
+    RUN_FOLDER.check(config.out, config, resume=resume, force=force)
 
 
 def _lpips_for(config: ExaggerateConfig, device: torch.device) -> nn.Module | None:
@@ -196,7 +203,8 @@ def run_exaggerate(config: ExaggerateConfig, resume: bool = False, force: bool =
     is refused unless `resume` (keeps a finished shift of the same settings and re-scores it, e.g.
     with other ks; an unfinished fit starts again) or `force` (fits again).
     """
-    _check_settings(config)
+    for name in ("generator", "classifier", "out"):
+        require(config, name)
     eval_seed = _eval_seed(config)
     _check_out(config, resume, force)
     out = Path(config.out)
@@ -224,7 +232,7 @@ def run_exaggerate(config: ExaggerateConfig, resume: bool = False, force: bool =
             "lpips": None if lpips_model is None else f"{config.lpips_net}: {lpips_model.source}"}
     shift = None if force else _fitted_shift(out, meta, attack.dim)
     out.mkdir(parents=True, exist_ok=True)
-    write_text(out / "config.yaml", configs.to_yaml(config))
+    RUN_FOLDER.save(out, config)
     fitted = shift is None
     if fitted:
         (out / "shift.json").unlink(missing_ok=True)  # until the new fit is saved, no fit counts as finished

@@ -12,7 +12,7 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 from scipy.ndimage import median_filter
-from tqdm import tqdm
+from patchscope.common.progress import progress_bar
 
 from patchscope.common.atomic import write_bytes, write_json
 from patchscope.forensics.data import BAD_IMAGE_POLICIES, BadImageError, ImageSet, list_images, read_image, resize_image
@@ -138,7 +138,7 @@ def _average_spectrum(images: ImageSource, size: int | None, fit: str, max_image
         raise InputError(f"need max_images >= 1 and size >= 3 px, got {max_images} and {size}")
     count, stream = _iter_images(images, max_images, split, on_bad_image)
     total, used = None, 0
-    for name, pixels in tqdm(stream, total=count, desc="spectrum", unit="img", disable=not progress):
+    for name, pixels in progress_bar(stream, total=count, desc="spectrum", unit="img", disable=not progress):
         if pixels is None:
             continue
         if size is None:

@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 from torch import nn
-from tqdm import tqdm
+from patchscope.common.progress import progress_bar
 
 from patchscope.attacks.finetune_eval import FINETUNED, Comparison, SampleJudge, compare_generators
 from patchscope.attacks.finetune_files import (GENERATOR_FILE, METRICS_FILE, RESUME_FILE, load_network_state, load_resume,
@@ -24,18 +24,19 @@ from patchscope.attacks.shift import ClassifierInput
 from patchscope.common.atomic import append_line
 from patchscope.common.device import autocast
 from patchscope.common.errors import InputError
+from patchscope.common.labels import REAL, targets
+from patchscope.common.runfolder import refuse_changes
 from patchscope.forensics.scoring import patch_cross_entropy
 from patchscope.generators.base import Generator, StyleGenerator
 from patchscope.generators.training.schedule import batch_indices, derive_seed
 from patchscope.generators.stylegan2.model import StyleGAN2Discriminator
 
-REAL = 0
-# Purposes of derived seeds (generators.gan_schedule uses 0-2 for its own streams).
+# Purposes of derived seeds (generators.training.schedule uses 0-2 for its own streams).
 STEP_DRAWS, NOISE_DRAWS, REAL_ORDER, EVAL_REALS = 20, 21, 22, 23
 W_AVG_BETA = 0.995  # StyleGAN2 tracks the truncation centre as a moving mean of w (NVlabs' w_avg_beta)
-# Settings a resumed run must share with the one that wrote the resume state.
-FINGERPRINT = ("objective", "batch", "seed", "n_critic", "classifier_weight", "ema_beta", "mirror", "lr", "betas",
-               "generator_class")
+# Settings (of `GeneratorFinetuner.settings`) a resume may change: the divergence guard's threshold, the
+# arithmetic a resume on another device resolves to, and the file format, which the generator's class fixes.
+RESUMABLE_CHANGES = ("max_loss", "precision", "format")
 
 
 @dataclass
@@ -79,7 +80,7 @@ class GeneratorFinetuner:
             raise ValueError(f"expected classifier_weight >= 0, n_critic >= 1, 0 <= ema_beta < 1, max_loss > 0; got "
                              f"{classifier_weight}, {n_critic}, {ema_beta}, {max_loss}")
         if precision not in ("fp32", "bf16"):
-            raise ValueError(f"precision must be fp32 or bf16 (resolve auto with forensics.device), not {precision!r}")
+            raise ValueError(f"precision must be fp32 or bf16 (resolve auto with common.device), not {precision!r}")
         written_format(generator)
         if generator.discriminator is None:
             raise InputError(f"the {type(generator).__name__} has no discriminator; finetuning continues GAN "
@@ -124,8 +125,7 @@ class GeneratorFinetuner:
             return self.discriminator(images).float()
 
     def _classifier_loss(self, fake: torch.Tensor) -> torch.Tensor:
-        labels = torch.full((fake.shape[0],), REAL, device=self.device)
-        return patch_cross_entropy(self.judge.logits(fake), labels)
+        return patch_cross_entropy(self.judge.logits(fake), targets(fake.shape[0], REAL, self.device))
 
     def _train_step(self, batch: int, seed: int) -> dict[str, torch.Tensor]:
         """One step: `n_critic` discriminator updates, one generator update, the average; detached losses."""
@@ -219,10 +219,7 @@ class GeneratorFinetuner:
     def _resume(self, out: Path, settings: dict[str, Any]) -> list[dict[str, Any]]:
         saved = load_resume(out)
         before = saved["settings"]
-        changed = [k for k in FINGERPRINT if before.get(k) != settings.get(k)]
-        if changed:
-            raise InputError(f"{out / RESUME_FILE}: written with other {', '.join(changed)} "
-                             f"({', '.join(f'{k}={before.get(k)!r}' for k in changed)}); cannot resume")
+        refuse_changes(out / RESUME_FILE, before, settings, RESUMABLE_CHANGES)
         self._restore(saved)
         self.optimizer_g.load_state_dict(saved["optimizer_g"])
         self.optimizer_d.load_state_dict(saved["optimizer_d"])
@@ -296,7 +293,7 @@ class GeneratorFinetuner:
                 append_line(out / METRICS_FILE, json.dumps(record))
 
         stopped = None
-        bar = tqdm(total=steps, initial=self.step, desc="finetune", unit="step", disable=not progress or None)
+        bar = progress_bar(total=steps, initial=self.step, desc="finetune", unit="step", disable=not progress)
         with frozen(self.classifier, self.original), bar:
             if log_every and self.step == 0 and not history:
                 log(self._log_record(eval_n, eval_seed, seed))  # the starting point: the original generator

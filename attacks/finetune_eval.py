@@ -13,6 +13,7 @@ from patchscope.attacks.latent_optim import frozen
 from patchscope.attacks.real_batches import RealImages
 from patchscope.attacks.shift import ClassifierInput
 from patchscope.common.device import autocast
+from patchscope.common.labels import FAKE, REAL, targets
 from patchscope.forensics.scoring import AGGREGATIONS, compute_metrics, image_scores
 from patchscope.generators.base import Generator
 
@@ -80,9 +81,9 @@ def real_p_fake(judge: SampleJudge, real: RealImages, indices: torch.Tensor) -> 
 
 
 def detection_metrics(p_fake_real: torch.Tensor, p_fake: torch.Tensor) -> dict[str, float | int]:
-    """`compute_metrics` of real images (label 0) against samples (label 1), plus the mean P(fake) of the samples."""
+    """`compute_metrics` of real images (label REAL) against samples (label FAKE), plus the samples' mean P(fake)."""
     scores = torch.cat([p_fake_real, p_fake])
-    labels = torch.cat([torch.zeros(len(p_fake_real)), torch.ones(len(p_fake))])
+    labels = torch.cat([targets(len(p_fake_real), REAL), targets(len(p_fake), FAKE)])
     return {**compute_metrics(scores, labels), "p_fake": float(p_fake.double().mean())}
 
 

@@ -1,5 +1,8 @@
 """The GAN losses a generator keeps training with while it is finetuned: WGAN-GP + drift for PGAN,
 the non-saturating logistic loss + R1 for StyleGAN2, picked from the discriminator. Used by attacks.finetune.
+
+A discriminator's score is the GAN's own (one unbounded number, high = real); the patch classifier's
+label convention (common.labels: two logits, fake = 1) does not apply to it.
 """
 from __future__ import annotations
 

@@ -4,6 +4,7 @@
 """
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import logging
@@ -15,15 +16,16 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from tqdm import tqdm
+from patchscope.common.progress import ProgressBar, progress_bar
 
 from patchscope.attacks.latent_optim import frozen, optimize_latents
 from patchscope.attacks.perceptual import find_backbone_weights, load_lpips
-from patchscope.forensics import config as configs
-from patchscope.common.atomic import atomic_open, write_bytes, write_json, write_text
+from patchscope.common.atomic import atomic_open, write_bytes, write_json
 from patchscope.forensics.data import BAD_IMAGE_POLICIES, BadImageError, list_images, read_image, resize_image
+from patchscope.common.checks import check_bool, check_choice, check_float, check_int, check_text, require
 from patchscope.common.device import resolve_device
 from patchscope.common.errors import InputError
+from patchscope.common.runfolder import RunFolder
 from patchscope.generators import checkpoint_sha256, load_generator
 from patchscope.generators.base import Generator, StyleGenerator
 
@@ -137,26 +139,26 @@ def make_renderer(generator: Generator, space: str, indices: Sequence[int], seed
     return lambda ws: generator.synthesis(ws, noise_mode=noise_mode)
 
 
-def invert(generator: Generator, images: torch.Tensor, space: str = "z", steps: int = 300, lr: float = 0.05,
-           lpips_model: torch.nn.Module | None = None, lambda_mse: float = 1.0, lambda_lpips: float = 1.0,
-           batch_size: int = 8, seed: int = 0, device: str | torch.device = "cpu",
-           indices: Sequence[int] | None = None, progress: bool = True) -> Inversion:
-    """Project images [N, 3, H, W] in [-1, 1] into `generator`'s `space` with Adam.
+def invert(generator: Generator, images: torch.Tensor, config: InvertConfig,
+           lpips_model: torch.nn.Module | None = None, *, indices: Sequence[int] | None = None,
+           progress: bool = True) -> Inversion:
+    """Project images [N, 3, H, W] in [-1, 1] into `generator`'s latent space with Adam, as `config` says
+    (space, steps, lr, lambda_mse, lambda_lpips, batch_size, seed, device; its paths are not read).
 
     Images are resized once to the generator's resolution. z of image i starts at row
     `indices[i]` (default i) of the latent stream for `seed`, w / w+ at w_avg; every image keeps its
     best latents. Images are optimised independently, so results do not depend on
-    `batch_size`. `generator` and `lpips_model` are moved to `device` and frozen meanwhile.
+    `batch_size`. `generator` and `lpips_model` are moved to the device and frozen meanwhile.
     """
+    space = default_space(generator) if config.space == "auto" else config.space
     check_space(generator, space)
     if images.ndim != 4 or images.shape[1] != 3:
         raise ValueError(f"images must be [N, 3, H, W], got {list(images.shape)}")
     if len(images) == 0:
         raise ValueError("no images to invert")
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    device = torch.device(device)
-    objective = InversionObjective(lpips_model, lambda_mse, lambda_lpips)
+    steps, batch_size, seed = config.steps, config.batch_size, config.seed
+    device = resolve_device(config.device)
+    objective = InversionObjective(lpips_model, config.lambda_mse, config.lambda_lpips)
     networks = [generator] + ([lpips_model] if lpips_model is not None else [])
     for net in networks:
         net.to(device)
@@ -165,12 +167,13 @@ def invert(generator: Generator, images: torch.Tensor, space: str = "z", steps: 
     if len(indices) != len(targets):
         raise ValueError(f"{len(indices)} latent indices for {len(targets)} images")
     outputs: list[Inversion] = []
-    bar = tqdm(total=len(targets) * steps, desc=f"inverting ({space})", leave=False, disable=not progress or None)
+    bar = progress_bar(total=len(targets) * steps, desc=f"inverting ({space})", unit="step", leave=False,
+                       disable=not progress)
     with frozen(*networks), bar:
         w_avg = None if space == "z" else average_w(generator)
         for first in range(0, len(targets), batch_size):
             batch = targets[first:first + batch_size].to(device)
-            outputs.append(_invert_batch(generator, batch, space, steps, lr, objective, seed,
+            outputs.append(_invert_batch(generator, batch, space, steps, config.lr, objective, seed,
                                          indices[first:first + batch_size], w_avg, device, bar))
     return Inversion(torch.cat([o.latents for o in outputs]), torch.cat([o.images for o in outputs]),
                      {k: torch.cat([o.losses[k] for o in outputs]) for k in outputs[0].losses})
@@ -178,7 +181,7 @@ def invert(generator: Generator, images: torch.Tensor, space: str = "z", steps: 
 
 def _invert_batch(generator: Generator, targets: torch.Tensor, space: str, steps: int, lr: float,
                   objective: InversionObjective, seed: int, indices: Sequence[int], w_avg: torch.Tensor | None,
-                  device: torch.device, bar: tqdm) -> Inversion:
+                  device: torch.device, bar: ProgressBar) -> Inversion:
     render = make_renderer(generator, space, indices, seed, device)
 
     def loss_fn(latents: dict[str, torch.Tensor], step: int) -> torch.Tensor:
@@ -202,6 +205,7 @@ def _invert_batch(generator: Generator, targets: torch.Tensor, space: str, steps
 
 # Settings a resumed inversion may change: none of them changes a result.
 RESUMABLE_CHANGES = ("out", "batch_size", "device", "on_bad_image")
+RUN_FOLDER = RunFolder(holds="an inversion", resumable=RESUMABLE_CHANGES, force_to=None)
 
 
 @dataclass
@@ -222,6 +226,21 @@ class InvertConfig:
     seed: int = 0                       # z of image i starts at row i of this seed's latent stream
     device: str = "auto"
     on_bad_image: str = "skip"          # skip | error for unreadable images
+
+    def __post_init__(self) -> None:
+        for name in ("generator", "images", "out", "device", "lpips_net"):
+            check_text(self, name)
+        check_text(self, "split", optional=True)
+        check_text(self, "lpips_weights", optional=True)
+        check_choice(self, "space", ("auto", *SPACES))
+        check_int(self, "steps", 0)
+        check_float(self, "lr", 0, low_open=True)
+        check_float(self, "lambda_mse", 0)
+        check_float(self, "lambda_lpips", 0)
+        check_bool(self, "lpips_random")
+        check_int(self, "batch_size", 1)
+        check_int(self, "seed", 0)
+        check_choice(self, "on_bad_image", BAD_IMAGE_POLICIES)
 
 
 def output_names(paths: Sequence[Path], root: Path) -> list[str]:
@@ -258,27 +277,12 @@ def to_png_bytes(image: torch.Tensor) -> bytes:
     return buffer.getvalue()
 
 
-def _check_settings(config: InvertConfig) -> None:
-    for name in ("generator", "images", "out"):
-        if not getattr(config, name):
-            raise InputError(f"no --{name} given")
-    if config.steps < 0 or config.lr <= 0 or config.batch_size < 1 or min(config.lambda_mse, config.lambda_lpips) < 0:
-        raise InputError(f"expected steps >= 0, lr > 0, batch_size >= 1 and lambdas >= 0; got steps={config.steps}, "
-                         f"lr={config.lr}, batch_size={config.batch_size}, lambda_mse={config.lambda_mse}, "
-                         f"lambda_lpips={config.lambda_lpips}")
-    if config.space not in ("auto", *SPACES):
-        raise InputError(f"--space {config.space!r}: expected auto, {', '.join(SPACES)}")
-    if config.on_bad_image not in BAD_IMAGE_POLICIES:
-        raise InputError(f"--on-bad-image {config.on_bad_image!r}: expected one of {', '.join(BAD_IMAGE_POLICIES)}")
-
-
 def _check_out(config: InvertConfig, root: Path, resume: bool) -> None:
     """Refuse an output folder that holds other results, other settings, or the images themselves."""
     out = Path(config.out)
     if out.resolve() == root.resolve() or root.resolve() in out.resolve().parents:
         raise InputError(f"--out {out}: inside the images folder {root}; choose a folder outside it")
-    configs.check_run_folder(config, out, holds="an inversion", folder="an inversion folder",
-                             resumable=RESUMABLE_CHANGES, resume=resume, force_to=None)
+    RUN_FOLDER.check(out, config, resume=resume)
 
 
 def _load_progress(out: Path, sha256: str) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
@@ -327,7 +331,8 @@ def invert_folder(config: InvertConfig, resume: bool = False) -> dict[str, Any]:
     Results are committed batch by batch. An existing OUT is refused unless `resume`, which
     keeps its finished images and needs the same settings (`RESUMABLE_CHANGES` aside) and generator.
     """
-    _check_settings(config)
+    for name in ("generator", "images", "out"):
+        require(config, name)
     out, source = Path(config.out), Path(config.images)
     paths = list_images(source, config.split)
     root = source.parent if source.is_file() else (source / config.split if config.split else source)
@@ -344,19 +349,18 @@ def invert_folder(config: InvertConfig, resume: bool = False) -> dict[str, Any]:
     sha256 = checkpoint_sha256(config.generator)
     done, latents = _load_progress(out, sha256)
     out.mkdir(parents=True, exist_ok=True)
-    write_text(out / "config.yaml", configs.to_yaml(config))
+    RUN_FOLDER.save(out, config)
     resumed = len(done)
     todo = [i for i, name in enumerate(names) if name not in done]
     skipped: dict[str, str] = {}
-    for first in tqdm(range(0, len(todo), config.batch_size), desc="batches", disable=None):
+    for first in progress_bar(range(0, len(todo), config.batch_size), desc="invert", unit="batch"):
         batch = todo[first:first + config.batch_size]
         kept, images = _load_batch([paths[i] for i in batch], generator.resolution, config.on_bad_image,
                                    skipped, [names[i] for i in batch])
         if images is None:
             continue
         indices = [batch[k] for k in kept]
-        result = invert(generator, images, space, config.steps, config.lr, lpips_model, config.lambda_mse,
-                        config.lambda_lpips, config.batch_size, config.seed, device, indices)
+        result = invert(generator, images, dataclasses.replace(config, space=space), lpips_model, indices=indices)
         for row, index in enumerate(indices):
             name = names[index]
             write_bytes(out / name, to_png_bytes(result.images[row]))

@@ -4,7 +4,6 @@ new classifier with the old one's settings, and score old and new on both fake s
 from __future__ import annotations
 
 import csv
-import inspect
 import io
 import json
 import logging
@@ -14,19 +13,20 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Mapping
 
-import yaml
-
-from patchscope.forensics import config as configs, data
+from patchscope.common import config as configs
+from patchscope.forensics import data
 from patchscope.common.atomic import write_json, write_text
 from patchscope.forensics.checkpoint import load_classifier, load_resume_state, resolve_checkpoint
 from patchscope.common.errors import InputError
+from patchscope.common.runfolder import RunFolder
 from patchscope.forensics.evaluate import EvalConfig, evaluate
 from patchscope.forensics.scoring import AGGREGATIONS
 from patchscope.forensics.train import RESUMABLE_CHANGES as TRAIN_RESUMABLE_CHANGES
 from patchscope.forensics.train import TrainConfig, fit
 from patchscope.generators import checkpoint_sha256, load_generator
 from patchscope.generators.base import Generator
-from patchscope.generators.sampling import MANIFEST, sample_dataset, weights_sha256
+from patchscope.generators.dataset_folder import MANIFEST
+from patchscope.generators.sampling import SampleConfig, sample_dataset, weights_sha256
 
 log = logging.getLogger("patchscope.retrain")
 
@@ -38,7 +38,11 @@ METRIC_KEYS = ("ap", "ap_real", "acc", "acc_real", "acc_fake", "roc_auc", "n")
 STAGE_FILE = "stage.json"
 # Settings a resumed retrain may change: where and how fast it runs, never what it computes.
 RESUMABLE_CHANGES = ("device", "workers", "sample_batch_size", "eval_batch_size")
-_SAMPLING_DEFAULTS = {name: p.default for name, p in inspect.signature(sample_dataset).parameters.items()}
+# The old classifier's training settings nest under `train`: a resume may change what `fit` lets it change.
+RUN_FOLDER = RunFolder(holds="a retrain", kind=KIND, force_to="start over",
+                       resumable=(*RESUMABLE_CHANGES, *(f"train.{name}" for name in TRAIN_RESUMABLE_CHANGES)),
+                       writes=("fakes", "classifier", "eval", "metrics.json", "metrics.csv"))
+_SAMPLING_DEFAULTS = SampleConfig()
 
 
 # ----------------------------------------------------------------------------- cached stages
@@ -87,16 +91,16 @@ def plan_sampling(original_fakes: str | os.PathLike, train_config: TrainConfig,
             counts={**{str(k): int(v) for k, v in (manifest.get("counts") or {}).items()}, **given},
             seed=int(manifest.get("seed", 0) if seed is None else seed), size=manifest.get("size"),
             options=dict(manifest.get("options") or {}),
-            chunk=int(manifest.get("chunk", _SAMPLING_DEFAULTS["chunk"])),
-            precision=str(manifest.get("precision", _SAMPLING_DEFAULTS["precision"])), source=str(original / MANIFEST),
+            chunk=int(manifest.get("chunk", _SAMPLING_DEFAULTS.chunk)),
+            precision=str(manifest.get("precision", _SAMPLING_DEFAULTS.precision)), source=str(original / MANIFEST),
             made_by=(manifest.get("generator") or {}).get("class") if isinstance(manifest.get("generator"), dict)
             else None)
     else:
         sizes = {split: len(data.list_images(original, split)) for split in splits if split not in given}
         plan = SamplingPlan(
             counts={**sizes, **given}, seed=0 if seed is None else int(seed),
-            size=train_config.load_size or train_config.crop_size, options={}, chunk=_SAMPLING_DEFAULTS["chunk"],
-            precision=_SAMPLING_DEFAULTS["precision"],
+            size=train_config.load_size or train_config.crop_size, options={}, chunk=_SAMPLING_DEFAULTS.chunk,
+            precision=_SAMPLING_DEFAULTS.precision,
             source=f"the classifier's input size ({original} has no {MANIFEST})")
     missing = [split for split in splits if plan.counts.get(split, 0) < 1]
     if missing:
@@ -169,48 +173,16 @@ def _as_generator(generator: Generator | str | os.PathLike) -> tuple[Generator, 
     return loaded, path, checkpoint_sha256(path)
 
 
-def _changed(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
-    changed = [k for k in sorted(set(old) | set(new)) if k not in RESUMABLE_CHANGES and k != "train"
-               and old.get(k) != new.get(k)]
-    old_train, new_train = old.get("train") or {}, new.get("train") or {}
-    changed += [f"train.{k}" for k in sorted(set(old_train) | set(new_train))
-                if k not in TRAIN_RESUMABLE_CHANGES and old_train.get(k) != new_train.get(k)]
-    return changed
-
-
 def _claim(out: Path, record: dict[str, Any], resume: bool, force: bool) -> None:
-    """Refuse a folder holding anything else, or another retrain unless forced; clear it when forced."""
-    saved = out / "config.yaml"
-    if not saved.is_file():
-        if out.is_dir() and any(out.iterdir()):
-            raise InputError(f"{out}: exists and is not a retrain folder (no config.yaml); choose a new out folder")
-    else:
-        old = configs.read_yaml(saved)
-        if old.get("kind") != KIND:
-            raise InputError(f"{saved}: not a retrain config (kind {old.get('kind')!r}); choose another out folder")
-        if force:
-            for name in ("fakes", "classifier", "eval"):
-                shutil.rmtree(out / name, ignore_errors=True)
-            for name in ("metrics.json", "metrics.csv"):
-                (out / name).unlink(missing_ok=True)
-        elif not resume:
-            raise InputError(f"{out}: already holds a retrain; resume it or force it to start over")
-        else:
-            plain = json.loads(json.dumps(record))
-            changed = _changed(old, plain)
-            if changed:
-                shown = ", ".join(f"{k}={_lookup(old, k)!r}" for k in changed)
-                raise InputError(f"{out}: cannot resume with different {', '.join(changed)} (saved: {shown}); "
-                                 f"force it to start over or choose another out folder")
-    out.mkdir(parents=True, exist_ok=True)
-    write_text(saved, yaml.safe_dump(json.loads(json.dumps(record)), sort_keys=False))
-
-
-def _lookup(record: Mapping[str, Any], dotted: str) -> Any:
-    value: Any = record
-    for part in dotted.split("."):
-        value = value.get(part) if isinstance(value, Mapping) else None
-    return value
+    """Refuse a folder holding anything else, or another retrain unless resumed or forced; clear it when forced."""
+    RUN_FOLDER.check(out, record, resume=resume, force=force)
+    if force:  # start over: remove what an earlier retrain wrote, and nothing else
+        for path in (out / name for name in RUN_FOLDER.writes):
+            if path.is_dir():
+                shutil.rmtree(path)
+            else:
+                path.unlink(missing_ok=True)
+    RUN_FOLDER.save(out, record)
 
 
 def _finished(run_dir: Path) -> bool:
@@ -303,10 +275,10 @@ def retrain(base_run: str | os.PathLike, finetuned_generator: Generator | str | 
     stages = {}
 
     log.info("sampling %s into %s (settings of %s)", generator_file or "the finetuned generator", fakes, plan.source)
-    sampled = sample_dataset(generator, fakes, plan.counts, seed=plan.seed, size=plan.size,
-                             batch_size=sample_batch_size, device=device, opts=plan.options,
-                             generator_file=generator_file, progress=progress, chunk=plan.chunk,
-                             precision=plan.precision)
+    sampling = SampleConfig(generator=str(generator_file or ""), out=str(fakes), counts=plan.counts, seed=plan.seed,
+                            size=plan.size, opts=plan.options, batch_size=sample_batch_size, chunk=plan.chunk,
+                            device=device, precision=plan.precision)
+    sampled = sample_dataset(sampling, generator, progress=progress)
     stages["sample"] = "ran" if any(s["written"] for s in sampled["splits"].values()) else "reused"
 
     finished_before = _finished(run_dir)

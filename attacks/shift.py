@@ -13,7 +13,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm import tqdm
+from patchscope.common.progress import progress_bar
 
 from patchscope.attacks.invert import make_renderer
 from patchscope.attacks.latent_optim import frozen, optimize_latents
@@ -21,12 +21,12 @@ from patchscope.common.atomic import atomic_open, write_json
 from patchscope.forensics.data import resized_shape
 from patchscope.common.device import autocast
 from patchscope.common.errors import InputError
+from patchscope.common.labels import FAKE, targets
 from patchscope.forensics.scoring import AGGREGATIONS, image_scores, patch_cross_entropy
 from patchscope.generators.base import Generator, StyleGenerator
 
 SPACES = ("z", "w")
 DEFAULT_KS = (-2.0, -1.0, 0.0, 1.0, 2.0)
-FAKE = 1
 # The paper shows G(z − k·w) and G(z + k·w). Here w is learned so that z − w is MORE fake, and column k
 # is always G(z − k·w): k > 0 exaggerates what the classifier detects, k < 0 removes it, k = 0 is the
 # original. The same sentence goes into shift.json and the grid title.
@@ -187,7 +187,7 @@ class ShiftExaggeration:
         if aggregation not in AGGREGATIONS:
             raise ValueError(f"aggregation must be one of {AGGREGATIONS}, not {aggregation!r}")
         if precision not in ("fp32", "bf16"):
-            raise ValueError(f"precision must be fp32 or bf16 (resolve auto with forensics.device), not {precision!r}")
+            raise ValueError(f"precision must be fp32 or bf16 (resolve auto with common.device), not {precision!r}")
         self.device = torch.device(device)
         self.generator = generator.to(self.device)
         self.classifier = classifier.to(self.device, memory_format=torch.channels_last)
@@ -217,7 +217,7 @@ class ShiftExaggeration:
                 original = render(latents).float().clamp(-1, 1)
             moved = render(shifted(latents, shift, 1.0)).float()
         logits = self._classify(moved)
-        terms = {"fake_loss": patch_cross_entropy(logits, torch.full((n,), FAKE, device=self.device))}
+        terms = {"fake_loss": patch_cross_entropy(logits, targets(n, FAKE, self.device))}
         terms["loss"] = terms["fake_loss"]
         if self.lpips is not None:
             needs_graph = torch.is_grad_enabled() and self.lam > 0  # at λ = 0 LPIPS is only reported
@@ -235,7 +235,8 @@ class ShiftExaggeration:
             raise ValueError(f"expected steps >= 0, batch >= 1, lr > 0, seed >= 0; got steps={steps}, "
                              f"batch={batch}, lr={lr}, seed={seed}")
         records: list[dict[str, torch.Tensor]] = []
-        bar = tqdm(total=steps, desc=f"exaggerating ({self.space})", leave=False, disable=not progress or None)
+        bar = progress_bar(total=steps, desc=f"exaggerating ({self.space})", unit="step", leave=False,
+                           disable=not progress)
 
         def loss_fn(latents: dict[str, torch.Tensor], step: int) -> torch.Tensor:
             terms = self._terms(latents["shift"], step_seed(seed, step), batch)

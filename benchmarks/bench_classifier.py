@@ -13,6 +13,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from patchscope.common.device import resolve_device
+from patchscope.common.labels import FAKE, REAL, targets
 from patchscope.forensics.models import build_model
 from patchscope.forensics.scoring import patch_cross_entropy
 
@@ -68,7 +69,7 @@ def bench(name: str, size: int, batch: int, mode: str, variant: str, device: tor
     memory_format, bf16, compile_ = VARIANTS[variant]
     model = build_model(name, seed=0).to(device, memory_format=memory_format)
     x = torch.randn(batch, 3, size, size, device=device).contiguous(memory_format=memory_format)
-    y = (torch.arange(batch, device=device) >= batch // 2).long()
+    y = torch.cat([targets(batch // 2, REAL, device), targets(batch - batch // 2, FAKE, device)])  # half real, half fake
     net = torch.compile(model) if compile_ else model
     cast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if bf16 else contextlib.nullcontext
     if mode == "train":

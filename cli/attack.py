@@ -8,9 +8,9 @@ from typing import Any
 
 import click
 
-from patchscope.cli import main
-from patchscope.cli.common import config_layers, lpips_options, overrides, user_errors
-from patchscope.forensics import config as configs
+from patchscope.cli.group import main
+from patchscope.cli.common import config_layers, dry_run_option, exit_if_dry_run, lpips_options, overrides, user_errors
+from patchscope.common import config as configs
 
 
 @main.command("exaggerate")
@@ -42,6 +42,7 @@ from patchscope.forensics import config as configs
               help="auto = bf16 autocast on CUDA and on CPUs with native bf16 (AVX512-BF16/AMX), else fp32.  [default: auto]")
 @click.option("--resume", is_flag=True, help="Keep the finished shift in --out (same settings) and score it again, e.g. with other --ks.")
 @click.option("--force", is_flag=True, help="Fit the shift again in an existing --out.")
+@dry_run_option
 @user_errors
 def exaggerate(config: str | None, ks: str | None, resume: bool, force: bool, **options: Any) -> None:
     """Exaggerate what a classifier detects: learn a latent shift w (eq. 3), show G(z - k*w).
@@ -63,6 +64,7 @@ def exaggerate(config: str | None, ks: str | None, resume: bool, force: bool, **
 
     cli = {**overrides(options), **({"ks": parse_ks(ks)} if ks else {})}
     cfg = configs.resolve(ExaggerateConfig, config_layers(config, "exaggerate"), cli, source=config or "options")
+    exit_if_dry_run(cfg)
     summary = run_exaggerate(cfg, resume=resume, force=force)
     click.echo(_shift_table(summary))
     click.echo(f"results: {summary['out']}" + (f"   grid: {summary['grid']}" if summary["grid"] else ""))
@@ -124,6 +126,7 @@ def _shift_table(summary: dict[str, Any]) -> str:
               help="auto = bf16 autocast on CUDA and on CPUs with native bf16 (AVX512-BF16/AMX), else fp32.  [default: auto]")
 @click.option("--resume", is_flag=True, help="Continue the run in --out from resume.pt (a finished run is re-scored; more --steps go on).")
 @click.option("--force", is_flag=True, help="Start again in an existing --out.")
+@dry_run_option
 @user_errors
 def finetune(config: str | None, resume: bool, force: bool, **options: Any) -> None:
     """Finetune a generator so a frozen classifier calls its samples real (eq. 4).
@@ -148,6 +151,7 @@ def finetune(config: str | None, resume: bool, force: bool, **options: Any) -> N
     from patchscope.analysis.finetune_study import FinetuneConfig, run_finetune
 
     cfg = configs.resolve(FinetuneConfig, config_layers(config, "finetune"), overrides(options), source=config or "options")
+    exit_if_dry_run(cfg)
     summary = run_finetune(cfg, resume=resume, force=force)
     click.echo(_finetune_table(summary))
     if summary["stopped"]:
@@ -198,6 +202,7 @@ def _finetune_table(summary: dict[str, Any]) -> str:
 @click.option("--on-bad-image", type=click.Choice(["skip", "error"]), help="Unreadable images.  [default: skip]")
 @click.option("--resume", is_flag=True, help="Continue the study in --out: finished stages are reused.")
 @click.option("--force", is_flag=True, help="Redo every stage in an existing --out.")
+@dry_run_option
 @user_errors
 def retrain(config: str | None, train: int | None, val: int | None, test: int | None, resume: bool, force: bool,
             **options: Any) -> None:
@@ -222,6 +227,7 @@ def retrain(config: str | None, train: int | None, val: int | None, test: int | 
     counts = {name: n for name, n in (("train", train), ("val", val), ("test", test)) if n is not None}
     cli = {**overrides(options), **({"counts": counts} if counts else {})}
     cfg = configs.resolve(RetrainStudyConfig, config_layers(config, "retrain"), cli, source=config or "options")
+    exit_if_dry_run(cfg)
     summary = run_retrain_study(cfg, resume=resume, force=force)
     click.echo(summary["summary"], nl=False)
     click.echo(f"results: {summary['out']}   figure: {summary['files']['comparison.png']}")

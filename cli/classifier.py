@@ -9,9 +9,10 @@ from typing import Any
 
 import click
 
-from patchscope.cli import main
-from patchscope.cli.common import config_layers, overrides, scoring_options, user_errors
-from patchscope.forensics import config as configs
+from patchscope.cli.group import main
+from patchscope.cli.common import (config_layers, dry_run_option, exit_if_dry_run, overrides, scoring_options,
+                                   user_errors)
+from patchscope.common import config as configs
 
 
 @main.command()
@@ -39,6 +40,7 @@ from patchscope.forensics import config as configs
 @click.option("--on-bad-image", type=click.Choice(["skip", "error"]), help="Unreadable images.  [default: skip]")
 @click.option("--tensorboard/--no-tensorboard", default=None, help="Also log to TensorBoard.  [default: off]")
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its last epoch.")
+@dry_run_option
 @user_errors
 def train(config: str | None, resume: bool, **options: Any) -> None:
     """Train a patch classifier on real and fake images.
@@ -58,6 +60,7 @@ def train(config: str | None, resume: bool, **options: Any) -> None:
     from patchscope.forensics.train import TrainConfig, fit
 
     cfg = configs.resolve(TrainConfig, config_layers(config, "train"), overrides(options), source=config or "options")
+    exit_if_dry_run(cfg)
     summary = fit(cfg, resume=resume)
     click.echo(json.dumps(summary, indent=2))
 
@@ -73,15 +76,16 @@ def train(config: str | None, resume: bool, **options: Any) -> None:
               help="Image score for accuracy and the PR curve (metrics.json holds all three).  [default: after_softmax]")
 @scoring_options
 @click.option("--force", is_flag=True, default=None, help="Replace an existing metrics.json (and robustness results).")
-@click.option("--heatmaps", type=click.IntRange(0), default=0,
+@click.option("--heatmaps", type=click.IntRange(0),
               help="Also write heatmap pages of the N easiest and N hardest test images per class "
                    "(OUT/heatmaps/NAME/heatmaps.html).  [default: 0 = none]")
 @click.option("--perturb", multiple=True,
               help="Also score every test set under a test-time perturbation, KIND:LEVEL[,LEVEL...]: jpeg:95,75,50 "
-                   "(quality) or blur:1,2 (Gaussian sigma, px); repeat for both kinds "
-                   "(OUT/robustness/NAME/robustness.{csv,json,png}).  [default: none]")
+                   "(quality) or blur:1,2 (Gaussian sigma, px); repeat for both kinds; replaces the config's "
+                   "list (OUT/robustness/NAME/robustness.{csv,json,png}).  [default: none]")
+@dry_run_option
 @user_errors
-def evaluate(run: str, config: str | None, tests: tuple[str, ...], heatmaps: int, perturb: tuple[str, ...],
+def evaluate(run: str, config: str | None, tests: tuple[str, ...], perturb: tuple[str, ...],
              **options: Any) -> None:
     """Score test sets with a trained classifier: AP, accuracy, ROC AUC, PR curve.
 
@@ -90,6 +94,8 @@ def evaluate(run: str, config: str | None, tests: tuple[str, ...], heatmaps: int
     OUT/metrics.csv, draws OUT/pr_curve.png and keeps per-image scores. With
     --perturb, each test set is also scored clean and at every perturbation
     level (Wang et al.'s robustness sweep: AP and accuracy against the level).
+    --heatmaps and --perturb can also be set as heatmaps: and perturb: in the
+    --config file, and are saved in OUT/config.yaml with the other settings.
 
     \b
     Example:
@@ -97,28 +103,24 @@ def evaluate(run: str, config: str | None, tests: tuple[str, ...], heatmaps: int
       patchscope eval runs/xb2 --test pgan=data/real,data/pgan --heatmaps 10
       patchscope eval runs/xb2 --test pgan=data/real,data/pgan --perturb jpeg:95,75,50,30 --perturb blur:1,2,3
     """
-    from patchscope.forensics.evaluate import EvalConfig, evaluate as run_eval
-    from patchscope.forensics.perturb import parse_perturbations
+    from patchscope.analysis.evaluation import run_eval
+    from patchscope.analysis.robustness import format_robustness_table
+    from patchscope.forensics.evaluate import EvalConfig
 
-    perturbations = parse_perturbations(perturb)
     layers = config_layers(config, "eval")
-    cli = {**overrides(options), "run": run, **({"tests": list(tests)} if tests else {})}
+    cli = {**overrides(options), "run": run, **({"tests": list(tests)} if tests else {}),
+           **({"perturb": list(perturb)} if perturb else {})}
     cfg = configs.resolve(EvalConfig, layers, cli, source=config or "options")
+    exit_if_dry_run(cfg)
     summary = run_eval(cfg)
     click.echo(_metrics_table(summary))
     click.echo(f"results: {summary['out']}")
-    if heatmaps:
-        from patchscope.analysis.heatmaps import write_eval_heatmaps
-
-        for name, written in write_eval_heatmaps(cfg, heatmaps).items():
-            click.echo(f"heatmaps ({name}): {written['page']}")
-    if perturbations:
-        from patchscope.analysis.robustness import evaluate_robustness_tests, format_robustness_table
-
-        sweep = evaluate_robustness_tests(cfg, perturbations)
-        for name, rows in sweep["results"].items():
+    for name, written in summary["heatmaps"].items():
+        click.echo(f"heatmaps ({name}): {written['page']}")
+    if summary["robustness"]:
+        for name, rows in summary["robustness"]["results"].items():
             click.echo(f"robustness ({name}):\n{format_robustness_table(rows)}")
-        click.echo(f"robustness results: {sweep['out']}")
+        click.echo(f"robustness results: {summary['robustness']['out']}")
 
 
 def _metrics_table(summary: dict[str, Any]) -> str:
@@ -151,6 +153,7 @@ def _metrics_table(summary: dict[str, Any]) -> str:
 @click.option("--sheet-max", type=click.IntRange(1), help="Patches on each contact sheet.  [default: 225]")
 @click.option("--crops/--no-crops", "save_crops", default=None, help="One PNG per top patch.  [default: on]")
 @click.option("--force", is_flag=True, default=None, help="Replace an existing patches.json.")
+@dry_run_option
 @user_errors
 def patches(run: str, config: str | None, **options: Any) -> None:
     """Find each image's most predictive patch and what it shows.
@@ -171,6 +174,7 @@ def patches(run: str, config: str | None, **options: Any) -> None:
 
     cli = {**overrides(options), "run": run}
     cfg = configs.resolve(PatchesConfig, config_layers(config, "patches"), cli, source=config or "options")
+    exit_if_dry_run(cfg)
     summary = run_patches(**configs.to_dict(cfg))
     click.echo(_histogram_table(summary))
     click.echo(f"results: {summary['out']}")
@@ -201,6 +205,7 @@ def _histogram_table(summary: dict[str, Any]) -> str:
 @click.option("--on-bad-image", type=click.Choice(["skip", "error"]), default="skip", show_default=True,
               help="Unreadable images.")
 @click.option("--force", is_flag=True, help="Replace an existing spectra.json in --out.")
+@dry_run_option(arguments=True)
 @user_errors
 def spectra(real: str, fake: str, out: str, **options: Any) -> None:
     """Average high-pass spectra of a real and a fake set, and their difference.
@@ -230,6 +235,7 @@ def spectra(real: str, fake: str, out: str, **options: Any) -> None:
 
 
 @main.command()
+@dry_run_option(arguments=True)
 def models() -> None:
     """List the patch classifiers with their receptive field and parameter count.
 
@@ -253,6 +259,7 @@ def models() -> None:
 @click.option("--out", type=click.Path(),
               help="Where to write the page: an .html file, or a folder for report.html.  [default: RUN_DIR/report.html]")
 @click.option("--title", help="Page title.  [default: patchscope report: NAME OF RUN_DIR]")
+@dry_run_option(arguments=True)
 @user_errors
 def report(run_dir: str, out: str | None, title: str | None) -> None:
     """Write one self-contained HTML page of everything a run directory holds.

@@ -1,16 +1,19 @@
-"""Shared pieces of the command line: one-line user errors, option layering.
+"""Shared pieces of the command line: one-line user errors, option layering, --dry-run.
 
 Used by every command module of `cli`.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
+import os
 import sys
 from typing import Any, Callable
 
 import click
+import yaml
 
-from patchscope.forensics import config as configs
+from patchscope.common import config as configs
 from patchscope.common.errors import InputError
 
 def user_errors(fn: Callable) -> Callable:
@@ -68,3 +71,55 @@ def _stacked(command: Callable, options: list[Callable]) -> Callable:
     for option in reversed(options):
         command = option(command)
     return command
+
+
+DRY_RUN = "patchscope.dry_run"  # key of the flag in click's Context.meta, read by exit_if_dry_run
+
+
+def dry_run_option(command: Callable | None = None, *, arguments: bool = False) -> Callable:
+    """Add --dry-run: print the resolved settings as YAML and exit 0, creating and writing nothing.
+
+    A command with a settings dataclass calls `exit_if_dry_run(cfg)` once it has resolved it
+    (defaults < --config < flags) and before any work, so the YAML is what config.yaml would hold.
+    With `arguments=True`, for commands without one, the decorator prints the command's resolved
+    arguments itself and never calls it. Place it right above @user_errors.
+    """
+    def decorate(fn: Callable) -> Callable:
+        @functools.wraps(fn)
+        def wrapper(*args: Any, dry_run: bool = False, **kwargs: Any) -> Any:
+            if dry_run and arguments:
+                _print_settings(kwargs)
+                click.get_current_context().exit(0)
+            click.get_current_context().meta[DRY_RUN] = dry_run
+            return fn(*args, **kwargs)
+        return click.option("--dry-run", is_flag=True,
+                            help="Print the resolved settings as YAML and exit without writing anything.")(wrapper)
+    return decorate(command) if command is not None else decorate
+
+
+def exit_if_dry_run(settings: Any) -> None:
+    """Under --dry-run, print `settings` (a dataclass, a mapping, or a function returning one, called only
+    then) as YAML and exit 0; otherwise return and let the command do its work."""
+    ctx = click.get_current_context(silent=True)
+    if ctx is None or not ctx.meta.get(DRY_RUN):
+        return
+    _print_settings(settings() if callable(settings) else settings)
+    ctx.exit(0)
+
+
+def _print_settings(settings: Any) -> None:
+    if dataclasses.is_dataclass(settings) and not isinstance(settings, type):
+        click.echo(configs.to_yaml(settings), nl=False)
+    else:
+        click.echo(yaml.safe_dump(_plain(settings), sort_keys=False), nl=False)
+
+
+def _plain(value: Any) -> Any:
+    """What yaml.safe_dump can write: tuples (multiple options, nargs) as lists, paths as strings."""
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    return value

@@ -6,8 +6,9 @@ from __future__ import annotations
 
 import click
 
-from patchscope.cli import main
-from patchscope.cli.common import user_errors
+from patchscope.cli.group import main
+from patchscope.cli.common import dry_run_option, exit_if_dry_run, user_errors
+from patchscope.common import config as configs
 
 
 @main.command()
@@ -16,6 +17,7 @@ from patchscope.cli.common import user_errors
 @click.option("--force", is_flag=True, help="Redo every stage instead of reusing cached results.")
 @click.option("--config", type=click.Path(dir_okay=False),
               help="YAML settings over configs/demo.yaml (mappings such as train: merge key by key).")
+@dry_run_option
 @user_errors
 def demo(out: str, quick: bool, force: bool, config: str | None) -> None:
     """Run the paper's whole story on photographs bundled with scikit-image and scikit-learn.
@@ -30,8 +32,10 @@ def demo(out: str, quick: bool, force: bool, config: str | None) -> None:
     Example:
       patchscope demo --out runs/demo
     """
-    from patchscope.analysis.demo import run_demo
+    from patchscope.analysis.demo import load_demo_config, run_demo
 
+    exit_if_dry_run(lambda: {"out": out, "force": force, "quick": quick,
+                             "settings": configs.to_dict(load_demo_config(config, quick))})
     run_demo(out, quick=quick, force=force, config_path=config)
 
 

@@ -9,9 +9,9 @@ from typing import Any
 
 import click
 
-from patchscope.cli import main
-from patchscope.cli.common import config_layers, lpips_options, overrides, user_errors
-from patchscope.forensics import config as configs
+from patchscope.cli.group import main
+from patchscope.cli.common import config_layers, dry_run_option, exit_if_dry_run, lpips_options, overrides, user_errors
+from patchscope.common import config as configs
 
 
 def _split_counts(train: int | None, val: int | None, test: int | None) -> dict[str, int]:
@@ -45,6 +45,7 @@ def _split_counts(train: int | None, val: int | None, test: int | None) -> dict[
 @click.option("--precision", type=click.Choice(["fp32", "bf16"]), default="fp32", show_default=True,
               help="fp32 turns TF32 off on CUDA; bf16 autocast is faster and changes pixels.")
 @click.option("--writers", type=click.IntRange(1), default=4, show_default=True, help="Threads encoding PNGs.")
+@dry_run_option
 @user_errors
 def sample(generator: str, out: str, train: int | None, val: int | None, test: int | None, psi: float | None,
            truncation_cutoff: int | None, noise_mode: str | None, temperature: float | None,
@@ -62,14 +63,17 @@ def sample(generator: str, out: str, train: int | None, val: int | None, test: i
       patchscope sample pgan_celebahq_1024.pkl --out data/pgan --size 128 \\
           --train 10000 --val 500 --test 500
     """
-    from patchscope.generators.sampling import sample_dataset
+    from patchscope.generators.sampling import SampleConfig, sample_dataset
 
     counts = _split_counts(train, val, test)
     if not counts:
         raise click.UsageError("give at least one of --train, --val, --test")
     opts = {k: v for k, v in (("psi", psi), ("truncation_cutoff", truncation_cutoff), ("noise_mode", noise_mode),
                               ("temperature", temperature)) if v is not None}
-    summary = sample_dataset(generator, out, counts, opts=opts, **options)
+    cfg = configs.resolve(SampleConfig, {"generator": generator, "out": out, "counts": counts, "opts": opts},
+                          options, source="options")
+    exit_if_dry_run(cfg)
+    summary = sample_dataset(cfg)
     click.echo(json.dumps(summary, indent=2))
 
 
@@ -91,6 +95,7 @@ def sample(generator: str, out: str, train: int | None, val: int | None, test: i
 @click.option("--on-bad-image", type=click.Choice(["skip", "error"]), default="skip", show_default=True,
               help="skip: count and name unreadable files in the log.")
 @click.option("--workers", type=click.IntRange(1), default=4, show_default=True, help="Threads decoding and encoding.")
+@dry_run_option
 @user_errors
 def prepare(sources: tuple[str, ...], generator: str | None, resolution: int | None, train: int | None,
             val: int | None, test: int | None, **options: Any) -> None:
@@ -111,6 +116,8 @@ def prepare(sources: tuple[str, ...], generator: str | None, resolution: int | N
     if (generator is None) == (resolution is None):
         raise click.UsageError("give exactly one of --generator and --resolution")
     resolution = resolution or generator_resolution(generator)
+    exit_if_dry_run({"sources": list(sources), "generator": generator, "resolution": resolution,
+                     "counts": _split_counts(train, val, test) or None, **options})
     summary = prepare_reals(list(sources), resolution=resolution, counts=_split_counts(train, val, test) or None,
                             **options)
     click.echo(json.dumps(summary, indent=2))
@@ -134,6 +141,7 @@ def prepare(sources: tuple[str, ...], generator: str | None, resolution: int | N
 @click.option("--device", help="auto | cpu | cuda | cuda:N.  [default: auto]")
 @click.option("--on-bad-image", type=click.Choice(["skip", "error"]), help="Unreadable images.  [default: skip]")
 @click.option("--resume", is_flag=True, help="Continue the inversion in --out; finished images are kept.")
+@dry_run_option
 @user_errors
 def invert(config: str | None, resume: bool, **options: Any) -> None:
     """Project images into a generator's latent space (GAN inversion): reprojected fakes.
@@ -153,6 +161,7 @@ def invert(config: str | None, resume: bool, **options: Any) -> None:
     from patchscope.attacks.invert import InvertConfig, invert_folder
 
     cfg = configs.resolve(InvertConfig, config_layers(config, "invert"), overrides(options), source=config or "options")
+    exit_if_dry_run(cfg)
     summary = invert_folder(cfg, resume=resume)
     click.echo(json.dumps(summary, indent=2))
 
@@ -183,6 +192,7 @@ def invert(config: str | None, resume: bool, **options: Any) -> None:
 @click.option("--device", help="auto | cpu | cuda | cuda:N.  [default: auto]")
 @click.option("--channels-last/--no-channels-last", default=None, help="NHWC memory layout.  [default: on]")
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its last snapshot.")
+@dry_run_option
 @user_errors
 def train_gan(config: str | None, resume: bool, **options: Any) -> None:
     """Train a small progressive GAN on a folder of images, saved in the pytorch_GAN_zoo format.
@@ -202,5 +212,6 @@ def train_gan(config: str | None, resume: bool, **options: Any) -> None:
     from patchscope.generators.training.trainer import GANTrainConfig, train_gan as run_training
 
     cfg = configs.resolve(GANTrainConfig, config_layers(config, "train_gan"), overrides(options), source=config or "options")
+    exit_if_dry_run(cfg)
     summary = run_training(cfg, resume=resume)
     click.echo(json.dumps(summary, indent=2))

@@ -65,3 +65,18 @@ def configure_backends(device: torch.device) -> None:
         torch.backends.cudnn.benchmark = True
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
+
+
+def set_threads(threads: int) -> None:
+    """Use `threads` CPU threads for torch's intra-op work and, when still allowed, for inter-op work.
+
+    torch refuses a second inter-op setting once any parallel work has run (or one was set), so that
+    part is best effort: the intra-op count, which dominates convolutions on CPU, is always applied.
+    """
+    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+        raise InputError(f"--threads {threads!r}: expected an integer >= 1")
+    torch.set_num_threads(threads)
+    try:
+        torch.set_num_interop_threads(threads)
+    except RuntimeError:
+        pass

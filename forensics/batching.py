@@ -24,6 +24,9 @@ class BalancedBatchSampler(Sampler[list[int]]):
     The order depends only on (seed, epoch). The smaller class cycles through fresh
     permutations; the final batch is topped up from the larger class's next permutation,
     so every batch has the same size. With world_size > 1, rank r takes batches r, r+W, ...
+    (the distributed sampler's sharding for torchrun DDP): the shards interleave back into the
+    single-process epoch, and every rank gets the same number of batches, the last ones continuing
+    the permutations to pad (as torch's DistributedSampler pads) so no rank waits on another.
     """
 
     def __init__(self, n_real: int, n_fake: int, batch_size: int, seed: int = 0, *,
@@ -54,7 +57,12 @@ class BalancedBatchSampler(Sampler[list[int]]):
 
 
 class SequentialBatches(Sampler[list[int]]):
-    """Evaluation batches in index order, the last one possibly short; rank r takes indices r, r+W, ..."""
+    """Evaluation batches in index order, the last one possibly short.
+
+    With world_size > 1 (the torchrun DDP sharding) rank r takes indices r, r+W, ...: the shards are
+    disjoint and together cover every index once, nothing padded, so a rank may hold one image (and
+    one batch) fewer than another; merge their outputs by the item index the loader yields.
+    """
 
     def __init__(self, n: int, batch_size: int, *, rank: int = 0, world_size: int = 1):
         super().__init__()
@@ -100,7 +108,11 @@ class EpochBatches(Sampler[list[tuple[int, int]]]):
 
 def make_loader(dataset: Dataset, batch_size: int, train: bool, seed: int = 0, workers: int = 0,
                 device_type: str = "cpu", *, rank: int = 0, world_size: int = 1) -> DataLoader:
-    """Balanced shuffled batches for training, sequential unshuffled ones (nothing dropped) for eval."""
+    """Balanced shuffled batches for training, sequential unshuffled ones (nothing dropped) for eval.
+
+    `rank`/`world_size` shard the batches for a torchrun DDP process (see the samplers); a single
+    process, which is every caller today, keeps the defaults 0 and 1.
+    """
     if train:
         batches = BalancedBatchSampler(dataset.n_real, dataset.n_fake, batch_size, seed,
                                        rank=rank, world_size=world_size)

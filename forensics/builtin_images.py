@@ -4,7 +4,6 @@ Used by the demo and the tests: real camera images with no download, written as 
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -95,11 +94,3 @@ def write_builtin_reals(root: str | Path, counts: dict[str, int], size: int, see
             Image.fromarray(image).save(folder / f"{i:05d}.png")
     write_json(root / "dataset.json", {"photos": sorted(photos), "counts": counts, "size": size, "seed": seed})
     return root
-
-
-def dataset_complete(root: str | Path, counts: dict[str, int], size: int, seed: int) -> bool:
-    marker = Path(root) / "dataset.json"
-    if not marker.exists():
-        return False
-    saved = json.loads(marker.read_text())
-    return saved.get("counts") == counts and saved.get("size") == size and saved.get("seed") == seed

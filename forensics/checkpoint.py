@@ -30,6 +30,9 @@ def save_classifier(stem: str | Path, model: PatchClassifier, meta: dict[str, An
                                             "model": model.name, **meta})
 
 
+CHECKPOINT_CHOICES = ("best", "last")  # which checkpoint of a run directory
+
+
 def resolve_checkpoint(path: str | Path, which: str = "best") -> Path:
     """The `.safetensors` file meant by a run directory, a stem, or the file itself."""
     path = Path(path)
@@ -73,7 +76,11 @@ def load_classifier(path: str | Path, which: str = "best",
 
 
 def save_resume_state(path: str | Path, state: dict[str, Any]) -> None:
-    """Optimizer state, counters and RNG state needed to continue a run (tensors and plain values)."""
+    """Optimizer state and the training counters needed to continue a run (tensors and plain values).
+
+    No RNG state is kept: batch order and augmentation derive from (seed, epoch, index) alone
+    (forensics.batching, forensics.data), so a resumed run draws what an uninterrupted one would.
+    """
     with atomic_open(path, "wb") as handle:
         torch.save(state, handle)
 

@@ -17,11 +17,12 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
-from tqdm import tqdm
+from patchscope.common.progress import progress_bar
 
 from patchscope.forensics.batching import (BalancedBatchSampler, EpochBatches, SequentialBatches,  # noqa: F401 - re-exported
                                 make_loader, set_epoch)
 from patchscope.common.errors import InputError
+from patchscope.common.labels import FAKE, REAL
 
 log = logging.getLogger("patchscope.data")
 
@@ -252,8 +253,8 @@ class ImageSet:
         self._pixels: np.ndarray | None = None
         job = functools.partial(_decode_entry if cache else _probe_entry, load_size=load_size)
         with _job_runner(workers, len(candidates)) as run:
-            outcomes = tqdm(run(job, candidates), total=len(candidates), disable=not progress,
-                            desc="decoding" if cache else "checking", unit="img")
+            outcomes = progress_bar(run(job, candidates), total=len(candidates), disable=not progress,
+                                    desc="decoding" if cache else "checking", unit="img")
             for path, outcome in zip(candidates, outcomes):
                 self._admit(path, *outcome, capacity=len(candidates))
         if not self.paths:
@@ -303,7 +304,7 @@ class ImageSet:
 # ----------------------------------------------------------------------------- dataset
 
 class RealFakeDataset(Dataset):
-    """Real images (label 0, indices 0..n_real-1) then fake ones (label 1), cropped, flipped, in [-1, 1].
+    """Real images (label REAL = 0, indices 0..n_real-1) then fake ones (label FAKE = 1), cropped, flipped, in [-1, 1].
 
     Augmentation draws from a generator seeded by (seed, epoch, index) alone, so an item is
     the same whichever worker builds it and in whatever order. A key may be `index` (uses
@@ -315,7 +316,7 @@ class RealFakeDataset(Dataset):
             raise InputError(f"seed must be a non-negative integer, got {seed}")
         self.real, self.fake, self.crop_size, self.train, self.seed = real, fake, crop_size, train, seed
         self.n_real, self.n_fake = len(real), len(fake)
-        self.labels = np.concatenate([np.zeros(self.n_real, np.int64), np.ones(self.n_fake, np.int64)])
+        self.labels = np.concatenate([np.full(self.n_real, REAL, np.int64), np.full(self.n_fake, FAKE, np.int64)])
         self.epoch = 0
         self._check_sizes()
 

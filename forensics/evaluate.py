@@ -12,12 +12,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm import tqdm
 
-from patchscope.forensics import checkpoint, config as configs, data
+from patchscope.common import config as configs
 from patchscope.common.atomic import write_json, write_text
-from patchscope.common.device import autocast, configure_backends, resolve_device, resolve_precision
+from patchscope.common.checks import check_bool, check_choice, check_int, check_text
+from patchscope.common.device import PRECISIONS, autocast, configure_backends, resolve_device, resolve_precision
 from patchscope.common.errors import InputError
+from patchscope.common.labels import p_fake
+from patchscope.common.progress import progress_bar
+from patchscope.forensics import checkpoint, data
+from patchscope.forensics.perturb import parse_perturbations
 from patchscope.forensics.receptive import receptive_field
 from patchscope.forensics.scoring import AGGREGATIONS, append_csv, compute_metrics, image_scores, plot_pr_curves
 
@@ -31,12 +35,12 @@ def predict(model: torch.nn.Module, loader, device: torch.device, precision: str
     """Patch P(fake) maps (N x H' x W', float32, CPU) — or logits when `keep_logits` — and labels."""
     model.eval()
     outputs, labels = [], []
-    for x, y, _ in tqdm(loader, desc="scoring", leave=False, disable=None):
+    for x, y, _ in progress_bar(loader, desc="scoring", unit="batch", leave=False):
         x = x.to(device, non_blocking=True, memory_format=memory_format)
         with autocast(device, precision):
             logits = model(x)
         logits = logits.float()
-        outputs.append((logits if keep_logits else torch.softmax(logits, dim=1)[:, 1]).cpu())
+        outputs.append((logits if keep_logits else p_fake(logits)).cpu())
         labels.append(y)
     if not outputs:
         raise InputError("nothing to score: the test set is empty")
@@ -67,19 +71,52 @@ class EvalConfig:
     precision: str = "auto"
     workers: int = 0
     on_bad_image: str = "skip"
-    force: bool = False                             # replace an existing metrics.json
+    force: bool = False                             # replace an existing metrics.json (and robustness results)
+    # What analysis.evaluation.run_eval adds after the metrics; here so a YAML file can set them and
+    # config.yaml records them. heatmaps: pages of the N easiest and hardest images per class (0 = none).
+    heatmaps: int = 0
+    perturb: list[str] = field(default_factory=list)  # KIND:LEVEL[,LEVEL...] robustness sweeps, e.g. jpeg:95,75
+
+    def __post_init__(self) -> None:
+        for name in ("run", "split", "device"):
+            check_text(self, name)
+        check_text(self, "out", optional=True)
+        expected = f"setting tests={self.tests!r}: expected a list of NAME=REAL_DIR,FAKE_DIR strings"
+        if not isinstance(self.tests, list) or not all(isinstance(spec, str) for spec in self.tests):
+            raise InputError(expected)
+        try:
+            names = [parse_test_spec(spec)[0] for spec in self.tests]
+        except InputError as err:
+            raise InputError(f"{expected} ({err})") from None
+        if len(set(names)) != len(names):
+            raise InputError(f"setting tests: the test set names must differ, got {', '.join(names)}")
+        check_choice(self, "which", checkpoint.CHECKPOINT_CHOICES)
+        check_choice(self, "aggregation", AGGREGATIONS)
+        check_int(self, "load_size", 1, optional=True)
+        check_int(self, "crop_size", 1, optional=True)
+        check_int(self, "batch_size", 1)
+        check_choice(self, "precision", PRECISIONS)
+        check_int(self, "workers", 0)
+        check_choice(self, "on_bad_image", data.BAD_IMAGE_POLICIES)
+        check_bool(self, "force")
+        check_int(self, "heatmaps", 0)
+        if isinstance(self.perturb, str):  # `perturb: jpeg:95,75` in YAML: one spec, as one --perturb
+            self.perturb = [self.perturb]
+        if not isinstance(self.perturb, (list, tuple)) or not all(isinstance(s, str) for s in self.perturb):
+            raise InputError(f"setting perturb={self.perturb!r}: expected a list of KIND:LEVEL[,LEVEL...] "
+                             f"strings, e.g. [jpeg:95,75, blur:1,2]")
+        self.perturb = list(self.perturb)
+        try:  # refused when the settings are built, before any test set is scored
+            parse_perturbations(self.perturb)
+        except InputError as err:
+            raise InputError(f"setting perturb={self.perturb!r}: expected KIND:LEVEL[,LEVEL...] sweeps ({err})") from None
 
 
 def evaluate(config: EvalConfig) -> dict[str, Any]:
     """Score every test set with every aggregation; write metrics.json, metrics.csv, pr_curve.png."""
     if not config.tests:
         raise InputError("no test set given (--test NAME=REAL_DIR,FAKE_DIR)")
-    if config.aggregation not in AGGREGATIONS:
-        raise InputError(f"--aggregation {config.aggregation!r}: expected one of {', '.join(AGGREGATIONS)}")
     specs = [parse_test_spec(s) for s in config.tests]
-    names = [name for name, _, _ in specs]
-    if len(set(names)) != len(names):
-        raise InputError(f"--test names must differ, got {', '.join(names)}")
     device = resolve_device(config.device)
     precision = resolve_precision(config.precision, device)
     configure_backends(device)
@@ -104,7 +141,7 @@ def evaluate(config: EvalConfig) -> dict[str, Any]:
         loader = data.make_loader(dataset, config.batch_size, train=False, workers=config.workers,
                                   device_type=device.type)
         logits, labels = predict(model, loader, device, precision, keep_logits=True)
-        patch_probs = torch.softmax(logits, dim=1)[:, 1]
+        patch_probs = p_fake(logits)
         per_mode = {}
         for mode in AGGREGATIONS:
             scores = image_scores(logits, mode)
@@ -134,7 +171,9 @@ def _run_dir(run: str) -> Path:
 
 
 def _write_scores(path: Path, dataset: data.RealFakeDataset, scores: torch.Tensor, labels: torch.Tensor) -> None:
-    """Per-image scores, for the analysis stages (easiest/hardest images, heatmaps)."""
+    """`scores_<test set>.csv`: one row per image (path, label 0 real / 1 fake, image P(fake) under the
+    chosen aggregation), for the user to look up single images; `analysis.heatmaps.write_eval_heatmaps`
+    ranks the easiest and hardest images by it."""
     buffer = io.StringIO()
     writer = csv.writer(buffer)
     writer.writerow(["path", "label", "score"])

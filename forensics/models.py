@@ -1,8 +1,8 @@
 """Patch classifiers: a backbone truncated after an early block plus a 1x1 conv head.
 
 Every output cell of the `N x 2 x H' x W'` logit map judges one receptive-field
-patch (channel 1 = fake, channel 0 = real). `build_model(name)` is the entry point
-used by training, scoring, the attacks and the analysis.
+patch (channel 1 = fake, channel 0 = real: common.labels). `build_model(name)` is
+the entry point used by training, scoring, the attacks and the analysis.
 """
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import torch
 from torch import nn
 from torchvision.models import resnet as tv_resnet
 
-NUM_CLASSES = 2  # logits: [real, fake]
+from patchscope.common.labels import NUM_CLASSES  # logits: [real, fake]
 
 
 @dataclass(frozen=True)

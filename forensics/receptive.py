@@ -1,6 +1,7 @@
 """Receptive-field arithmetic for patch classifiers: output cell <-> input pixel box.
 
-Used by scoring and the analysis (heatmaps, most-predictive patches) to map logit-map cells to pixels.
+Used by training and evaluation (the smallest image a model accepts: its receptive field) and by the
+analysis (heatmaps, most-predictive patches) to map logit-map cells to pixels; scoring does not need it.
 """
 from __future__ import annotations
 

@@ -18,6 +18,7 @@ from sklearn.metrics import average_precision_score, precision_recall_curve, roc
 
 from patchscope.common.atomic import write_text
 from patchscope.common.errors import InputError
+from patchscope.common.labels import FAKE, LABELS, fake_wins, p_fake, patch_targets
 from patchscope.forensics.figures import figure_format, save_figure
 
 AGGREGATIONS = ("after_softmax", "before_softmax", "vote")
@@ -51,15 +52,9 @@ def _as_patch_map(logits: torch.Tensor) -> torch.Tensor:
     return logits
 
 
-def _fake_wins(logits: torch.Tensor) -> torch.Tensor:
-    """Boolean N x H x W: the patch's argmax is fake. A tie counts as real."""
-    return logits[:, 1] > logits[:, 0]
-
-
 def patch_probabilities(logits: torch.Tensor) -> torch.Tensor:
     """P(fake) of every patch, N x H x W, computed in float32."""
-    logits = _as_patch_map(logits).float()
-    return torch.softmax(logits, dim=1)[:, 1]
+    return p_fake(_as_patch_map(logits).float())
 
 
 def image_scores(logits: torch.Tensor, mode: str = "after_softmax") -> torch.Tensor:
@@ -70,8 +65,8 @@ def image_scores(logits: torch.Tensor, mode: str = "after_softmax") -> torch.Ten
     if mode == "after_softmax":
         return patch_probabilities(logits).mean(dim=(1, 2))
     if mode == "before_softmax":
-        return torch.softmax(logits.mean(dim=(2, 3)), dim=1)[:, 1]
-    return _fake_wins(logits).float().mean(dim=(1, 2))
+        return p_fake(logits.mean(dim=(2, 3)))
+    return fake_wins(logits).float().mean(dim=(1, 2))
 
 
 def patch_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -80,9 +75,7 @@ def patch_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Ten
     n, _, h, w = logits.shape
     if labels.shape != (n,):
         raise ValueError(f"expected {n} labels for {n} logit maps, got shape {tuple(labels.shape)}")
-    # expand is a view; no N x H x W label tensor is built up front.
-    targets = labels.to(device=logits.device, dtype=torch.long)[:, None, None].expand(n, h, w)
-    return F.cross_entropy(logits.float(), targets)
+    return F.cross_entropy(logits.float(), patch_targets(labels, h, w, device=logits.device))
 
 
 def patch_correct(logits: torch.Tensor, labels: torch.Tensor) -> tuple[int, int]:
@@ -91,8 +84,8 @@ def patch_correct(logits: torch.Tensor, labels: torch.Tensor) -> tuple[int, int]
     n, _, h, w = logits.shape
     if labels.shape != (n,):
         raise ValueError(f"expected {n} labels for {n} logit maps, got shape {tuple(labels.shape)}")
-    fake_label = labels.to(device=logits.device).bool()[:, None, None]
-    correct = (_fake_wins(logits) == fake_label).sum()
+    fake_label = (labels.to(device=logits.device) == FAKE)[:, None, None]
+    correct = (fake_wins(logits) == fake_label).sum()
     return int(correct.item()), n * h * w
 
 
@@ -103,7 +96,7 @@ def _to_numpy(values: Any) -> np.ndarray:
 
 
 def _check_labels(labels: np.ndarray, what: str) -> None:
-    if labels.size and not np.isin(labels, (0, 1)).all():
+    if labels.size and not np.isin(labels, LABELS).all():
         raise ValueError(f"{what} must be 0 (real) or 1 (fake)")
 
 
@@ -138,7 +131,7 @@ def compute_metrics(scores: Any, labels: Any, patch_probs: Any = None) -> dict[s
     _check_labels(labels_np, "labels")
     labels_np = labels_np.astype(np.int64)
 
-    is_fake = labels_np == 1
+    is_fake = labels_np == FAKE
     correct = (scores_np > 0.5) == is_fake
     ap, ap_real, auc = _ranking_metrics(scores_np, labels_np)
     metrics: dict[str, float | int] = {
@@ -159,7 +152,7 @@ def compute_metrics(scores: Any, labels: Any, patch_probs: Any = None) -> dict[s
         patch_labels = np.broadcast_to(labels_np[:, None, None], probs.shape).reshape(-1)
         probs = probs.reshape(-1)
         metrics["patch_ap"] = _ranking_metrics(probs, patch_labels)[0]
-        metrics["patch_acc"] = _mean_or_nan((probs > 0.5) == (patch_labels == 1))
+        metrics["patch_acc"] = _mean_or_nan((probs > 0.5) == (patch_labels == FAKE))
     return metrics
 
 

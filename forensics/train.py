@@ -13,14 +13,18 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
-from tqdm import tqdm
+from patchscope.common.progress import progress_bar
 
-from patchscope.forensics import checkpoint, config as configs, data
+from patchscope.common import config as configs
+from patchscope.forensics import checkpoint, data
 from patchscope.common.atomic import append_line, write_text
-from patchscope.common.device import autocast, configure_backends, resolve_device, resolve_precision
+from patchscope.common.checks import check_bool, check_choice, check_float, check_int, check_text
+from patchscope.common.device import PRECISIONS, autocast, configure_backends, resolve_device, resolve_precision
 from patchscope.common.errors import InputError
+from patchscope.common.labels import fake_wins
+from patchscope.common.runfolder import RunFolder
 from patchscope.forensics.evaluate import predict
-from patchscope.forensics.models import build_model
+from patchscope.forensics.models import INITS, build_model, model_names
 from patchscope.forensics.receptive import receptive_field
 from patchscope.forensics.scoring import compute_metrics, patch_cross_entropy
 
@@ -31,6 +35,7 @@ MODEL_PATIENCE = {"xception_block1": 50, "xception_block2": 20}
 DEFAULT_PATIENCE = 10
 # Settings a resumed run may change; everything else must match the saved config.
 RESUMABLE_CHANGES = {"max_epochs", "patience", "device", "workers", "tensorboard", "eval_batch_size"}
+RUN_FOLDER = RunFolder(holds="a run", resumable=RESUMABLE_CHANGES, force_to=None)
 
 
 @dataclass
@@ -61,6 +66,28 @@ class TrainConfig:
     eval_batch_size: int = 64       # batch size for validation
     tensorboard: bool = False       # also log to TensorBoard (needs the tensorboard extra)
 
+    def __post_init__(self) -> None:
+        for name in ("real", "fake", "out", "train_split", "val_split", "device"):
+            check_text(self, name)
+        check_choice(self, "model", model_names())
+        check_int(self, "load_size", 1, optional=True)
+        check_int(self, "crop_size", 1, optional=True)
+        check_choice(self, "init", INITS)
+        check_int(self, "batch_size", 2, even=True)  # half real, half fake
+        check_float(self, "lr", 0, low_open=True)
+        check_float(self, "beta1", 0, 1, high_open=True)
+        check_float(self, "beta2", 0, 1, high_open=True)
+        check_int(self, "max_epochs", 1)
+        check_int(self, "patience", 1, optional=True)
+        check_int(self, "seed", 0)
+        check_choice(self, "precision", PRECISIONS)
+        for name in ("channels_last", "compile", "tensorboard"):
+            check_bool(self, name)
+        check_int(self, "workers", 0, optional=True)
+        check_bool(self, "cache", optional=True)
+        check_choice(self, "on_bad_image", data.BAD_IMAGE_POLICIES)
+        check_int(self, "eval_batch_size", 1)
+
 
 def patience_for(config: TrainConfig) -> int:
     if config.patience is not None:
@@ -73,25 +100,9 @@ def cache_fits(n_images: int, size: int | None, limit_bytes: float = 4 * 2**30) 
 
 
 def _prepare_run_dir(config: TrainConfig, resume: bool) -> Path:
-    out = Path(config.out)
     if not config.out:
         raise InputError("no run directory given (--out)")
-    saved = out / "config.yaml"
-    if saved.exists():
-        if not resume:
-            raise InputError(f"{out}: already holds a run; pass --resume to continue it, "
-                             f"or choose another --out")
-        old = configs.read_yaml(saved)
-        changed = sorted(k for k, v in configs.to_dict(config).items()
-                         if k not in RESUMABLE_CHANGES and old.get(k) != v)
-        if changed:
-            raise InputError(f"{out}: cannot resume with different {', '.join(changed)} "
-                             f"(saved: {', '.join(f'{k}={old.get(k)!r}' for k in changed)})")
-    elif resume and (out / "resume.pt").exists():
-        raise InputError(f"{out}: resume state without config.yaml; not a complete run directory")
-    out.mkdir(parents=True, exist_ok=True)
-    write_text(saved, configs.to_yaml(config))
-    return out
+    return RUN_FOLDER.claim(config.out, config, resume=resume)
 
 
 def _load_split(config: TrainConfig, split: str, train: bool,
@@ -129,8 +140,6 @@ def fit(config: TrainConfig, resume: bool = False,
     grows, and training stops once it reaches the patience, or after `max_epochs` epochs.
     `last` and the resume state are saved after every epoch.
     """
-    if config.batch_size < 2 or config.batch_size % 2:
-        raise InputError(f"--batch-size {config.batch_size}: must be even (half real, half fake)")
     device = resolve_device(config.device)
     precision = resolve_precision(config.precision, device)
     configure_backends(device)
@@ -216,7 +225,7 @@ def _train_epoch(model, optimizer, loader, epoch, device, precision, memory_form
     correct = torch.zeros((), device=device, dtype=torch.long)
     patches = images = 0
     start = time.perf_counter()
-    for x, y, _ in tqdm(loader, desc=f"epoch {epoch}", leave=False, disable=None):
+    for x, y, _ in progress_bar(loader, desc=f"train epoch {epoch}", unit="batch", leave=False):
         x = x.to(device, non_blocking=True, memory_format=memory_format)
         y = y.to(device, non_blocking=True)
         with autocast(device, precision):
@@ -227,7 +236,7 @@ def _train_epoch(model, optimizer, loader, epoch, device, precision, memory_form
         optimizer.step()
         # Accumulate on the device: no host sync per step.
         total_loss += loss.detach() * len(y)
-        correct += ((logits[:, 1] > logits[:, 0]).long() == y[:, None, None]).sum()
+        correct += (fake_wins(logits).long() == y[:, None, None]).sum()
         patches += logits[:, 0].numel()
         images += len(y)
     seconds = time.perf_counter() - start

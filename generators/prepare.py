@@ -18,9 +18,11 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from patchscope.common.errors import DatasetError
+from patchscope.common.runfolder import remove_leftovers
 from patchscope.generators.io.formats import load_generator
-from patchscope.generators.sampling import (MANIFEST, SPLIT_SEED_OFFSETS, check_same_settings, is_complete_png, read_manifest,
-                                 remove_stale_temps, resize_lanczos, write_manifest, write_png)
+from patchscope.generators.dataset_folder import (MANIFEST, check_same_settings, is_complete_png, read_manifest,
+                                                 remove_stale_temps, resize_lanczos, write_manifest, write_png)
+from patchscope.generators.sampling import SPLIT_SEED_OFFSETS
 
 LOG = logging.getLogger("patchscope.prepare")
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm"})
@@ -221,6 +223,7 @@ def _claim_folder(out: Path, settings: dict[str, Any], files: dict[str, str]) ->
     manifest = {**settings, "pipeline": "crop, Pillow Lanczos to resolution, uint8, Pillow Lanczos to size, PNG",
                 "files": {**old_files, **files}}
     out.mkdir(parents=True, exist_ok=True)
+    remove_leftovers(out)
     write_manifest(out, manifest)
     return manifest
 
@@ -238,10 +241,10 @@ def _write_all(images: list[RealImage], out: Path, resolution: int, size: int | 
         write_png(out / image.output, preprocess(picture, resolution, size, crop))
         return None, min(picture.size) < resolution
 
-    from tqdm.auto import tqdm
+    from patchscope.common.progress import progress_bar
 
-    bar = tqdm(total=len(images), desc="prepare", unit="img", leave=False,
-               disable=callable(progress) or not progress or not images)
+    bar = progress_bar(total=len(images), desc="prepare", unit="img", leave=False,
+                       disable=callable(progress) or not progress or not images)
     written: set[str] = set()
     unreadable: list[tuple[str, str]] = []
     upsampled = 0

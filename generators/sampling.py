@@ -1,7 +1,7 @@
 """Sampling a generator into a PNG dataset `<out>/<split>/<index:06d>.png`, resumable, with a manifest.
 
-Used by `patchscope sample`, the retrain stage and the demo; `generators.prepare` shares its
-dataset-folder helpers (atomic PNG writes, manifests) so real and fake sets are written alike.
+Used by `patchscope sample`, the retrain stage and the demo; the folder itself (atomic PNG writes,
+the manifest) is `generators.dataset_folder`, shared with `generators.prepare`.
 
 Reproducibility: image i of a split depends only on (generator, options, split seed, i, `chunk`),
 never on `batch_size`, the requested count or where an interrupted run resumed. Kernels round
@@ -16,12 +16,12 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import inspect
-import json
 import logging
 import os
 import time
 from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -29,109 +29,23 @@ import numpy as np
 import torch
 from PIL import Image
 
-from patchscope.generators.base import Generator, StyleGenerator
-from patchscope.common.atomic import replace_atomically
+from patchscope.common.checks import check_choice, check_counts, check_int, check_mapping, check_text, require
 from patchscope.common.device import resolve_device
 from patchscope.common.errors import DatasetError
-from patchscope.generators.io.formats import checkpoint_sha256, load_generator
+from patchscope.common.runfolder import remove_leftovers
+from patchscope.generators.base import Generator, StyleGenerator
+from patchscope.generators.dataset_folder import (MANIFEST, check_same_settings, is_complete_png, plain_json,
+                                                 read_manifest, remove_stale_temps, resize_lanczos, write_manifest,
+                                                 write_png)
 from patchscope.generators.glow.model import GlowGenerator
+from patchscope.generators.io.formats import checkpoint_sha256, load_generator
 
 LOG = logging.getLogger("patchscope.sample")
-MANIFEST = "manifest.json"
 # The paper's seeds: train S, test S + 1, val S + 2 (seeds 0/1/2 for its PGAN sets).
 SPLIT_SEED_OFFSETS = {"train": 0, "test": 1, "val": 2}
-PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-PNG_END = b"IEND\xaeB`\x82"  # the IEND chunk's type and CRC: the last 8 bytes of every whole PNG
 SCALAR_TYPES = (bool, int, float, str, type(None))
 
 Progress = Callable[[str, int, int], None]  # (split, images done so far, images to do)
-
-
-# ----------------------------------------------------------------------------- dataset folders
-
-def write_png(path: Path, pixels: np.ndarray | Image.Image) -> None:
-    """uint8 H x W x 3 pixels (or an RGB image) to a PNG, atomically; same pixels, same bytes."""
-    image = pixels if isinstance(pixels, Image.Image) else Image.fromarray(pixels)
-    replace_atomically(path, lambda file: image.save(file, format="PNG"))
-
-
-def is_complete_png(path: Path) -> bool:
-    """A PNG that ends with its IEND chunk. Files written by `write_png` are whole or absent; this
-    also catches a truncated file copied in from elsewhere."""
-    try:
-        with open(path, "rb") as file:
-            head = file.read(8)
-            file.seek(0, os.SEEK_END)
-            if file.tell() < 20:
-                return False
-            file.seek(-8, os.SEEK_END)
-            return head == PNG_SIGNATURE and file.read(8) == PNG_END
-    except OSError:
-        return False
-
-
-def remove_stale_temps(folder: Path) -> int:
-    """Delete temporary files an interrupted `write_png` left behind; returns how many."""
-    stale = [p for p in folder.glob(".*.png.*.tmp") if p.is_file()] if folder.is_dir() else []
-    for path in stale:
-        path.unlink(missing_ok=True)
-    return len(stale)
-
-
-def resize_lanczos(image: Image.Image, size: int | None) -> Image.Image:
-    """Pillow Lanczos to `size` x `size` (the paper's working-size resize), or as is."""
-    if size is None or image.size == (size, size):
-        return image
-    return image.resize((size, size), Image.Resampling.LANCZOS)
-
-
-def _plain(value: Any) -> Any:
-    """JSON's view of a value (tuples become lists), so recorded and requested settings compare."""
-    return json.loads(json.dumps(value))
-
-
-def read_manifest(out: Path, kind: str) -> dict[str, Any]:
-    """The manifest of a dataset folder of this kind ({} for a new or empty folder). A non-empty
-    folder without one, or one made by the other command, may hold someone else's files: refused."""
-    path = out / MANIFEST
-    if not path.is_file():
-        if out.is_dir() and any(out.iterdir()):
-            raise DatasetError(f"{out}: not empty and has no {MANIFEST}; choose an empty or new folder")
-        return {}
-    try:
-        manifest = json.loads(path.read_text())
-    except (OSError, ValueError) as error:
-        raise DatasetError(f"{path}: unreadable manifest ({error}); move the folder away or fix the file") from None
-    if not isinstance(manifest, dict) or manifest.get("kind") != kind:
-        found = manifest.get("kind") if isinstance(manifest, dict) else None
-        raise DatasetError(f"{path}: a manifest of kind {found!r}, not {kind!r}; choose another folder")
-    return manifest
-
-
-def write_manifest(out: Path, manifest: Mapping[str, Any]) -> Path:
-    text = json.dumps(manifest, indent=2) + "\n"
-    replace_atomically(out / MANIFEST, lambda file: file.write(text.encode()))
-    return out / MANIFEST
-
-
-def check_same_settings(out: Path, recorded: Mapping[str, Any], requested: Mapping[str, Any]) -> None:
-    """Refuse, in one line naming the first differing setting, to add to a folder made with other
-    settings; None on either side of a `*_sha256` key means "not known" and is not compared."""
-    for key, value in _plain(dict(requested)).items():
-        old = recorded.get(key)
-        if key.endswith("_sha256") and (old is None or value is None):
-            continue
-        while isinstance(old, dict) and isinstance(value, dict) and old != value:
-            sub = next(k for k in [*value, *old] if old.get(k) != value.get(k))
-            key, old, value = f"{key}.{sub}", old.get(sub), value.get(sub)
-        if old != value:
-            raise DatasetError(f"{out}: made with {key}={_short(old)}, asked for {key}={_short(value)}; "
-                               f"use a new --out folder (existing images are never replaced)")
-
-
-def _short(value: Any, limit: int = 120) -> str:
-    text = json.dumps(value, sort_keys=True)
-    return text if len(text) <= limit else text[:limit] + "..."
 
 
 # ----------------------------------------------------------------------------- latents
@@ -245,52 +159,67 @@ def to_pixels(images: torch.Tensor) -> np.ndarray:
 
 # ----------------------------------------------------------------------------- sampling
 
-def sample_dataset(generator: Generator | str | os.PathLike, out: str | os.PathLike, counts: Mapping[str, int],
-                   seed: int = 0, size: int | None = None, batch_size: int = 16, device: str | torch.device = "cpu",
-                   opts: Mapping[str, Any] | None = None, generator_file: str | os.PathLike | None = None,
-                   progress: bool | Progress = True, *, chunk: int = 8, precision: str = "fp32",
-                   writers: int = 4) -> dict[str, Any]:
-    """Write `counts[split]` images per split to `out/<split>/<index:06d>.png` and `out/manifest.json`.
+@dataclass
+class SampleConfig:
+    generator: str = ""                 # checkpoint file (any format load_generator reads); "" with an in-memory one
+    out: str = ""                       # dataset folder: OUT/<split>/<index:06d>.png and OUT/manifest.json
+    counts: dict[str, int] = field(default_factory=dict)  # images per split, e.g. {"train": 10000, "val": 500}
+    seed: int = 0                       # train uses seed, test seed + 1, val seed + 2 (the paper's seeds 0/1/2)
+    size: int | None = None             # Lanczos-resize to size x size after rounding to uint8 (None: as generated)
+    opts: dict[str, Any] = field(default_factory=dict)  # forward options: psi, truncation_cutoff, noise_mode, ...
+    batch_size: int = 16                # images generated per step before they are written (whole chunks)
+    chunk: int = 8                      # rows per network call; fixes the arithmetic, so it is recorded
+    device: str = "cpu"                 # auto | cpu | cuda | cuda:N
+    precision: str = "fp32"             # fp32 (no TF32 on CUDA) | bf16 autocast; recorded, since it changes pixels
+    writers: int = 4                    # threads encoding PNGs
 
-    generator:  a `Generator`, or a checkpoint path read with `load_generator`
-    counts:     images per split, e.g. {"train": 10000, "val": 500, "test": 500}
-    seed:       train uses seed, test seed + 1, val seed + 2 (the paper's seeds 0/1/2)
-    size:       Lanczos-resize every image to size x size after rounding to uint8 (None: as generated)
-    batch_size: images generated per step before they are written (rounded up to whole chunks)
-    opts:       forward options (psi, truncation_cutoff, noise_mode, temperature, alpha...)
-    progress:   a tqdm bar, nothing, or a callable (split, done, to_do) called after every step
-    chunk:      rows per network call; fixes the arithmetic, so it is recorded with the seed
-    precision:  fp32 (no TF32 on CUDA) or bf16 autocast; recorded, since it changes pixels
-    writers:    threads encoding PNGs
+    def __post_init__(self) -> None:
+        for name in ("generator", "out", "device"):
+            check_text(self, name)
+        check_counts(self, "counts")
+        check_int(self, "seed", 0)
+        check_int(self, "size", 1, optional=True)
+        check_mapping(self, "opts")
+        for name in ("batch_size", "chunk", "writers"):
+            check_int(self, name, 1)
+        check_choice(self, "precision", ("fp32", "bf16"))
+
+
+def sample_dataset(config: SampleConfig, generator: Generator | None = None, *,
+                   progress: bool | Progress = True) -> dict[str, Any]:
+    """Write `config.counts[split]` images per split to `out/<split>/<index:06d>.png` and `out/manifest.json`.
+
+    generator:  the network to sample; None loads `config.generator` (with one given, `config.generator`
+                names the file it came from, recorded in the manifest, or is "" for an in-memory network)
+    progress:   a progress bar, nothing, or a callable (split, done, to_do) called after every step
 
     Re-running into the same folder resumes: existing whole images are kept untouched, missing
     ones are made, counts may grow; other settings are refused with a DatasetError.
     """
-    if isinstance(generator, (str, os.PathLike)):
-        generator_file = generator_file or generator
-        generator = load_generator(generator)
-    counts = {str(split): int(n) for split, n in counts.items()}
-    if any(n < 0 for n in counts.values()) or batch_size < 1 or chunk < 1 or writers < 1 or (size or 1) < 1:
-        raise DatasetError(f"counts must be >= 0 and batch_size, chunk, writers, size >= 1 "
-                           f"(got counts={counts}, batch_size={batch_size}, chunk={chunk}, size={size})")
-    out = Path(out)
+    require(config, "out")
+    generator_file = config.generator or None
+    if generator is None:
+        require(config, "generator", "generator")
+        generator = load_generator(config.generator)
+    counts, seed, size, chunk, precision = config.counts, config.seed, config.size, config.chunk, config.precision
+    out = Path(config.out)
     settings = {"kind": "samples", "generator_sha256": checkpoint_sha256(generator_file) if generator_file else None,
                 "weights_sha256": weights_sha256(generator), "generator": generator.describe(),
-                "options": resolve_options(generator, opts), "seed": seed,
+                "options": resolve_options(generator, config.opts), "seed": seed,
                 "split_seeds": split_seeds(seed, list(counts)), "resolution": generator.resolution,
                 "size": size, "chunk": chunk, "precision": precision}
-    target = resolve_device(device)
+    target = resolve_device(config.device)
     manifest, done = _claim_folder(out, settings, counts, target, generator_file)
     generator.to(target).eval()
     summary: dict[str, Any] = {"out": str(out), "manifest": str(out / MANIFEST), "splits": {}}
     began = time.perf_counter()
-    with ThreadPoolExecutor(writers) as pool, sampling_arithmetic(target, precision):
+    with ThreadPoolExecutor(config.writers) as pool, sampling_arithmetic(target, precision):
         for split, count in counts.items():
             folder = out / split
             folder.mkdir(parents=True, exist_ok=True)
             remove_stale_temps(folder)
             written = _sample_split(generator, folder, count, done[split], manifest["split_seeds"][split],
-                                    settings["options"], size, -(-batch_size // chunk), chunk, target, pool,
+                                    settings["options"], size, -(-config.batch_size // chunk), chunk, target, pool,
                                     _progress_for(progress, split, count - len(done[split])))
             summary["splits"][split] = {"seed": manifest["split_seeds"][split], "count": count,
                                         "existing": len(done[split]), "written": written}
@@ -319,12 +248,13 @@ def _claim_folder(out: Path, settings: dict[str, Any], counts: dict[str, int], d
                                f"{max(beyond) + 1} {split} images or use a new --out folder")
     merged_counts = {**recorded.get("counts", {}), **counts}
     seeds = {**recorded.get("split_seeds", {}), **settings["split_seeds"]}
-    manifest = {**_plain(settings), "split_seeds": seeds, "counts": merged_counts,
+    manifest = {**plain_json(settings), "split_seeds": seeds, "counts": merged_counts,
                 "latents": "numpy RandomState(split seed).randn, row i = image i",
                 "pixels": "clip(rint((x + 1) / 2 * 255)) to uint8, then Pillow Lanczos to size",
                 "generator_file": str(generator_file) if generator_file else recorded.get("generator_file"),
                 "device": device.type, "torch": torch.__version__}
     out.mkdir(parents=True, exist_ok=True)
+    remove_leftovers(out)
     write_manifest(out, manifest)
     return manifest, {split: {i for i in done[split] if i < counts.get(split, 0)} for split in splits}
 
@@ -344,9 +274,10 @@ def _progress_for(progress: bool | Progress, split: str, to_do: int) -> Callable
             total[0] += n
             progress(split, total[0], to_do)
         return report
-    from tqdm.auto import tqdm
+    from patchscope.common.progress import progress_bar
 
-    bar = tqdm(total=to_do, desc=f"sample {split}", unit="img", disable=not progress or to_do == 0, leave=False)
+    bar = progress_bar(total=to_do, desc=f"sample {split}", unit="img", disable=not progress or to_do == 0,
+                       leave=False)
     return bar.update
 
 

@@ -1,5 +1,5 @@
 """Run report sections of the attack studies: latent exaggeration, generator finetuning, and retraining
-(old vs retrained classifier). Used by `analysis.report`; the classifier stages are in `report_sections`.
+(old vs retrained classifier). Used by `analysis.report`; the classifier stages are in `analysis.report.sections`.
 """
 from __future__ import annotations
 

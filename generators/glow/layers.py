@@ -1,6 +1,6 @@
 """The invertible pieces of Glow: actnorm, 1x1 convolutions, couplings, squeeze and split priors.
 
-Used by `generators.glow`; attribute names follow y0ast Glow-PyTorch so its state dicts load strictly.
+Used by `generators.glow.model`; attribute names follow y0ast Glow-PyTorch so its state dicts load strictly.
 """
 from __future__ import annotations
 

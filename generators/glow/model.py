@@ -1,6 +1,6 @@
 """Glow (Kingma & Dhariwal 2018): the multi-scale flow, its likelihood, and the sampling Generator.
 
-Used by `generators.glow_y0ast` (loading), sampling and the attacks; layer names follow y0ast Glow-PyTorch.
+Used by `generators.glow.y0ast` (loading), sampling and the attacks; layer names follow y0ast Glow-PyTorch.
 """
 from __future__ import annotations
 

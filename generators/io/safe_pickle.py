@@ -1,6 +1,6 @@
 """Reading foreign checkpoints without running them: an allow-list unpickler and a guarded torch.load.
 
-Used by `generators.formats` and every format loader (PGAN, StyleGAN, StyleGAN2, Glow).
+Used by `generators.io.formats` and every format loader (PGAN, StyleGAN, StyleGAN2, Glow).
 """
 from __future__ import annotations
 

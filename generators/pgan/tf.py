@@ -1,7 +1,7 @@
 """Progressive GAN as the official TensorFlow code builds it (`G_paper` / `D_paper`, the
 networks the paper sampled), rebuilt in PyTorch from the numpy variables of its pickle.
 
-Used by `generators.formats` (format `pgan_tf`); no TensorFlow is needed.
+Used by `generators.io.formats` (format `pgan_tf`); no TensorFlow is needed.
 """
 from __future__ import annotations
 

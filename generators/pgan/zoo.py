@@ -1,7 +1,7 @@
 """Progressive GAN as pytorch_GAN_zoo builds it (the torch.hub `PGAN` celebAHQ checkpoints):
 generator, discriminator, loading and saving `{'config','netG','netD','avgG'}` files.
 
-Used by `generators.formats` (format `pgan_zoo`), the small trainable PGAN, and sampling.
+Used by `generators.io.formats` (format `pgan_zoo`), the small trainable PGAN, and sampling.
 Parameter names equal the zoo's, so `state_dict()` of either network is a zoo state dict.
 """
 from __future__ import annotations

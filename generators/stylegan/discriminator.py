@@ -1,6 +1,6 @@
 """StyleGAN (v1) discriminator `D_basic` in PyTorch, with the official TF semantics.
 
-Built by `generators.stylegan_tf` and attached to the StyleGAN generator as `.discriminator`;
+Built by `generators.stylegan.tf` and attached to the StyleGAN generator as `.discriminator`;
 used by generator finetuning (eq. 4) and by anyone scoring images with the GAN's own critic.
 """
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """StyleGAN (v1, Karras et al. 2019) generator `G_style` in PyTorch, with the official TF semantics.
 
-Built by `generators.stylegan_tf.load_stylegan_tf` from the official pickles (or from a
+Built by `generators.stylegan.tf.load_stylegan_tf` from the official pickles (or from a
 config, randomly initialised as the TF code would); sampled by the patchscope commands.
 """
 from __future__ import annotations

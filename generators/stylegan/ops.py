@@ -1,6 +1,6 @@
 """Layers of the official StyleGAN (v1) TensorFlow code, rewritten in PyTorch op for op.
 
-Used by `generators.stylegan` and `generators.stylegan_discriminator`; each keeps the TF
+Used by `generators.stylegan.model` and `generators.stylegan.discriminator`; each keeps the TF
 semantics (padding, equalized learning rate, filter order) so TF weights give TF outputs.
 """
 from __future__ import annotations

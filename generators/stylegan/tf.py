@@ -1,6 +1,6 @@
 """Loader for the official StyleGAN (v1) TF pickles `(G, D, Gs)`, read without TensorFlow.
 
-Used by format detection and the sampling commands: records from `generators.safe_pickle`
+Used by format detection and the sampling commands: records from `generators.io.safe_pickle`
 in, a `StyleGAN` generator (with `D_basic` attached) out; nothing in the pickle is executed.
 """
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """StyleGAN2 building blocks in plain PyTorch: FIR resampling, equalized layers, modulated convs.
 
-Used by `generators.stylegan2` to assemble the generator and discriminator; parameter and
+Used by `generators.stylegan2.model` to assemble the generator and discriminator; parameter and
 buffer names follow rosinality's stylegan2-pytorch so its state dicts load unchanged.
 """
 from __future__ import annotations

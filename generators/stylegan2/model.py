@@ -1,7 +1,7 @@
 """StyleGAN2 generator and discriminator in pure PyTorch, and the rosinality `.pt` loader.
 
 Used by `generators.load_generator` and the attacks; module names equal rosinality's keys, and
-`generators.stylegan2_nvlabs` maps NVlabs pickles onto the same modules.
+`generators.stylegan2.nvlabs` maps NVlabs pickles onto the same modules.
 """
 from __future__ import annotations
 

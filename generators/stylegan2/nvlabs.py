@@ -1,7 +1,7 @@
 """NVlabs stylegan2-ada-pytorch network pickles, read without running them, mapped onto our StyleGAN2.
 
 Used by `generators.load_generator` for `.pkl` snapshots and by tests that check the key layouts;
-the records come from `generators.safe_pickle.load_pickle`, nothing named in the pickle is imported.
+the records come from `generators.io.safe_pickle.load_pickle`, nothing named in the pickle is imported.
 """
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """A progressive GAN being grown: pytorch_GAN_zoo generator, its moving average (avgG) and
 discriminator, their Adam optimizers, one WGAN-GP training step, and growth by one scale.
 
-Used by `generators.gan_training`; weights of each new scale come from a seed derived from
+Used by `generators.training.trainer`; weights of each new scale come from a seed derived from
 (seed, scale), so rebuilding a run for resume gives the same networks.
 """
 from __future__ import annotations

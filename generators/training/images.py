@@ -1,5 +1,5 @@
 """Real training images for the small progressive GAN: a folder of PNG/JPEG files decoded once,
-centre-cropped square and kept in memory as uint8 at each scale. Used by `generators.gan_training`.
+centre-cropped square and kept in memory as uint8 at each scale. Used by `generators.training.trainer`.
 """
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """WGAN-GP losses of progressive GAN training: the critic's loss with gradient penalty and drift term,
-and the generator's loss. Used by `generators.gan_training` and by the finetune attack.
+and the generator's loss. Used by `generators.training.trainer` and by the finetune attack.
 
 Averaged over the batch as in Karras et al. (pytorch_GAN_zoo sums the Wasserstein and drift
 terms over the batch instead, which weighs the penalty batch-size times less).

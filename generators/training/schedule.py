@@ -1,7 +1,7 @@
 """What progressive GAN training shows at each step: channel depths per scale, the alpha fade-in,
 the batch order, and the random draws of a step, all derived from (seed, scale, step) alone.
 
-Used by `generators.gan_training`; deriving every draw from counters is what makes a resumed run
+Used by `generators.training.trainer`; deriving every draw from counters is what makes a resumed run
 repeat an uninterrupted one exactly without saving any RNG state.
 """
 from __future__ import annotations

@@ -18,11 +18,13 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
-import yaml
-from tqdm import tqdm
+from patchscope.common.progress import progress_bar
 
 from patchscope.common.atomic import replace_atomically
+from patchscope.common.checks import check_bool, check_float, check_int, check_text, require
 from patchscope.common.device import resolve_device
+from patchscope.common.errors import InputError
+from patchscope.common.runfolder import RunFolder
 from patchscope.generators.training.growing import GrowingGAN
 from patchscope.generators.training.images import TrainingImages, TrainingInputError, to_model_range
 from patchscope.generators.training.schedule import batch_indices, draw_step, fade_alpha, scale_depths, scale_resolutions
@@ -34,6 +36,7 @@ RESUME_FILE = "resume.pt"
 GENERATOR_FILE = "generator.pt"
 # Settings a resumed run may change (`out` may be spelt differently); all others must equal the saved ones.
 RESUMABLE_CHANGES = {"out", "device", "snapshot_images", "log_images", "channels_last"}
+RUN_FOLDER = RunFolder(holds="a GAN run", resumable=RESUMABLE_CHANGES, force_to=None)
 
 
 @dataclass
@@ -63,6 +66,29 @@ class GANTrainConfig:
     device: str = "auto"          # auto | cpu | cuda | cuda:N
     channels_last: bool = True    # NHWC convolutions: ~10% faster on one CPU thread, as fast on two
 
+    def __post_init__(self) -> None:
+        for name in ("images", "out", "device"):
+            check_text(self, name)
+        check_int(self, "resolution", 4)
+        try:
+            scale_resolutions(self.resolution)
+        except (TypeError, ValueError) as error:
+            raise InputError(f"setting resolution={self.resolution!r}: {error}") from None
+        for name in ("latent_dim", "fmap_base", "fmap_max", "scale_images", "gp_every", "log_images"):
+            check_int(self, name, 1)
+        check_int(self, "batch_size", 2)  # minibatch stddev needs two images
+        for name in ("ema_half_life", "snapshot_images", "seed"):
+            check_int(self, name, 0)
+        check_float(self, "lr", 0, low_open=True)
+        check_float(self, "beta1", 0, 1, high_open=True)
+        check_float(self, "beta2", 0, 1, high_open=True)
+        check_float(self, "lambda_gp", 0)
+        check_float(self, "drift", 0)
+        check_bool(self, "mirror")
+        check_bool(self, "channels_last")
+        # A scale must end at full weight (alpha 0), so its last step lies past the fade.
+        check_int(self, "fade_images", 0, (self.steps_per_scale() - 1) * self.batch_size)
+
     def depths(self) -> list[int]:
         return scale_depths(self.resolution, self.fmap_base, self.fmap_max)
 
@@ -85,48 +111,11 @@ class Progress:
     seconds: float = 0.0   # training time so far, over every session of the run
 
 
-def check_config(config: GANTrainConfig) -> None:
-    """Refuse settings that cannot train, in one line naming the setting."""
-    problems = []
-    try:
-        scale_resolutions(config.resolution)
-    except ValueError as error:
-        problems.append(str(error))
-    if config.gp_every < 1:
-        problems.append(f"gp_every must be >= 1, not {config.gp_every}")
-    if config.batch_size < 2:
-        problems.append(f"batch_size must be >= 2 for minibatch stddev, not {config.batch_size}")
-    if config.scale_images < 1:
-        problems.append(f"scale_images must be >= 1, not {config.scale_images}")
-    # A scale must end at full weight (alpha 0), so its last step lies past the fade.
-    fade_limit = (config.steps_per_scale() - 1) * config.batch_size if config.batch_size >= 1 else 0
-    if config.batch_size >= 1 and not 0 <= config.fade_images <= fade_limit:
-        problems.append(f"fade_images must be within 0 .. {fade_limit} (the last step of a scale "
-                        f"must train at alpha 0), not {config.fade_images}")
-    if config.lr <= 0 or config.log_images < 1 or config.snapshot_images < 0 or config.ema_half_life < 0:
-        problems.append("lr and log_images must be positive, snapshot_images and ema_half_life >= 0")
-    if not config.out:
-        problems.append("no run directory given (--out)")
-    if problems:
-        raise TrainingInputError("; ".join(problems))
-
-
 def _prepare_run_dir(config: GANTrainConfig, resume: bool) -> Path:
-    out = Path(config.out)
-    saved = out / "config.yaml"
-    current = dataclasses.asdict(config)
-    if saved.exists():
-        if not resume:
-            raise TrainingInputError(f"{out}: already holds a GAN run; pass --resume to continue it, "
-                                     f"or choose another --out")
-        old = yaml.safe_load(saved.read_text()) or {}
-        changed = sorted(k for k, v in current.items() if k not in RESUMABLE_CHANGES and old.get(k) != v)
-        if changed:
-            raise TrainingInputError(f"{out}: cannot resume with different {', '.join(changed)} "
-                                     f"(saved: {', '.join(f'{k}={old.get(k)!r}' for k in changed)})")
-    out.mkdir(parents=True, exist_ok=True)
-    replace_atomically(saved, lambda stream: stream.write(yaml.safe_dump(current, sort_keys=False).encode()))
-    return out
+    try:
+        return RUN_FOLDER.claim(config.out, config, resume=resume)
+    except InputError as error:  # one error type for every refusal of train-gan's inputs
+        raise TrainingInputError(str(error)) from None
 
 
 def _load_resume(path: Path) -> dict[str, Any]:
@@ -215,7 +204,7 @@ class GANTrainer:
     """
 
     def __init__(self, config: GANTrainConfig, resume: bool = False) -> None:
-        check_config(config)
+        require(config, "out")
         self.config = config
         self.device = resolve_device(config.device)
         self.images = TrainingImages(config.images, config.resolution)
@@ -264,8 +253,8 @@ class GANTrainer:
         meter = LossMeter()
         earlier = progress.seconds  # training time of the sessions before a resume
         started = interval_start = time.perf_counter()
-        with tqdm(total=steps * batch * len(config.depths()), initial=progress.images, unit="img",
-                  desc="train-gan", disable=None, dynamic_ncols=True) as bar:
+        with progress_bar(total=steps * batch * len(config.depths()), initial=progress.images, unit="img",
+                          desc="train-gan", dynamic_ncols=True) as bar:
             while not progress.finished:
                 meter.add(self.step())
                 bar.update(batch)

@@ -168,8 +168,12 @@ def test_resume_from_another_generator_file_is_refused(sources, tmp_path: Path) 
 def test_user_mistakes_are_one_line_errors(sources, tmp_path: Path) -> None:
     with pytest.raises(InputError, match="no --real given"):
         run_finetune(make_config(sources, tmp_path / "a", real=""))
-    with pytest.raises(InputError, match="expected steps >= 0, batch_size >= 2"):
-        run_finetune(make_config(sources, tmp_path / "a", batch_size=1))
+    with pytest.raises(InputError, match="batch_size=1: expected an integer >= 2"):
+        make_config(sources, tmp_path / "a", batch_size=1)
+    with pytest.raises(InputError, match=r"ema_beta=1\.0: expected a finite number >= 0 and < 1"):
+        make_config(sources, tmp_path / "a", ema_beta=1.0)
+    with pytest.raises(InputError, match="lr=0: expected a finite number > 0 or null"):
+        make_config(sources, tmp_path / "a", lr=0)
     torch.manual_seed(0)
     no_critic = StyleGAN2Generator(StyleGAN2Config(size=RESOLUTION, style_dim=8, n_mlp=1, channels=(8, 8, 8)))
     torch.save(export_rosinality(no_critic), tmp_path / "sg2.pt")
@@ -177,5 +181,5 @@ def test_user_mistakes_are_one_line_errors(sources, tmp_path: Path) -> None:
         run_finetune(make_config(sources, tmp_path / "b", generator=str(tmp_path / "sg2.pt")))
     (tmp_path / "c").mkdir()
     (tmp_path / "c" / "notes.txt").write_text("mine")
-    with pytest.raises(InputError, match="not a finetuning folder"):
+    with pytest.raises(InputError, match="not a finetuning run folder"):
         run_finetune(make_config(sources, tmp_path / "c"))

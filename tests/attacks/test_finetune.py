@@ -185,7 +185,7 @@ def test_resume_after_interruption_gives_the_same_weights_and_log(reals, tmp_pat
 
 def test_resume_with_other_training_settings_is_refused(reals, tmp_path: Path) -> None:
     finetuner(reals).run(2, batch=4, out=tmp_path, progress=False)
-    with pytest.raises(InputError, match=r"resume\.pt: written with other batch, classifier_weight"):
+    with pytest.raises(InputError, match=r"resume\.pt: cannot resume with different batch, classifier_weight"):
         finetuner(reals, classifier_weight=1.0).run(4, batch=8, out=tmp_path, resume=True, progress=False)
 
 

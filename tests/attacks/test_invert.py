@@ -96,8 +96,8 @@ def test_frozen_stops_parameter_gradients_and_restores_the_module_afterwards() -
 def test_pgan_inversion_recovers_images_generated_from_known_latents(pgan) -> None:
     with torch.no_grad():
         targets = pgan(pgan.sample_latents(4, seed=123))
-    start = invert(pgan, targets, "z", steps=0, lambda_lpips=0, seed=7, progress=False)
-    result = invert(pgan, targets, "z", steps=100, lr=0.1, lambda_lpips=0, seed=7, progress=False)
+    start = invert(pgan, targets, InvertConfig(space="z", steps=0, lambda_lpips=0, seed=7), progress=False)
+    result = invert(pgan, targets, InvertConfig(space="z", steps=100, lr=0.1, lambda_lpips=0, seed=7), progress=False)
     assert result.latents.shape == (4, LATENT_DIM) and result.images.shape == (4, 3, RESOLUTION, RESOLUTION)
     assert bool((result.losses["mse"] < start.losses["mse"] / 20).all()), (start.losses, result.losses)
     assert float(result.losses["mse"].mean()) < 1e-3
@@ -109,15 +109,15 @@ def test_pgan_inversion_recovers_images_generated_from_known_latents(pgan) -> No
 def test_inversion_results_do_not_depend_on_batch_size(pgan, random_lpips) -> None:
     with torch.no_grad():
         targets = pgan(pgan.sample_latents(3, seed=9))
-    whole = invert(pgan, targets, "z", steps=15, lpips_model=random_lpips, batch_size=3, progress=False)
-    single = invert(pgan, targets, "z", steps=15, lpips_model=random_lpips, batch_size=1, progress=False)
+    whole = invert(pgan, targets, InvertConfig(space="z", steps=15, batch_size=3), random_lpips, progress=False)
+    single = invert(pgan, targets, InvertConfig(space="z", steps=15, batch_size=1), random_lpips, progress=False)
     torch.testing.assert_close(whole.latents, single.latents, atol=1e-4, rtol=1e-4)
     assert set(whole.losses) == {"loss", "mse", "lpips"}
 
 
 def test_z_of_image_i_starts_at_row_i_of_the_seed_stream(pgan) -> None:
     targets = torch.zeros(3, 3, RESOLUTION, RESOLUTION)
-    start = invert(pgan, targets, "z", steps=0, lambda_lpips=0, seed=5, indices=[4, 5, 9], progress=False)
+    start = invert(pgan, targets, InvertConfig(space="z", steps=0, lambda_lpips=0, seed=5), indices=[4, 5, 9], progress=False)
     stream = pgan.sample_latents(10, seed=5)
     torch.testing.assert_close(start.latents, stream[[4, 5, 9]])
 
@@ -133,15 +133,14 @@ def test_glow_split_noise_is_fixed_per_image_by_seed_and_index() -> None:
         targets = generator(generator.sample_latents(3, seed=4, start=2),
                             split_noise=generator.sample_split_noise(3, seed=4, start=2)).clamp(-1, 1)
     # Started at the very latents and noise that made the targets, nothing is left to fit.
-    start = invert(generator, targets, "z", steps=0, lambda_lpips=0, seed=4, indices=[2, 3, 4], batch_size=2,
-                   progress=False)
+    start = invert(generator, targets, InvertConfig(space="z", steps=0, lambda_lpips=0, seed=4, batch_size=2), indices=[2, 3, 4], progress=False)
     assert float(start.losses["mse"].max()) < 1e-10
-    other_seed = invert(generator, targets, "z", steps=0, lambda_lpips=0, seed=5, indices=[2, 3, 4], progress=False)
+    other_seed = invert(generator, targets, InvertConfig(space="z", steps=0, lambda_lpips=0, seed=5), indices=[2, 3, 4], progress=False)
     assert float(other_seed.losses["mse"].min()) > 1e-3
 
 
 def test_images_are_resized_to_the_generator_resolution(pgan) -> None:
-    result = invert(pgan, torch.zeros(2, 3, 40, 32), "z", steps=1, lambda_lpips=0, progress=False)
+    result = invert(pgan, torch.zeros(2, 3, 40, 32), InvertConfig(space="z", steps=1, lambda_lpips=0), progress=False)
     assert result.images.shape == (2, 3, RESOLUTION, RESOLUTION)
 
 
@@ -149,9 +148,8 @@ def test_images_are_resized_to_the_generator_resolution(pgan) -> None:
 def test_style_generator_inversion_in_w_and_w_plus_lowers_the_loss(stylegan2, random_lpips, space, shape) -> None:
     with torch.no_grad():
         targets = stylegan2(stylegan2.sample_latents(3, seed=5)).clamp(-1, 1)
-    kwargs = dict(lpips_model=random_lpips, lr=0.05, progress=False)
-    start = invert(stylegan2, targets, space, steps=0, **kwargs)
-    result = invert(stylegan2, targets, space, steps=30, **kwargs)
+    start = invert(stylegan2, targets, InvertConfig(space=space, steps=0, lr=0.05), random_lpips, progress=False)
+    result = invert(stylegan2, targets, InvertConfig(space=space, steps=30, lr=0.05), random_lpips, progress=False)
     assert result.latents.shape == shape
     assert bool((result.losses["loss"] < 0.5 * start.losses["loss"]).all()), (start.losses, result.losses)
     assert float(result.losses["lpips"].mean()) < float(start.losses["lpips"].mean())
@@ -160,7 +158,7 @@ def test_style_generator_inversion_in_w_and_w_plus_lowers_the_loss(stylegan2, ra
 def test_w_space_starts_at_the_generators_w_avg(stylegan2) -> None:
     stylegan2.w_avg.copy_(torch.linspace(-1, 1, 16))
     try:
-        start = invert(stylegan2, torch.zeros(2, 3, 16, 16), "w+", steps=0, lambda_lpips=0, progress=False)
+        start = invert(stylegan2, torch.zeros(2, 3, 16, 16), InvertConfig(space="w+", steps=0, lambda_lpips=0), progress=False)
     finally:
         stylegan2.w_avg.zero_()
     assert torch.equal(start.latents, torch.linspace(-1, 1, 16).expand(2, 6, 16))
@@ -168,16 +166,16 @@ def test_w_space_starts_at_the_generators_w_avg(stylegan2) -> None:
 
 def test_w_space_needs_a_style_generator(pgan) -> None:
     with pytest.raises(ValueError, match="needs a style generator"):
-        invert(pgan, torch.zeros(1, 3, RESOLUTION, RESOLUTION), "w", steps=1, lambda_lpips=0)
+        invert(pgan, torch.zeros(1, 3, RESOLUTION, RESOLUTION), InvertConfig(space="w", steps=1, lambda_lpips=0))
 
 
 def test_lpips_weight_without_an_lpips_model_is_refused(pgan) -> None:
     with pytest.raises(ValueError, match="needs an LPIPS model"):
-        invert(pgan, torch.zeros(1, 3, RESOLUTION, RESOLUTION), "z", steps=1)
+        invert(pgan, torch.zeros(1, 3, RESOLUTION, RESOLUTION), InvertConfig(space="z", steps=1))
 
 
 def test_generator_parameters_get_no_gradients_and_keep_their_flags(pgan) -> None:
-    invert(pgan, torch.zeros(1, 3, RESOLUTION, RESOLUTION), "z", steps=2, lambda_lpips=0, progress=False)
+    invert(pgan, torch.zeros(1, 3, RESOLUTION, RESOLUTION), InvertConfig(space="z", steps=2, lambda_lpips=0), progress=False)
     assert all(p.grad is None and p.requires_grad for p in pgan.parameters())
 
 

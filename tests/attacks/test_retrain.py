@@ -17,11 +17,11 @@ import patchscope.attacks.retrain as retrain_module
 from patchscope.attacks.retrain import plan_sampling, retrain
 from patchscope.forensics.builtin_images import builtin_photos, random_crops
 from patchscope.forensics.checkpoint import load_classifier
-from patchscope.forensics.config import read_yaml
+from patchscope.common.config import read_yaml
 from patchscope.common.errors import InputError
 from patchscope.forensics.train import TrainConfig, fit
 from patchscope.common.errors import CheckpointError
-from patchscope.generators.sampling import sample_dataset
+from patchscope.generators.sampling import SampleConfig, sample_dataset
 from tests.tiny_models import save_tiny_pgan
 
 RESOLUTION = 16  # generator output; the fake sets are Lanczos-resized to SIZE, as a working size would be
@@ -46,8 +46,8 @@ def make_world(root: Path) -> dict[str, Path]:
              "finetuned_generator": save_tiny_pgan(root / "finetuned.pt", seed=1),
              "reals": write_reals(root / "reals", COUNTS), "original_fakes": root / "original_fakes",
              "base": root / "base"}
-    sample_dataset(world["original_generator"], world["original_fakes"], COUNTS, seed=SAMPLE_SEED, size=SIZE,
-                   chunk=CHUNK, progress=False)
+    sample_dataset(SampleConfig(generator=str(world["original_generator"]), out=str(world["original_fakes"]),
+                                counts=COUNTS, seed=SAMPLE_SEED, size=SIZE, chunk=CHUNK), progress=False)
     fit(TrainConfig(real=str(world["reals"]), fake=str(world["original_fakes"]), out=str(world["base"]),
                     model="xception_block1", load_size=SIZE, crop_size=SIZE, init="kaiming", batch_size=16,
                     max_epochs=3, seed=0, device="cpu", precision="fp32", eval_batch_size=32))

@@ -352,6 +352,34 @@ def test_ranks_split_each_epoch_into_disjoint_batches():
     assert shards[0] == whole[0::2] and shards[1] == whole[1::2]
 
 
+@pytest.mark.parametrize("world_size", [2, 3, 4])
+def test_uneven_rank_shards_are_equal_length_and_interleave_back_into_the_epoch(world_size):
+    # 10 real / 7 fake, 2 per class and batch: the single-process epoch has 5 batches
+    whole = list(BalancedBatchSampler(10, 7, 4, seed=3))
+    shards = [BalancedBatchSampler(10, 7, 4, seed=3, rank=r, world_size=world_size) for r in range(world_size)]
+    for shard in shards:
+        shard.set_epoch(0)
+    batches = [list(shard) for shard in shards]
+    per_rank = -(-len(whole) // world_size)
+    assert [len(b) for b in batches] == [len(s) for s in shards] == [per_rank] * world_size
+    # batch i of rank r is batch i*W + r of one long epoch: disjoint positions, the real epoch first, then padding
+    merged = [batches[r][i] for i in range(per_rank) for r in range(world_size)]
+    assert merged[:len(whole)] == whole
+    assert all(len(batch) == 4 for batch in merged)
+    assert sorted(i for batch in whole for i in batch[:2]) == list(range(10))  # the larger class exactly once
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 3])
+def test_eval_rank_shards_are_disjoint_and_cover_every_index_once(tmp_path, world_size):
+    data = make_dataset(tmp_path, 3, 4, None, train=False)
+    shards = [[b[2].tolist() for b in make_loader(data, batch_size=2, train=False, rank=r, world_size=world_size)]
+              for r in range(world_size)]
+    indices = [i for shard in shards for batch in shard for i in batch]
+    assert sorted(indices) == list(range(7)) and len(indices) == 7
+    for r, shard in enumerate(shards):
+        assert [i for batch in shard for i in batch] == list(range(r, 7, world_size))
+
+
 def test_eval_loader_is_sequential_and_keeps_the_last_short_batch(tmp_path):
     loader = make_loader(make_dataset(tmp_path, 2, 3, None, train=False), batch_size=2, train=False)
     batches = list(loader)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -85,6 +86,20 @@ def test_resume_refuses_a_changed_model(builtin_dataset, tmp_path):
         fit(tiny_config(builtin_dataset, tmp_path / "run", model="resnet18_layer1"), resume=True)
 
 
-def test_odd_batch_size_is_refused(builtin_dataset, tmp_path):
-    with pytest.raises(InputError, match="must be even"):
-        fit(tiny_config(builtin_dataset, tmp_path / "run", batch_size=15))
+@pytest.mark.parametrize("field, value, expected", [
+    ("batch_size", 15, "batch_size=15: expected an even integer >= 2"),
+    ("batch_size", 0, "batch_size=0: expected an even integer >= 2"),
+    ("lr", 0.0, "lr=0.0: expected a finite number > 0"),
+    ("lr", float("nan"), "lr=nan: expected a finite number > 0"),
+    ("beta2", 1.0, "beta2=1.0: expected a finite number >= 0 and < 1"),
+    ("model", "xception_block9", "model='xception_block9': expected one of "),
+    ("load_size", "299", "load_size='299': expected an integer >= 1 or null"),
+    ("workers", -1, "workers=-1: expected an integer >= 0 or null"),
+    ("precision", "fp16", "precision='fp16': expected one of auto, fp32, bf16"),
+    ("cache", "yes", "cache='yes': expected true or false or null"),
+])
+def test_bad_settings_are_refused_where_the_config_is_built(builtin_dataset, tmp_path, field, value, expected):
+    """Settings are checked once, when the config is built, from a YAML file or flags alike."""
+    with pytest.raises(InputError, match=re.escape(expected)):
+        tiny_config(builtin_dataset, tmp_path / "run", **{field: value})
+    assert not (tmp_path / "run").exists()

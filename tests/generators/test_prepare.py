@@ -14,7 +14,7 @@ from PIL import Image
 from patchscope.common.errors import DatasetError
 from patchscope.generators.pgan.zoo import build_pgan_zoo, save_pgan_zoo
 from patchscope.generators.prepare import generator_resolution, prepare_reals, read_rgb
-from patchscope.generators.sampling import sample_dataset
+from patchscope.generators.sampling import SampleConfig, sample_dataset
 
 
 def _save(path: Path, image: Image.Image) -> Path:
@@ -92,8 +92,10 @@ def test_a_fake_prepared_as_a_real_comes_out_byte_identical_to_the_sampled_one(t
     generator, discriminator = build_pgan_zoo(16, latent_dim=8, depth_scale0=8, depth_other_scales=[8, 8])
     generator.discriminator = discriminator
     checkpoint = save_pgan_zoo(generator, tmp_path / "g.pt")
-    sample_dataset(checkpoint, tmp_path / "full", {"train": 3}, progress=False)
-    sample_dataset(checkpoint, tmp_path / "small", {"train": 3}, size=8, progress=False)
+    sample_dataset(SampleConfig(generator=str(checkpoint), out=str(tmp_path / "full"), counts={"train": 3}),
+                                progress=False)
+    sample_dataset(SampleConfig(generator=str(checkpoint), out=str(tmp_path / "small"), counts={"train": 3},
+                                size=8), progress=False)
     prepare_reals([tmp_path / "full" / "train"], tmp_path / "real", resolution=generator_resolution(checkpoint),
                   size=8, progress=False)
     for i in range(3):
@@ -162,4 +164,4 @@ def test_sampling_into_a_folder_of_reals_is_refused(tmp_path: Path) -> None:
     torch.manual_seed(0)
     generator, _ = build_pgan_zoo(16, latent_dim=8, depth_scale0=8, depth_other_scales=[8, 8])
     with pytest.raises(DatasetError, match="kind 'reals', not 'samples'"):
-        sample_dataset(generator, tmp_path / "out", {"train": 1}, progress=False)
+        sample_dataset(SampleConfig(out=str(tmp_path / "out"), counts={"train": 1}), generator, progress=False)

@@ -14,7 +14,7 @@ from PIL import Image
 from patchscope.generators import checkpoint_sha256, load_generator
 from patchscope.common.errors import DatasetError
 from patchscope.generators.pgan.zoo import build_pgan_zoo, save_pgan_zoo
-from patchscope.generators.sampling import LatentSource, sample_dataset
+from patchscope.generators.sampling import LatentSource, SampleConfig, sample_dataset
 
 FIXTURES = Path(__file__).resolve().parents[2] / ".." / "shared" / "fixtures" / "generators"
 needs_fixtures = pytest.mark.skipif(not FIXTURES.is_dir(), reason=f"generator fixtures not found at {FIXTURES}")
@@ -36,7 +36,8 @@ def pgan_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def reference(pgan_file: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """An uninterrupted run, batch size 8: train 13 (not a whole number of chunks), test 5."""
     out = tmp_path_factory.mktemp("reference") / "set"
-    sample_dataset(pgan_file, out, {"train": 13, "test": 5}, seed=0, batch_size=8, progress=False, chunk=4)
+    sample_dataset(SampleConfig(generator=str(pgan_file), out=str(out), counts={"train": 13, "test": 5},
+                                seed=0, batch_size=8, chunk=4), progress=False)
     return out
 
 
@@ -52,8 +53,8 @@ def _pixels(path: Path) -> np.ndarray:
 @pytest.mark.parametrize("batch_size", [1, 3, 8])
 def test_same_seed_gives_byte_identical_pngs_whatever_the_batch_size(
         batch_size: int, pgan_file: Path, reference: Path, tmp_path: Path) -> None:
-    summary = sample_dataset(pgan_file, tmp_path, {"train": 13, "test": 5}, batch_size=batch_size,
-                             progress=False, chunk=4)
+    summary = sample_dataset(SampleConfig(generator=str(pgan_file), out=str(tmp_path), counts={"train": 13,
+                                          "test": 5}, batch_size=batch_size, chunk=4), progress=False)
     assert _pngs(tmp_path) == _pngs(reference)
     expected = [f"test/{i:06d}.png" for i in range(5)] + [f"train/{i:06d}.png" for i in range(13)]
     assert sorted(_pngs(tmp_path)) == expected
@@ -75,9 +76,11 @@ def test_network_always_runs_on_whole_chunks_aligned_to_absolute_indices(pgan_fi
     generator = load_generator(pgan_file)
     calls: list[torch.Tensor] = []
     generator.register_forward_pre_hook(lambda module, args: calls.append(args[0].clone()))
-    sample_dataset(generator, tmp_path / "a", {"train": 6}, batch_size=3, chunk=4, progress=False)
+    sample_dataset(SampleConfig(out=str(tmp_path / "a"), counts={"train": 6}, batch_size=3, chunk=4),
+                                generator, progress=False)
     (tmp_path / "a" / "train" / "000001.png").unlink()
-    sample_dataset(generator, tmp_path / "a", {"train": 13}, batch_size=3, chunk=4, progress=False)
+    sample_dataset(SampleConfig(out=str(tmp_path / "a"), counts={"train": 13}, batch_size=3, chunk=4),
+                                generator, progress=False)
     starts = [0, 4, 0, 4, 8, 12]  # 0..5 padded to 0..7; then 1 again, 6..7, 8..11, and 12 padded to 12..15
     assert [len(z) for z in calls] == [4] * len(starts)
     for z, start in zip(calls, starts):
@@ -86,7 +89,8 @@ def test_network_always_runs_on_whole_chunks_aligned_to_absolute_indices(pgan_fi
 
 def test_asking_for_fewer_images_does_not_change_the_first_ones(pgan_file: Path, reference: Path,
                                                                  tmp_path: Path) -> None:
-    sample_dataset(pgan_file, tmp_path, {"train": 10}, batch_size=2, progress=False, chunk=4)
+    sample_dataset(SampleConfig(generator=str(pgan_file), out=str(tmp_path), counts={"train": 10},
+                                batch_size=2, chunk=4), progress=False)
     wanted = {name: data for name, data in _pngs(reference).items() if name.startswith("train/")
               and int(name[6:12]) < 10}
     assert _pngs(tmp_path) == wanted
@@ -99,11 +103,12 @@ def test_interrupted_run_resumes_without_duplicates_or_overwrites(pgan_file: Pat
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        sample_dataset(pgan_file, tmp_path, {"train": 13, "test": 5}, batch_size=3, progress=stop_after_two_steps,
-                       chunk=4)
+        sample_dataset(SampleConfig(generator=str(pgan_file), out=str(tmp_path), counts={"train": 13,
+                                    "test": 5}, batch_size=3, chunk=4), progress=stop_after_two_steps)
     first = {p: os.stat(p) for p in tmp_path.rglob("*.png")}
     assert sorted(p.name for p in first) == [f"{i:06d}.png" for i in range(8)]
-    summary = sample_dataset(pgan_file, tmp_path, {"train": 13, "test": 5}, batch_size=5, progress=False, chunk=4)
+    summary = sample_dataset(SampleConfig(generator=str(pgan_file), out=str(tmp_path), counts={"train": 13,
+                                          "test": 5}, batch_size=5, chunk=4), progress=False)
     assert _pngs(tmp_path) == _pngs(reference)
     assert summary["splits"]["train"]["existing"] == 8 and summary["splits"]["train"]["written"] == 5
     for path, before in first.items():
@@ -114,18 +119,21 @@ def test_interrupted_run_resumes_without_duplicates_or_overwrites(pgan_file: Pat
 
 def test_leftover_temp_file_is_removed_and_a_truncated_png_is_made_again(pgan_file: Path, reference: Path,
                                                                          tmp_path: Path) -> None:
-    sample_dataset(pgan_file, tmp_path, {"train": 13, "test": 5}, progress=False, chunk=4)
+    sample_dataset(SampleConfig(generator=str(pgan_file), out=str(tmp_path), counts={"train": 13, "test": 5},
+                                chunk=4), progress=False)
     (tmp_path / "train" / ".000003.png.x1y2.tmp").write_bytes(b"\x89PNG half")
     whole = (tmp_path / "train" / "000004.png").read_bytes()
     (tmp_path / "train" / "000004.png").write_bytes(whole[: len(whole) // 2])
-    summary = sample_dataset(pgan_file, tmp_path, {"train": 13, "test": 5}, progress=False, chunk=4)
+    summary = sample_dataset(SampleConfig(generator=str(pgan_file), out=str(tmp_path), counts={"train": 13,
+                                          "test": 5}, chunk=4), progress=False)
     assert summary["splits"]["train"]["written"] == 1
     assert _pngs(tmp_path) == _pngs(reference)
     assert not (tmp_path / "train" / ".000003.png.x1y2.tmp").exists()
 
 
 def test_manifest_records_generator_options_seeds_counts_and_size(pgan_file: Path, tmp_path: Path) -> None:
-    sample_dataset(pgan_file, tmp_path, {"train": 2, "val": 1, "test": 1}, seed=5, size=8, progress=False)
+    sample_dataset(SampleConfig(generator=str(pgan_file), out=str(tmp_path), counts={"train": 2, "val": 1,
+                                "test": 1}, seed=5, size=8), progress=False)
     manifest = json.loads((tmp_path / "manifest.json").read_text())
     assert manifest["generator_sha256"] == checkpoint_sha256(pgan_file)
     assert manifest["generator_file"] == str(pgan_file)
@@ -142,11 +150,12 @@ def test_manifest_records_generator_options_seeds_counts_and_size(pgan_file: Pat
 def test_rerun_with_other_settings_is_refused_in_one_line(change: dict, word: str, pgan_file: Path,
                                                           tmp_path: Path) -> None:
     out = tmp_path / "set"
-    sample_dataset(pgan_file, out, {"train": 3}, progress=False)
+    sample_dataset(SampleConfig(generator=str(pgan_file), out=str(out), counts={"train": 3}), progress=False)
     before = _pngs(out)
     generator = _tiny_pgan(tmp_path / "other.pt", seed=1) if change.pop("other_weights", False) else pgan_file
     with pytest.raises(DatasetError) as caught:
-        sample_dataset(generator, out, {"train": 5}, progress=False, **change)
+        sample_dataset(SampleConfig(generator=str(generator), out=str(out), counts={"train": 5}, **change),
+                       progress=False)
     message = str(caught.value)
     assert word in message and str(out) in message and "\n" not in message
     assert _pngs(out) == before
@@ -154,17 +163,23 @@ def test_rerun_with_other_settings_is_refused_in_one_line(change: dict, word: st
 
 def test_counts_may_grow_but_not_drop_below_the_images_already_made(pgan_file: Path, reference: Path,
                                                                     tmp_path: Path) -> None:
-    sample_dataset(pgan_file, tmp_path, {"train": 6}, progress=False, chunk=4)
-    sample_dataset(pgan_file, tmp_path, {"train": 13, "test": 5}, progress=False, chunk=4)
+    sample_dataset(SampleConfig(generator=str(pgan_file), out=str(tmp_path), counts={"train": 6}, chunk=4),
+                                progress=False)
+    sample_dataset(SampleConfig(generator=str(pgan_file), out=str(tmp_path), counts={"train": 13, "test": 5},
+                                chunk=4), progress=False)
     assert _pngs(tmp_path) == _pngs(reference)
     with pytest.raises(DatasetError, match="000012.png"):
-        sample_dataset(pgan_file, tmp_path, {"train": 4}, progress=False, chunk=4)
+        sample_dataset(SampleConfig(generator=str(pgan_file), out=str(tmp_path), counts={"train": 4}, chunk=4),
+                                    progress=False)
 
 
 def test_splits_use_the_papers_seeds_train_s_test_s_plus_1_val_s_plus_2(pgan_file: Path, tmp_path: Path) -> None:
-    sample_dataset(pgan_file, tmp_path / "a", {"train": 3, "test": 3, "val": 3}, seed=0, progress=False)
-    sample_dataset(pgan_file, tmp_path / "b", {"train": 3}, seed=1, progress=False)
-    sample_dataset(pgan_file, tmp_path / "c", {"train": 3}, seed=2, progress=False)
+    sample_dataset(SampleConfig(generator=str(pgan_file), out=str(tmp_path / "a"), counts={"train": 3,
+                                "test": 3, "val": 3}, seed=0), progress=False)
+    sample_dataset(SampleConfig(generator=str(pgan_file), out=str(tmp_path / "b"), counts={"train": 3},
+                                seed=1), progress=False)
+    sample_dataset(SampleConfig(generator=str(pgan_file), out=str(tmp_path / "c"), counts={"train": 3},
+                                seed=2), progress=False)
     a = _pngs(tmp_path / "a")
     assert [a[f"test/{i:06d}.png"] for i in range(3)] == list(_pngs(tmp_path / "b").values())
     assert [a[f"val/{i:06d}.png"] for i in range(3)] == list(_pngs(tmp_path / "c").values())
@@ -172,7 +187,8 @@ def test_splits_use_the_papers_seeds_train_s_test_s_plus_1_val_s_plus_2(pgan_fil
 
 
 def test_size_lanczos_resizes_the_rounded_image(pgan_file: Path, reference: Path, tmp_path: Path) -> None:
-    sample_dataset(pgan_file, tmp_path, {"train": 13}, size=8, progress=False, chunk=4)
+    sample_dataset(SampleConfig(generator=str(pgan_file), out=str(tmp_path), counts={"train": 13}, size=8,
+                                chunk=4), progress=False)
     for i in (0, 12):
         with Image.open(reference / "train" / f"{i:06d}.png") as full:
             expected = np.asarray(full.resize((8, 8), Image.Resampling.LANCZOS))
@@ -181,9 +197,11 @@ def test_size_lanczos_resizes_the_rounded_image(pgan_file: Path, reference: Path
 
 def test_unknown_option_or_split_is_refused_before_anything_is_written(pgan_file: Path, tmp_path: Path) -> None:
     with pytest.raises(DatasetError, match=r"psi.*PGANZooGenerator.*alpha"):
-        sample_dataset(pgan_file, tmp_path / "a", {"train": 2}, opts={"psi": 0.7}, progress=False)
+        sample_dataset(SampleConfig(generator=str(pgan_file), out=str(tmp_path / "a"), counts={"train": 2},
+                                    opts={"psi": 0.7}), progress=False)
     with pytest.raises(DatasetError, match="holdout"):
-        sample_dataset(pgan_file, tmp_path / "b", {"holdout": 2}, progress=False)
+        sample_dataset(SampleConfig(generator=str(pgan_file), out=str(tmp_path / "b"), counts={"holdout": 2}),
+                                    progress=False)
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
 
 
@@ -191,7 +209,7 @@ def test_non_empty_folder_without_a_manifest_is_refused(pgan_file: Path, tmp_pat
     (tmp_path / "train").mkdir()
     (tmp_path / "train" / "000000.png").write_bytes(b"someone else's picture")
     with pytest.raises(DatasetError, match="manifest.json"):
-        sample_dataset(pgan_file, tmp_path, {"train": 2}, progress=False)
+        sample_dataset(SampleConfig(generator=str(pgan_file), out=str(tmp_path), counts={"train": 2}), progress=False)
 
 
 def test_latent_stream_equals_sample_latents_slices(pgan_file: Path) -> None:
@@ -211,8 +229,10 @@ def test_glow_split_noise_stream_equals_the_generators_own(tmp_path: Path) -> No
     assert torch.equal(z, generator.sample_latents(2, seed=2, start=3))
     for mine, theirs in zip(extra["split_noise"], generator.sample_split_noise(2, seed=2, start=3), strict=True):
         assert torch.equal(mine, theirs)
-    sample_dataset(generator, tmp_path / "a", {"train": 3}, batch_size=1, chunk=2, progress=False)
-    sample_dataset(generator, tmp_path / "b", {"train": 3}, batch_size=3, chunk=2, progress=False)
+    sample_dataset(SampleConfig(out=str(tmp_path / "a"), counts={"train": 3}, batch_size=1, chunk=2),
+                                generator, progress=False)
+    sample_dataset(SampleConfig(out=str(tmp_path / "b"), counts={"train": 3}, batch_size=3, chunk=2),
+                                generator, progress=False)
     assert _pngs(tmp_path / "a") == _pngs(tmp_path / "b")
     assert json.loads((tmp_path / "a" / "manifest.json").read_text())["options"] == {"temperature": 0.7}
 
@@ -220,8 +240,10 @@ def test_glow_split_noise_stream_equals_the_generators_own(tmp_path: Path) -> No
 @needs_fixtures
 def test_style_generators_sample_with_constant_noise_by_default(tmp_path: Path) -> None:
     checkpoint = FIXTURES / "sg2_rosinality" / "sg2_rosinality_tiny32.pt"
-    sample_dataset(checkpoint, tmp_path / "a", {"train": 2}, batch_size=1, chunk=2, progress=False)
-    sample_dataset(checkpoint, tmp_path / "b", {"train": 2}, batch_size=2, chunk=2, progress=False)
+    sample_dataset(SampleConfig(generator=str(checkpoint), out=str(tmp_path / "a"), counts={"train": 2},
+                                batch_size=1, chunk=2), progress=False)
+    sample_dataset(SampleConfig(generator=str(checkpoint), out=str(tmp_path / "b"), counts={"train": 2},
+                                batch_size=2, chunk=2), progress=False)
     assert _pngs(tmp_path / "a") == _pngs(tmp_path / "b")
     options = json.loads((tmp_path / "a" / "manifest.json").read_text())["options"]
     assert options == {"noise_mode": "const", "psi": 1.0, "truncation_cutoff": None}

@@ -1,12 +1,12 @@
 """Experiment settings as dataclasses: defaults, then a YAML file, then command-line overrides.
 
-Used by every command; the resolved settings are saved as `config.yaml` beside each result.
+Used by every command and the GAN trainer; the resolved settings are saved as `config.yaml` beside each result.
 """
 from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Any, Collection, Mapping, TypeVar
+from typing import Any, Mapping, TypeVar
 
 import yaml
 
@@ -53,32 +53,5 @@ def to_dict(config: Any) -> dict[str, Any]:
 
 
 def to_yaml(config: Any) -> str:
-    return yaml.safe_dump(to_dict(config), sort_keys=False)
-
-
-def check_run_folder(config: Any, out: str | Path, *, holds: str, folder: str, resumable: Collection[str],
-                     resume: bool, force: bool = False, resume_to: str = "continue it",
-                     force_to: str | None = "start again") -> None:
-    """Refuse `out` when it holds other results (files but no config.yaml), or a run of this kind unless
-    `resume` (with the saved settings, those in `resumable` aside) or `force`; `force_to=None`: no --force.
-
-    `holds` and `folder` name the run in messages ("an exaggeration", "an exaggeration folder").
-    """
-    out = Path(out)
-    saved = out / "config.yaml"
-    if not saved.is_file():
-        if out.is_dir() and any(out.iterdir()):
-            raise InputError(f"{out}: exists and is not {folder} (no config.yaml); choose a new --out")
-        return
-    if force:
-        return
-    force_hint = f"--force to {force_to}, " if force_to else ""
-    if not resume:
-        raise InputError(f"{out}: already holds {holds}; pass --resume to {resume_to}, {force_hint}"
-                         f"or choose another --out")
-    old = read_yaml(saved)
-    changed = [k for k, v in to_dict(config).items() if k not in resumable and old.get(k) != v]
-    if changed:
-        raise InputError(f"{out}: cannot resume with different {', '.join(changed)} "
-                         f"(saved: {', '.join(f'{k}={old.get(k)!r}' for k in changed)})"
-                         + (f"; pass --force to {force_to}" if force_to else ""))
+    """A dataclass config, or a plain mapping of settings, as the YAML that `read_yaml` reads back."""
+    return yaml.safe_dump(to_dict(config) if dataclasses.is_dataclass(config) else dict(config), sort_keys=False)
