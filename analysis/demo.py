@@ -22,19 +22,19 @@ from patchscope.analysis.report.build import write_report
 from patchscope.analysis.residual import RetrainStudyConfig, run_retrain_study
 from patchscope.analysis.shift_grid import ExaggerateConfig, run_exaggerate
 from patchscope.attacks.perceptual import LPIPS_NETS, find_backbone_weights
-from patchscope.configs import bundled_config
 from patchscope.common import config as configs
 from patchscope.common.atomic import write_json
 from patchscope.common.checks import check_choice, check_counts, check_int, check_mapping, check_text
 from patchscope.common.device import PRECISIONS, resolve_device
 from patchscope.common.errors import InputError
 from patchscope.common.labels import LABEL_NAMES, LABELS
+from patchscope.configs import bundled_config
 from patchscope.forensics.builtin_images import write_builtin_reals
 from patchscope.forensics.evaluate import EvalConfig, evaluate
 from patchscope.forensics.train import TrainConfig, fit
 from patchscope.generators.io.formats import checkpoint_sha256
-from patchscope.generators.training.trainer import GANTrainConfig, train_gan
 from patchscope.generators.sampling import SampleConfig, sample_dataset
+from patchscope.generators.training.trainer import GANTrainConfig, train_gan
 
 DEFAULT_CONFIG = bundled_config("demo.yaml")
 # A PGAN grown by `patchscope train-gan` on the demo's train crops (the command is in its .json).

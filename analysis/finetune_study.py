@@ -21,21 +21,22 @@ from patchscope.analysis.grids import image_grid, save_image, to_uint8
 from patchscope.analysis.shift_grid import LARGEST_TILE
 from patchscope.attacks.finetune import GeneratorFinetuner
 from patchscope.attacks.finetune_eval import FINETUNED, ORIGINAL, Comparison
-from patchscope.attacks.finetune_files import GENERATOR_FILE, METRICS_FILE, RESUME_FILE, written_format
+from patchscope.attacks.finetune_files import GENERATOR_FILE, METRICS_FILE, RESUME_FILE
 from patchscope.attacks.gan_objectives import objective_for
 from patchscope.attacks.perceptual import LPIPS_NETS, find_backbone_weights, load_lpips
 from patchscope.attacks.real_batches import RealImages
 from patchscope.attacks.shift import ClassifierInput
 from patchscope.common.atomic import write_json, write_text
-from patchscope.forensics.checkpoint import CHECKPOINT_CHOICES, load_classifier, resolve_checkpoint
-from patchscope.forensics.data import BAD_IMAGE_POLICIES
 from patchscope.common.checks import check_bool, check_choice, check_float, check_int, check_text, require
 from patchscope.common.device import PRECISIONS, configure_backends, resolve_device, resolve_precision
 from patchscope.common.errors import InputError
 from patchscope.common.runfolder import RunFolder
+from patchscope.forensics.checkpoint import CHECKPOINT_CHOICES, load_classifier, resolve_checkpoint
+from patchscope.forensics.data import BAD_IMAGE_POLICIES
 from patchscope.forensics.scoring import AGGREGATIONS
 from patchscope.generators import checkpoint_sha256, load_generator
 from patchscope.generators.base import Generator
+from patchscope.generators.io.writers import written_format
 
 log = logging.getLogger("patchscope.finetune")
 

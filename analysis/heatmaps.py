@@ -24,11 +24,11 @@ from PIL import Image
 
 from patchscope.analysis.grids import ColourBar, colour_lut, image_grid, save_image, to_uint8
 from patchscope.analysis.lightbox import LightboxItem, write_lightbox
-from patchscope.forensics import checkpoint, data
 from patchscope.common.atomic import write_bytes, write_json
 from patchscope.common.device import resolve_device, resolve_precision
 from patchscope.common.errors import InputError
 from patchscope.common.labels import LABEL_NAMES, LABELS, REAL
+from patchscope.forensics import checkpoint, data
 from patchscope.forensics.evaluate import EvalConfig, parse_test_spec, predict
 from patchscope.forensics.figures import figure_format, render_figure
 from patchscope.forensics.receptive import ModelLike, Size, output_size, receptive_field

@@ -14,17 +14,17 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 from PIL import Image
-from patchscope.common.progress import progress_bar
 
 from patchscope.analysis.grids import save_grid, save_image
 from patchscope.analysis.segment import LowLevelSegmenter, Segmenter, class_histogram, patch_class, plot_histograms
 from patchscope.common import config as configs
-from patchscope.forensics import checkpoint, data
 from patchscope.common.atomic import write_json, write_text
 from patchscope.common.checks import check_bool, check_choice, check_int, check_text
 from patchscope.common.device import PRECISIONS, configure_backends, resolve_device, resolve_precision
 from patchscope.common.errors import InputError
 from patchscope.common.labels import FAKE, LABEL_NAMES, LABELS, REAL, p_fake
+from patchscope.common.progress import progress_bar
+from patchscope.forensics import checkpoint, data
 from patchscope.forensics.evaluate import predict
 from patchscope.forensics.receptive import ModelLike, ReceptiveField, Size, patch_boxes, receptive_field
 

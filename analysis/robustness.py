@@ -14,10 +14,10 @@ from typing import Any, Sequence
 
 import torch
 
-from patchscope.forensics import checkpoint, data
 from patchscope.common.atomic import write_json, write_text
 from patchscope.common.device import configure_backends, resolve_device, resolve_precision
 from patchscope.common.errors import InputError
+from patchscope.forensics import checkpoint, data
 from patchscope.forensics.evaluate import EvalConfig, parse_test_spec, predict
 from patchscope.forensics.figures import figure_format, save_figure
 from patchscope.forensics.perturb import Perturbation, PerturbedImageSet, parse_perturbations

@@ -13,8 +13,8 @@ from matplotlib.figure import Figure
 from scipy import ndimage
 
 from patchscope.common.atomic import write_json
-from patchscope.forensics.figures import save_figure  # noqa: F401 - analysis.residual imports it from here
 from patchscope.common.errors import InputError
+from patchscope.forensics.figures import save_figure  # noqa: F401 - analysis.residual imports it from here
 
 Box = tuple[int, int, int, int]  # (top, left, bottom, right), bottom/right exclusive
 

@@ -20,12 +20,12 @@ from patchscope.attacks.perceptual import LPIPS_NETS, find_backbone_weights, loa
 from patchscope.attacks.shift import (DEFAULT_KS, SIGN_CONVENTION, SPACES, ClassifierInput, ShiftExaggeration,
                                      ShiftSweep, check_held_out, load_shift, resolve_space, save_shift)
 from patchscope.common.atomic import write_json, write_text
-from patchscope.forensics.checkpoint import CHECKPOINT_CHOICES, load_classifier, resolve_checkpoint
 from patchscope.common.checks import (check_bool, check_choice, check_float, check_int, check_numbers, check_text,
                                       require)
 from patchscope.common.device import PRECISIONS, configure_backends, resolve_device, resolve_precision
 from patchscope.common.errors import InputError
 from patchscope.common.runfolder import RunFolder
+from patchscope.forensics.checkpoint import CHECKPOINT_CHOICES, load_classifier, resolve_checkpoint
 from patchscope.forensics.scoring import AGGREGATIONS
 from patchscope.generators import checkpoint_sha256, load_generator
 from patchscope.generators.base import Generator

@@ -11,12 +11,10 @@ from typing import Any
 
 import torch
 from torch import nn
-from patchscope.common.progress import progress_bar
 
 from patchscope.attacks.finetune_eval import FINETUNED, Comparison, SampleJudge, compare_generators
-from patchscope.attacks.finetune_files import (GENERATOR_FILE, METRICS_FILE, RESUME_FILE, load_network_state, load_resume,
-                                    network_state, save_generator_checkpoint, save_resume, truncate_log,
-                                    written_format)
+from patchscope.attacks.finetune_files import (GENERATOR_FILE, METRICS_FILE, RESUME_FILE, load_network_state,
+                                              load_resume, network_state, save_resume, truncate_log)
 from patchscope.attacks.gan_objectives import GANObjective, objective_for
 from patchscope.attacks.latent_optim import frozen
 from patchscope.attacks.real_batches import RealImages
@@ -25,11 +23,13 @@ from patchscope.common.atomic import append_line
 from patchscope.common.device import autocast
 from patchscope.common.errors import InputError
 from patchscope.common.labels import REAL, targets
+from patchscope.common.progress import progress_bar
 from patchscope.common.runfolder import refuse_changes
 from patchscope.forensics.scoring import patch_cross_entropy
 from patchscope.generators.base import Generator, StyleGenerator
-from patchscope.generators.training.schedule import batch_indices, derive_seed
+from patchscope.generators.io.writers import save_generator_checkpoint, written_format
 from patchscope.generators.stylegan2.model import StyleGAN2Discriminator
+from patchscope.generators.training.schedule import batch_indices, derive_seed
 
 # Purposes of derived seeds (generators.training.schedule uses 0-2 for its own streams).
 STEP_DRAWS, NOISE_DRAWS, REAL_ORDER, EVAL_REALS = 20, 21, 22, 23

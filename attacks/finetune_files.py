@@ -1,88 +1,27 @@
-"""Files of a finetuning run: the generator in its own checkpoint format (zoo `.pt` for PGAN, rosinality
-`.pt` for StyleGAN2, the TF variables of an official TF PGAN or StyleGAN; discriminator included), the resume
-state, and the metrics log. Used by attacks.finetune.
+"""Files of a finetuning run beside its generator checkpoint (`generators.io.writers`): the networks'
+state for resume, the resume state and the metrics log. Used by attacks.finetune.
 """
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from patchscope.common.atomic import atomic_open, write_text
-from patchscope.forensics.checkpoint import load_resume_state, save_resume_state
+from patchscope.common.atomic import write_text
 from patchscope.common.errors import InputError
-from patchscope.generators.base import Generator
-from patchscope.generators.pgan.zoo import PGANZooDiscriminator, PGANZooGenerator, save_pgan_zoo
-from patchscope.generators.pgan.tf import PGANTFDiscriminator, PGANTFGenerator, save_pgan_tf
-from patchscope.generators.stylegan.model import StyleGAN
-from patchscope.generators.stylegan2.model import StyleGAN2Discriminator, StyleGAN2Generator
-from patchscope.generators.stylegan.discriminator import StyleGANDiscriminator
-from patchscope.generators.stylegan.tf import save_stylegan_tf
+from patchscope.forensics.checkpoint import load_resume_state, save_resume_state
+from patchscope.generators.io.writers import plain_tensors
 
-GENERATOR_FILE = "generator.pt"
+GENERATOR_FILE = "generator.pt"  # written by generators.io.writers.save_generator_checkpoint
 RESUME_FILE = "resume.pt"
 METRICS_FILE = "metrics.jsonl"
 RESUME_KIND = "patchscope-finetune-resume"
-# Formats a finetuned generator is written in: pytorch_GAN_zoo for PGAN; rosinality for StyleGAN2,
-# whichever file it came from (NVlabs pickles map one to one onto it and cannot be written without code);
-# an official TF PGAN or StyleGAN as its TF variables (`save_pgan_tf`, `save_stylegan_tf`), since a TF pickle
-# carries code.
-WRITTEN_FORMATS = {PGANZooGenerator: "pgan_zoo", StyleGAN2Generator: "sg2_rosinality",
-                   PGANTFGenerator: "pgan_tf_torch", StyleGAN: "stylegan_tf_torch"}
-
-
-def written_format(generator: Generator) -> str:
-    """The checkpoint format a finetuned `generator` is saved in; other architectures are refused."""
-    for cls, name in WRITTEN_FORMATS.items():
-        if isinstance(generator, cls):
-            if name == "stylegan_tf_torch" and not hasattr(generator, "tf_kwargs"):
-                raise InputError("a StyleGAN (v1) is written back as the TF variables it was loaded from; this one "
-                                 "was not loaded from a TF pickle")
-            return name
-    raise InputError(f"finetuning writes pytorch_GAN_zoo PGAN, official TF PGAN and StyleGAN, and StyleGAN2 "
-                     f"(rosinality) checkpoints; "
-                     f"a {type(generator).__name__} ({generator.format}) cannot be saved in its own format")
-
-
-def _tensors(module: nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.detach().cpu().clone() for k, v in module.state_dict().items() if not k.startswith("discriminator.")}
-
-
-def save_generator_checkpoint(path: str | os.PathLike, average: Generator, trained: Generator,
-                              discriminator: nn.Module) -> Path:
-    """Write the finetuned networks in the generator's own format, atomically: the averaged generator
-    is what `load_generator(path)` returns (zoo `avgG`, rosinality `g_ema`); the trained one
-    (`netG`, `g`) and the discriminator (`netD`, `d`) sit beside it, so training can go on from the file."""
-    path = Path(path)
-    fmt = written_format(average)
-    if fmt == "pgan_zoo":
-        if not isinstance(discriminator, PGANZooDiscriminator):
-            raise ValueError(f"a zoo checkpoint needs a PGANZooDiscriminator, not {type(discriminator).__name__}")
-        return save_pgan_zoo(average, path, net_generator=trained, discriminator=discriminator)
-    if fmt == "pgan_tf_torch":
-        if not isinstance(discriminator, PGANTFDiscriminator):
-            raise ValueError(f"a TF PGAN file needs a PGANTFDiscriminator, not {type(discriminator).__name__}")
-        return save_pgan_tf(average, path, net_generator=trained, discriminator=discriminator)
-    if fmt == "stylegan_tf_torch":
-        if not isinstance(discriminator, StyleGANDiscriminator):
-            raise ValueError(f"a TF StyleGAN file needs a StyleGANDiscriminator, not {type(discriminator).__name__}")
-        return save_stylegan_tf(average, path, net_generator=trained, discriminator=discriminator)
-    if not isinstance(discriminator, StyleGAN2Discriminator):
-        raise ValueError(f"a rosinality checkpoint needs a StyleGAN2Discriminator, not {type(discriminator).__name__}")
-    state = {"g": _tensors(trained), "d": _tensors(discriminator), "g_ema": _tensors(average),
-             "latent_avg": average.w_avg.detach().cpu().clone()}
-    with atomic_open(path, "wb") as handle:
-        torch.save(state, handle)
-    return path
-
-
 def network_state(module: nn.Module) -> dict[str, dict[str, torch.Tensor]]:
     """The state dict plus the buffers it leaves out (StyleGAN2's `w_avg` is not persistent)."""
-    state = _tensors(module)
+    state = plain_tensors(module)
     extra = {k: v.detach().cpu().clone() for k, v in module.named_buffers()
              if k not in state and not k.startswith("discriminator.")}
     return {"state": state, "buffers": extra}

@@ -14,11 +14,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from patchscope.common.errors import InputError
-from patchscope.generators.training.losses import DRIFT, LAMBDA_GP, Critic, critic_loss, generator_loss
-from patchscope.generators.pgan.zoo import PGANZooDiscriminator
 from patchscope.generators.pgan.tf import PGANTFDiscriminator
-from patchscope.generators.stylegan2.model import StyleGAN2Discriminator
+from patchscope.generators.pgan.zoo import PGANZooDiscriminator
 from patchscope.generators.stylegan.discriminator import StyleGANDiscriminator
+from patchscope.generators.stylegan2.model import StyleGAN2Discriminator
+from patchscope.generators.training.losses import DRIFT, LAMBDA_GP, Critic, critic_loss, generator_loss
 
 
 class GANObjective(Protocol):

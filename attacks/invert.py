@@ -16,16 +16,16 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from patchscope.common.progress import ProgressBar, progress_bar
 
 from patchscope.attacks.latent_optim import frozen, optimize_latents
 from patchscope.attacks.perceptual import find_backbone_weights, load_lpips
 from patchscope.common.atomic import atomic_open, write_bytes, write_json
-from patchscope.forensics.data import BAD_IMAGE_POLICIES, BadImageError, list_images, read_image, resize_image
 from patchscope.common.checks import check_bool, check_choice, check_float, check_int, check_text, require
 from patchscope.common.device import resolve_device
 from patchscope.common.errors import InputError
+from patchscope.common.progress import ProgressBar, progress_bar
 from patchscope.common.runfolder import RunFolder
+from patchscope.forensics.data import BAD_IMAGE_POLICIES, BadImageError, list_images, read_image, resize_image
 from patchscope.generators import checkpoint_sha256, load_generator
 from patchscope.generators.base import Generator, StyleGenerator
 

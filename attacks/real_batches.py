@@ -10,8 +10,8 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from patchscope.forensics.data import ImageSet, list_images
 from patchscope.common.errors import InputError
+from patchscope.forensics.data import ImageSet, list_images
 
 log = logging.getLogger("patchscope.finetune")
 

@@ -14,11 +14,11 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from patchscope.common import config as configs
-from patchscope.forensics import data
 from patchscope.common.atomic import write_json, write_text
-from patchscope.forensics.checkpoint import load_classifier, load_resume_state, resolve_checkpoint
 from patchscope.common.errors import InputError
 from patchscope.common.runfolder import RunFolder
+from patchscope.forensics import data
+from patchscope.forensics.checkpoint import load_classifier, load_resume_state, resolve_checkpoint
 from patchscope.forensics.evaluate import EvalConfig, evaluate
 from patchscope.forensics.scoring import AGGREGATIONS
 from patchscope.forensics.train import RESUMABLE_CHANGES as TRAIN_RESUMABLE_CHANGES

@@ -13,15 +13,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from patchscope.common.progress import progress_bar
 
 from patchscope.attacks.invert import make_renderer
 from patchscope.attacks.latent_optim import frozen, optimize_latents
 from patchscope.common.atomic import atomic_open, write_json
-from patchscope.forensics.data import resized_shape
 from patchscope.common.device import autocast
 from patchscope.common.errors import InputError
 from patchscope.common.labels import FAKE, targets
+from patchscope.common.progress import progress_bar
+from patchscope.forensics.data import resized_shape
 from patchscope.forensics.scoring import AGGREGATIONS, image_scores, patch_cross_entropy
 from patchscope.generators.base import Generator, StyleGenerator
 

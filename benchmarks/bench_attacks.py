@@ -15,12 +15,12 @@ from typing import Callable
 
 import torch
 
+from patchscope.analysis.demo import BUNDLED_GENERATOR
 from patchscope.attacks.finetune import GeneratorFinetuner
 from patchscope.attacks.perceptual import load_lpips
 from patchscope.attacks.shift import ClassifierInput, ShiftExaggeration
 from patchscope.common.device import configure_backends, resolve_device
 from patchscope.forensics.models import build_model
-from patchscope.analysis.demo import BUNDLED_GENERATOR
 from patchscope.generators.io.formats import load_generator
 from patchscope.generators.pgan.zoo import build_pgan_zoo
 

@@ -17,12 +17,12 @@ import torch
 from PIL import Image
 from torch.utils.flop_counter import FlopCounterMode
 
+from patchscope.common.device import resolve_device
 from patchscope.generators.base import Generator
 from patchscope.generators.glow.model import Glow, GlowConfig, GlowGenerator, openai_celebahq_config
-from patchscope.generators.pgan.zoo import build_pgan_zoo
-from patchscope.generators.pgan.tf import load_pgan_tf
 from patchscope.generators.io.safe_pickle import PickledRecord
-from patchscope.common.device import resolve_device
+from patchscope.generators.pgan.tf import load_pgan_tf
+from patchscope.generators.pgan.zoo import build_pgan_zoo
 from patchscope.generators.sampling import LatentSource, resolve_options, sampling_arithmetic, to_pixels
 from patchscope.generators.stylegan.model import StyleGAN, StyleGANConfig
 from patchscope.generators.stylegan2.model import StyleGAN2Config, StyleGAN2Generator, nvlabs_channels

@@ -9,9 +9,9 @@ from typing import Any
 
 import click
 
-from patchscope.cli.group import main
 from patchscope.cli.common import (config_layers, dry_run_option, exit_if_dry_run, overrides, scoring_options,
                                    user_errors)
+from patchscope.cli.group import main
 from patchscope.common import config as configs
 
 

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import click
 
-from patchscope.cli.group import main
 from patchscope.cli.common import dry_run_option, exit_if_dry_run, user_errors
+from patchscope.cli.group import main
 from patchscope.common import config as configs
 
 

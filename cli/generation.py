@@ -9,8 +9,8 @@ from typing import Any
 
 import click
 
-from patchscope.cli.group import main
 from patchscope.cli.common import config_layers, dry_run_option, exit_if_dry_run, lpips_options, overrides, user_errors
+from patchscope.cli.group import main
 from patchscope.common import config as configs
 
 

@@ -17,12 +17,12 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
-from patchscope.common.progress import progress_bar
 
-from patchscope.forensics.batching import (BalancedBatchSampler, EpochBatches, SequentialBatches,  # noqa: F401 - re-exported
-                                make_loader, set_epoch)
 from patchscope.common.errors import InputError
 from patchscope.common.labels import FAKE, REAL
+from patchscope.common.progress import progress_bar
+from patchscope.forensics.batching import (BalancedBatchSampler, EpochBatches, SequentialBatches,  # noqa: F401 - re-exported
+                                make_loader, set_epoch)
 
 log = logging.getLogger("patchscope.data")
 

@@ -13,16 +13,16 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
-from patchscope.common.progress import progress_bar
 
 from patchscope.common import config as configs
-from patchscope.forensics import checkpoint, data
 from patchscope.common.atomic import append_line, write_text
 from patchscope.common.checks import check_bool, check_choice, check_float, check_int, check_text
 from patchscope.common.device import PRECISIONS, autocast, configure_backends, resolve_device, resolve_precision
 from patchscope.common.errors import InputError
 from patchscope.common.labels import fake_wins
+from patchscope.common.progress import progress_bar
 from patchscope.common.runfolder import RunFolder
+from patchscope.forensics import checkpoint, data
 from patchscope.forensics.evaluate import predict
 from patchscope.forensics.models import INITS, build_model, model_names
 from patchscope.forensics.receptive import receptive_field

@@ -19,9 +19,9 @@ from PIL import Image, ImageOps
 
 from patchscope.common.errors import DatasetError
 from patchscope.common.runfolder import remove_leftovers
-from patchscope.generators.io.formats import load_generator
 from patchscope.generators.dataset_folder import (MANIFEST, check_same_settings, is_complete_png, read_manifest,
                                                  remove_stale_temps, resize_lanczos, write_manifest, write_png)
+from patchscope.generators.io.formats import load_generator
 from patchscope.generators.sampling import SPLIT_SEED_OFFSETS
 
 LOG = logging.getLogger("patchscope.prepare")

@@ -15,12 +15,12 @@ from typing import Any
 from patchscope.common.errors import CheckpointError
 from patchscope.generators.base import Generator
 from patchscope.generators.glow.y0ast import load_glow_y0ast
+from patchscope.generators.io.safe_pickle import PickledRecord, is_zip_file, load_pickle, load_torch
 from patchscope.generators.pgan.tf import load_pgan_tf, load_pgan_tf_torch
 from patchscope.generators.pgan.zoo import load_pgan_zoo
 from patchscope.generators.stylegan.tf import load_stylegan_tf, load_stylegan_tf_torch
 from patchscope.generators.stylegan2.model import load_rosinality
 from patchscope.generators.stylegan2.nvlabs import load_nvlabs
-from patchscope.generators.io.safe_pickle import PickledRecord, is_zip_file, load_pickle, load_torch
 
 PERSISTENT_CONSTRUCTOR = "torch_utils.persistence._reconstruct_persistent_obj"
 

@@ -18,10 +18,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from patchscope.common.atomic import replace_atomically
-from patchscope.generators.base import Generator
 from patchscope.common.errors import CheckpointError
-from patchscope.generators.pgan.zoo import pixel_norm, upscale_nearest
+from patchscope.generators.base import Generator
 from patchscope.generators.io.safe_pickle import PickledRecord, variable_arrays
+from patchscope.generators.pgan.zoo import pixel_norm, upscale_nearest
 
 SQRT2 = math.sqrt(2.0)
 

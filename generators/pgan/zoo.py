@@ -17,8 +17,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from patchscope.common.atomic import replace_atomically
-from patchscope.generators.base import Generator
 from patchscope.common.errors import CheckpointError
+from patchscope.generators.base import Generator
 from patchscope.generators.io.safe_pickle import BaseConfig
 
 # pytorch_GAN_zoo's default celebAHQ depths: scale 0 then one entry per doubling (8 px ... 1024 px).

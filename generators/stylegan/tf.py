@@ -18,8 +18,8 @@ from torch import nn
 from patchscope.common.atomic import replace_atomically
 from patchscope.common.errors import CheckpointError
 from patchscope.generators.io.safe_pickle import describe_source, load_pickle, variable_arrays
-from patchscope.generators.stylegan.model import DEFAULT_PSI, DEFAULT_TRUNCATION_CUTOFF, StyleGAN, StyleGANConfig
 from patchscope.generators.stylegan.discriminator import DiscriminatorConfig, StyleGANDiscriminator
+from patchscope.generators.stylegan.model import DEFAULT_PSI, DEFAULT_TRUNCATION_CUTOFF, StyleGAN, StyleGANConfig
 
 # static_kwargs name -> config field, per network.
 _SYNTHESIS_KWARGS = {

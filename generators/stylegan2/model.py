@@ -14,8 +14,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from patchscope.generators.base import NOISE_MODES, StyleGenerator
 from patchscope.common.errors import CheckpointError
+from patchscope.generators.base import NOISE_MODES, StyleGenerator
 from patchscope.generators.io.safe_pickle import load_torch
 from patchscope.generators.stylegan2.layers import (
     ConstantInput, ConvLayer, EqualLinear, PixelNorm, ResBlock, StyledConv, ToRGB, minibatch_stddev,

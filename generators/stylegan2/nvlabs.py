@@ -15,11 +15,11 @@ import torch
 
 from patchscope.common.errors import CheckpointError
 from patchscope.generators.io.safe_pickle import PickledRecord, load_pickle
+from patchscope.generators.stylegan2.layers import make_fir_kernel
 from patchscope.generators.stylegan2.model import (
     MAPPING_LR_MUL, StyleGAN2Discriminator, StyleGAN2Generator, build_discriminator, build_generator,
     count_indexed_keys,
 )
-from patchscope.generators.stylegan2.layers import make_fir_kernel
 
 UP_GAIN = 4  # rosinality stores upsampling kernels times factor**2; NVlabs stores them normalised
 

@@ -12,9 +12,9 @@ from typing import Any, Iterator, Sequence
 
 import torch
 
+from patchscope.generators.pgan.zoo import PGANZooDiscriminator, PGANZooGenerator, build_pgan_zoo
 from patchscope.generators.training.losses import critic_loss, generator_loss
 from patchscope.generators.training.schedule import INIT, derive_seed
-from patchscope.generators.pgan.zoo import PGANZooDiscriminator, PGANZooGenerator, build_pgan_zoo
 
 
 @contextlib.contextmanager

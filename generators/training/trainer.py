@@ -18,17 +18,17 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
-from patchscope.common.progress import progress_bar
 
 from patchscope.common.atomic import replace_atomically
 from patchscope.common.checks import check_bool, check_float, check_int, check_text, require
 from patchscope.common.device import resolve_device
 from patchscope.common.errors import InputError
+from patchscope.common.progress import progress_bar
 from patchscope.common.runfolder import RunFolder
+from patchscope.generators.pgan.zoo import save_pgan_zoo
 from patchscope.generators.training.growing import GrowingGAN
 from patchscope.generators.training.images import TrainingImages, TrainingInputError, to_model_range
 from patchscope.generators.training.schedule import batch_indices, draw_step, fade_alpha, scale_depths, scale_resolutions
-from patchscope.generators.pgan.zoo import save_pgan_zoo
 
 log = logging.getLogger("patchscope.gan")
 

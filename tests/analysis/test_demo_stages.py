@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from patchscope.analysis.demo import DemoConfig, load_demo_config, with_quick
-from patchscope.common.errors import InputError
 from patchscope.analysis.demo_stages import BOOK_FILE, StageBook
+from patchscope.common.errors import InputError
 
 
 class Calls:

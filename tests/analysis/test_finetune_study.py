@@ -14,8 +14,8 @@ from PIL import Image
 from patchscope.analysis.finetune_study import GRID_TITLE, FinetuneConfig, finetune_grid_content, run_finetune
 from patchscope.analysis.grids import grid_layout, to_uint8
 from patchscope.attacks.finetune import GeneratorFinetuner
-from patchscope.forensics.checkpoint import save_classifier
 from patchscope.common.errors import InputError
+from patchscope.forensics.checkpoint import save_classifier
 from patchscope.generators import checkpoint_sha256, load_generator
 from patchscope.generators.pgan.zoo import save_pgan_zoo
 from patchscope.generators.stylegan2.model import StyleGAN2Config, StyleGAN2Generator, export_rosinality

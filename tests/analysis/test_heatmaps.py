@@ -16,9 +16,9 @@ from patchscope.analysis.grids import colour_lut
 from patchscope.analysis.heatmaps import (GROUPS, average_heatmaps, collect_inputs, colourize, overlay, select_extremes,
                                upsample_map, write_eval_heatmaps, write_heatmaps)
 from patchscope.analysis.lightbox import LightboxItem, write_lightbox
+from patchscope.common.errors import InputError
 from patchscope.forensics import data
 from patchscope.forensics.checkpoint import save_classifier
-from patchscope.common.errors import InputError
 from patchscope.forensics.evaluate import EvalConfig, evaluate
 from patchscope.forensics.models import LayerGeometry, build_model
 from patchscope.forensics.receptive import cell_for_pixel, output_size, receptive_field

@@ -11,9 +11,9 @@ from PIL import Image
 from patchscope.analysis.patches import (PADDING_GRAY, best_cells, crop_patch, model_input_pixels, patch_tile,
                               random_patches, run_patches, top_patches)
 from patchscope.analysis.segment import LowLevelSegmenter
+from patchscope.common.errors import InputError
 from patchscope.forensics.checkpoint import save_classifier
 from patchscope.forensics.data import load_split
-from patchscope.common.errors import InputError
 from patchscope.forensics.models import build_model
 from patchscope.forensics.receptive import output_size, patch_boxes, receptive_field
 

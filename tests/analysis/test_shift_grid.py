@@ -14,8 +14,8 @@ from PIL import Image
 from patchscope.analysis.grids import BACKGROUND, GAP, HIGHLIGHT, grid_layout, to_uint8
 from patchscope.analysis.shift_grid import ExaggerateConfig, render_shift_grid, run_exaggerate, shift_grid, shift_grid_content
 from patchscope.attacks.shift import SIGN_CONVENTION, ShiftExaggeration, load_shift, step_seed
-from patchscope.forensics.checkpoint import save_classifier
 from patchscope.common.errors import InputError
+from patchscope.forensics.checkpoint import save_classifier
 from patchscope.generators import checkpoint_sha256
 from patchscope.generators.pgan.zoo import save_pgan_zoo
 from tests.attacks.test_shift import RESOLUTION, brightness_classifier, tiny_pgan

@@ -8,8 +8,8 @@ import pytest
 from PIL import Image
 
 from patchscope.analysis.spectra import average_spectrum, compare_spectra, frequencies, high_pass, image_spectrum
-from patchscope.forensics.data import ImageSet
 from patchscope.common.errors import InputError
+from patchscope.forensics.data import ImageSet
 
 SIZE = 32
 

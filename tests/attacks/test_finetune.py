@@ -10,13 +10,13 @@ import pytest
 import torch
 from PIL import Image
 
-import patchscope.attacks.gan_objectives as gan_objectives
 from patchscope.attacks.finetune import GeneratorFinetuner
 from patchscope.attacks.finetune_eval import FINETUNED, ORIGINAL
 from patchscope.attacks.gan_objectives import LogisticR1, WassersteinGP, objective_for
+import patchscope.attacks.gan_objectives as gan_objectives
 from patchscope.attacks.real_batches import RealImages
-from patchscope.forensics.builtin_images import builtin_photos, random_crops
 from patchscope.common.errors import InputError
+from patchscope.forensics.builtin_images import builtin_photos, random_crops
 from patchscope.generators import load_generator
 from patchscope.generators.glow.model import Glow, GlowConfig, GlowGenerator
 from patchscope.generators.io.safe_pickle import load_torch

@@ -10,8 +10,8 @@ import pytest
 import torch
 from PIL import Image
 
-import patchscope.attacks.invert as invert_module
 from patchscope.attacks.invert import InvertConfig, invert, invert_folder, to_png_bytes
+import patchscope.attacks.invert as invert_module
 from patchscope.attacks.latent_optim import frozen, optimize_latents
 from patchscope.attacks.perceptual import load_lpips
 from patchscope.common.errors import InputError

@@ -13,14 +13,14 @@ import pytest
 import torch
 from PIL import Image
 
-import patchscope.attacks.retrain as retrain_module
 from patchscope.attacks.retrain import plan_sampling, retrain
+import patchscope.attacks.retrain as retrain_module
+from patchscope.common.config import read_yaml
+from patchscope.common.errors import CheckpointError
+from patchscope.common.errors import InputError
 from patchscope.forensics.builtin_images import builtin_photos, random_crops
 from patchscope.forensics.checkpoint import load_classifier
-from patchscope.common.config import read_yaml
-from patchscope.common.errors import InputError
 from patchscope.forensics.train import TrainConfig, fit
-from patchscope.common.errors import CheckpointError
 from patchscope.generators.sampling import SampleConfig, sample_dataset
 from tests.tiny_models import save_tiny_pgan
 

@@ -6,8 +6,8 @@ import json
 import pytest
 import torch
 
-from patchscope.forensics.checkpoint import load_classifier, load_resume_state, save_classifier, save_resume_state
 from patchscope.common.errors import InputError
+from patchscope.forensics.checkpoint import load_classifier, load_resume_state, save_classifier, save_resume_state
 from patchscope.forensics.models import build_model
 
 

@@ -14,9 +14,9 @@ import torch
 from PIL import Image
 from torchvision import transforms as T
 
+from patchscope.common.errors import InputError
 from patchscope.forensics.data import (BadImageError, BalancedBatchSampler, ImageSet, RealFakeDataset, list_images,
                             load_split, make_loader, read_image, resize_image, set_epoch)
-from patchscope.common.errors import InputError
 
 
 def pixels(seed: int, height: int = 24, width: int = 24) -> np.ndarray:

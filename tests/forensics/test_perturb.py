@@ -6,9 +6,9 @@ import pytest
 import torch
 from PIL import Image
 
+from patchscope.common.errors import InputError
 from patchscope.forensics.builtin_images import builtin_photos, random_crops
 from patchscope.forensics.data import ImageSet, RealFakeDataset
-from patchscope.common.errors import InputError
 from patchscope.forensics.perturb import Perturbation, PerturbedImageSet, blur, jpeg, parse_perturbation, parse_perturbations
 
 

@@ -7,8 +7,8 @@ import re
 import pytest
 import torch
 
-from patchscope.forensics import checkpoint
 from patchscope.common.errors import InputError
+from patchscope.forensics import checkpoint
 from patchscope.forensics.evaluate import EvalConfig, evaluate
 from patchscope.forensics.train import TrainConfig, fit
 

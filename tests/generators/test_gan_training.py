@@ -15,13 +15,13 @@ from PIL import Image
 
 from patchscope.common.errors import InputError
 from patchscope.generators import CheckpointError, load_generator
+from patchscope.generators.io.safe_pickle import load_torch
+from patchscope.generators.pgan.zoo import PGANZooGenerator, build_pgan_zoo
 from patchscope.generators.training.growing import GrowingGAN
 from patchscope.generators.training.images import TrainingImages, TrainingInputError
 from patchscope.generators.training.losses import critic_loss, drift_penalty, gradient_penalty, interpolate
 from patchscope.generators.training.schedule import batch_indices, fade_alpha, scale_depths
 from patchscope.generators.training.trainer import GANTrainConfig, GANTrainer, LossMeter, train_gan
-from patchscope.generators.pgan.zoo import PGANZooGenerator, build_pgan_zoo
-from patchscope.generators.io.safe_pickle import load_torch
 
 TINY = dict(resolution=16, latent_dim=8, fmap_base=64, fmap_max=8, batch_size=4, scale_images=24,
             fade_images=12, gp_every=2, log_images=8, snapshot_images=20, ema_half_life=16, channels_last=False)

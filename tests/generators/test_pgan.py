@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from patchscope.generators import CheckpointError, load_generator
-from patchscope.generators.pgan.zoo import PGANZooGenerator, build_pgan_zoo, save_pgan_zoo
-from patchscope.generators.pgan.tf import TF_NETWORKS, PGANTFGenerator, save_pgan_tf
 from patchscope.generators.io.safe_pickle import load_pickle, load_torch
+from patchscope.generators.pgan.tf import TF_NETWORKS, PGANTFGenerator, save_pgan_tf
+from patchscope.generators.pgan.zoo import PGANZooGenerator, build_pgan_zoo, save_pgan_zoo
 
 FIXTURES = Path(__file__).resolve().parents[2] / ".." / "shared" / "fixtures" / "generators"
 ZOO = FIXTURES / "pgan_zoo"

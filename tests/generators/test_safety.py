@@ -20,9 +20,9 @@ import numpy as np
 import pytest
 import torch
 
+from patchscope.common.errors import CheckpointError
 from patchscope.generators import checkpoint_sha256, load_generator
 from patchscope.generators.io import formats
-from patchscope.common.errors import CheckpointError
 from patchscope.generators.io.safe_pickle import BaseConfig, PickledRecord, load_pickle, load_torch
 
 FIXTURES = Path(__file__).resolve().parents[2] / ".." / "shared" / "fixtures" / "generators"

@@ -11,8 +11,8 @@ import pytest
 import torch
 from PIL import Image
 
-from patchscope.generators import checkpoint_sha256, load_generator
 from patchscope.common.errors import DatasetError
+from patchscope.generators import checkpoint_sha256, load_generator
 from patchscope.generators.pgan.zoo import build_pgan_zoo, save_pgan_zoo
 from patchscope.generators.sampling import LatentSource, SampleConfig, sample_dataset
 

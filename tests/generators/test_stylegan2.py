@@ -13,11 +13,11 @@ import torch
 
 from patchscope.common.errors import CheckpointError
 from patchscope.generators.io.safe_pickle import PickledRecord, load_pickle, load_torch
+from patchscope.generators.stylegan2.layers import BiasedLeakyReLU, ToRGB
 from patchscope.generators.stylegan2.model import (
     StyleGAN2Config, StyleGAN2Discriminator, StyleGAN2Generator, export_rosinality, load_rosinality,
     load_rosinality_file, nvlabs_channels, rosinality_channels,
 )
-from patchscope.generators.stylegan2.layers import BiasedLeakyReLU, ToRGB
 from patchscope.generators.stylegan2.nvlabs import (
     load_nvlabs, load_nvlabs_file, nvlabs_to_rosinality_discriminator, nvlabs_to_rosinality_generator,
     read_network, rosinality_to_nvlabs_discriminator, rosinality_to_nvlabs_generator,
