@@ -19,7 +19,7 @@ from torch import nn
 
 from patchscope.analysis.grids import image_grid, save_image, to_uint8
 from patchscope.analysis.shift_grid import LARGEST_TILE
-from patchscope.attacks.finetune import GeneratorFinetuner
+from patchscope.attacks.finetune import FinetuneSettings, GeneratorFinetuner
 from patchscope.attacks.finetune_eval import FINETUNED, ORIGINAL, Comparison
 from patchscope.attacks.finetune_files import GENERATOR_FILE, METRICS_FILE, RESUME_FILE
 from patchscope.attacks.gan_objectives import objective_for
@@ -232,11 +232,12 @@ def run_finetune(config: FinetuneConfig, resume: bool = False, force: bool = Fal
     view = ClassifierInput(config.load_size or trained.load_size, config.crop_size or trained.crop_size)
     objective = objective_for(generator.discriminator, lambda_gp=config.lambda_gp, drift=config.drift,
                               r1_gamma=config.r1_gamma, r1_every=config.r1_every)
-    finetuner = GeneratorFinetuner(
-        generator, classifier, real, classifier_weight=config.classifier_weight, objective=objective, lr=config.lr,
-        betas=(config.beta1, config.beta2), n_critic=config.n_critic, ema_beta=config.ema_beta, mirror=config.mirror,
-        max_loss=config.max_loss, classifier_input=view, lpips=lpips_model, aggregation=config.aggregation,
-        device=device, precision=precision)
+    settings = FinetuneSettings(classifier_weight=config.classifier_weight, lr=config.lr,
+                                betas=(config.beta1, config.beta2), n_critic=config.n_critic, ema_beta=config.ema_beta,
+                                mirror=config.mirror, max_loss=config.max_loss, aggregation=config.aggregation,
+                                precision=precision)
+    finetuner = GeneratorFinetuner(generator, classifier, real, settings, objective=objective, classifier_input=view,
+                                   lpips=lpips_model, device=device)
     out.mkdir(parents=True, exist_ok=True)
     if force:
         for name in RESULT_FILES:

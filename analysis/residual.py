@@ -17,7 +17,8 @@ from matplotlib.figure import Figure
 
 from patchscope.analysis.patches import make_segmenter, run_patches
 from patchscope.analysis.segment import Segmenter, class_histogram, save_figure
-from patchscope.attacks.retrain import CLASSIFIERS, TEST_SETS, TEST_SPLIT, RetrainResult, record_stage, retrain, stage_is_current
+from patchscope.attacks.retrain import (CLASSIFIERS, TEST_SETS, TEST_SPLIT, RetrainConfig, RetrainResult, record_stage,
+                                       retrain, stage_is_current)
 from patchscope.common.atomic import write_json, write_text
 from patchscope.common.checks import check_choice, check_counts, check_int, check_text, require
 from patchscope.common.device import PRECISIONS, resolve_device
@@ -255,11 +256,13 @@ def run_retrain_study(config: RetrainStudyConfig, resume: bool = False, force: b
     out.mkdir(parents=True, exist_ok=True)
     RUN_FOLDER.save(out, config)
     try:
-        result = retrain(config.classifier, config.generator, config.original_fakes, config.real,
-                         out / "retrain", config.counts, config.seed, which=config.which,
-                         aggregation=config.aggregation, device=config.device, precision=config.precision,
-                         sample_batch_size=config.sample_batch_size, eval_batch_size=config.batch_size,
-                         workers=config.workers, on_bad_image=config.on_bad_image, resume=True, force=force)
+        settings = RetrainConfig(classifier=config.classifier, generator=config.generator, out=str(out / "retrain"),
+                                 real=config.real, original_fakes=config.original_fakes, counts=config.counts,
+                                 seed=config.seed, which=config.which, aggregation=config.aggregation,
+                                 device=config.device, precision=config.precision,
+                                 sample_batch_size=config.sample_batch_size, eval_batch_size=config.batch_size,
+                                 workers=config.workers, on_bad_image=config.on_bad_image)
+        result = retrain(settings, resume=True, force=force)
     except BaseException:
         # Nothing computed yet (bad generator, missing run): leave no claim on OUT, so a corrected retry starts clean.
         if fresh and not (out / "retrain" / "config.yaml").is_file():

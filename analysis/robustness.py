@@ -22,7 +22,7 @@ from patchscope.forensics.evaluate import EvalConfig, parse_test_spec, predict
 from patchscope.forensics.figures import figure_format, save_figure
 from patchscope.forensics.perturb import Perturbation, PerturbedImageSet, parse_perturbations
 from patchscope.forensics.receptive import receptive_field
-from patchscope.forensics.scoring import AGGREGATIONS, compute_metrics, image_scores
+from patchscope.forensics.scoring import compute_metrics, image_scores
 
 log = logging.getLogger("patchscope.robustness")
 
@@ -53,40 +53,37 @@ def _score_level(model: torch.nn.Module, dataset: data.RealFakeDataset, batch_si
     return {key: metrics[key] for key in COLUMNS[2:]}
 
 
-def evaluate_robustness(run: str | os.PathLike, real: str | os.PathLike, fake: str | os.PathLike,
-                        perturbations: Sequence[Perturbation | str], out: str | os.PathLike,
-                        split: str | None = "test", aggregation: str = "after_softmax", batch_size: int = 64,
-                        device: str = "auto", precision: str = "auto", which: str = "best",
-                        load_size: int | None = None, crop_size: int | None = None, workers: int = 0,
-                        on_bad_image: str = "skip", force: bool = False) -> list[dict[str, Any]]:
+def evaluate_robustness(config: EvalConfig, real: str | os.PathLike, fake: str | os.PathLike,
+                        perturbations: Sequence[Perturbation | str], out: str | os.PathLike) -> list[dict[str, Any]]:
     """Score the clean test set and every perturbation level; write robustness.csv/.json/.png into `out`.
 
+    `config` says how to score, as for `patchscope eval`: run, which, split, aggregation, load/crop size
+    (None: as the classifier was trained), batch size, device, precision, workers, on_bad_image, and
+    force (replace an existing robustness.json); its tests, out, heatmaps and perturb are not read.
     Returns one row per level, the clean reference first (perturbation "none", level None):
     perturbation, level, ap, ap_real, acc, acc_real, acc_fake, n. Images are decoded and
     resized once (uint8 cache); each level perturbs them after that resize and before the
-    centre crop, i.e. the image as the classifier would receive it. `load_size`/`crop_size`
-    None mean "as the classifier was trained". An existing robustness.json is refused unless `force`.
+    centre crop, i.e. the image as the classifier would receive it.
     """
     levels = _as_perturbations(perturbations)
-    if aggregation not in AGGREGATIONS:
-        raise InputError(f"aggregation {aggregation!r}: expected one of {', '.join(AGGREGATIONS)}")
+    run, split, aggregation, workers = config.run, config.split, config.aggregation, config.workers
     out = Path(out)
-    if (out / "robustness.json").exists() and not force:
+    if (out / "robustness.json").exists() and not config.force:
         raise InputError(f"{out}/robustness.json exists; pass --force to replace it or choose another --out")
-    torch_device = resolve_device(device)
-    precision = resolve_precision(precision, torch_device)
+    torch_device = resolve_device(config.device)
+    precision = resolve_precision(config.precision, torch_device)
     configure_backends(torch_device)
-    model, meta = checkpoint.load_classifier(run, which, torch_device)
+    model, meta = checkpoint.load_classifier(run, config.which, torch_device)
     model = model.to(memory_format=torch.channels_last)
     trained = meta.get("config", {})
-    load_size = load_size or trained.get("load_size")
-    crop_size = crop_size or trained.get("crop_size")
+    load_size = config.load_size or trained.get("load_size")
+    crop_size = config.crop_size or trained.get("crop_size")
     rf_size = receptive_field(model).size
     min_size = min(rf_size, crop_size or load_size or rf_size)
     real_set, fake_set = (data.ImageSet(data.list_images(source, split), load_size=load_size, min_size=min_size,
-                                        on_bad_image=on_bad_image, cache=True, workers=workers)
+                                        on_bad_image=config.on_bad_image, cache=True, workers=workers)
                           for source in (real, fake))
-    score = dict(batch_size=batch_size, device=torch_device, precision=precision, workers=workers,
+    score = dict(batch_size=config.batch_size, device=torch_device, precision=precision, workers=workers,
                  aggregation=aggregation)
 
     clean = data.RealFakeDataset(real_set, fake_set, crop_size=crop_size, train=False)
@@ -125,12 +122,7 @@ def evaluate_robustness_tests(config: EvalConfig, perturbations: Sequence[Pertur
     out = Path(config.out) if config.out else (run if run.is_dir() else run.parent) / "eval"
     results = {}
     for name, real, fake in specs:
-        results[name] = evaluate_robustness(
-            config.run, real, fake, levels, out / "robustness" / name, split=config.split,
-            aggregation=config.aggregation, batch_size=config.batch_size, device=config.device,
-            precision=config.precision, which=config.which, load_size=config.load_size,
-            crop_size=config.crop_size, workers=config.workers, on_bad_image=config.on_bad_image,
-            force=config.force)
+        results[name] = evaluate_robustness(config, real, fake, levels, out / "robustness" / name)
     return {"out": str(out / "robustness"), "results": results}
 
 

@@ -20,12 +20,13 @@ from patchscope.attacks.latent_optim import frozen
 from patchscope.attacks.real_batches import RealImages
 from patchscope.attacks.shift import ClassifierInput
 from patchscope.common.atomic import append_line
+from patchscope.common.checks import check_bool, check_choice, check_float, check_int
 from patchscope.common.device import autocast
 from patchscope.common.errors import InputError
 from patchscope.common.labels import REAL, targets
-from patchscope.common.progress import progress_bar
+from patchscope.common.progress import ProgressBar, progress_bar
 from patchscope.common.runfolder import refuse_changes
-from patchscope.forensics.scoring import patch_cross_entropy
+from patchscope.forensics.scoring import AGGREGATIONS, patch_cross_entropy
 from patchscope.generators.base import Generator, StyleGenerator
 from patchscope.generators.io.writers import save_generator_checkpoint, written_format
 from patchscope.generators.stylegan2.model import StyleGAN2Discriminator
@@ -51,6 +52,27 @@ class FinetuneResult:
     settings: dict[str, Any] = field(default_factory=dict)
 
 
+@dataclass
+class _Run:
+    """One `GeneratorFinetuner.run` call: its schedule, its output folder and the log so far."""
+
+    steps: int
+    batch: int
+    seed: int
+    out: Path | None
+    checkpoint_every: int
+    log_every: int
+    eval_n: int
+    eval_seed: int
+    settings: dict[str, Any]
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+    def log(self, record: dict[str, Any]) -> None:
+        self.history.append(record)
+        if self.out is not None:
+            append_line(self.out / METRICS_FILE, json.dumps(record))
+
+
 def _copy_without_discriminator(generator: Generator) -> Generator:
     """A deep copy with no `.discriminator`, so its parameters are the generator's alone."""
     discriminator, generator.discriminator = generator.discriminator, None
@@ -58,6 +80,39 @@ def _copy_without_discriminator(generator: Generator) -> Generator:
         return copy.deepcopy(generator)
     finally:
         generator.discriminator = discriminator
+
+
+@dataclass
+class FinetuneSettings:
+    """The numbers of eq. 4's finetuning; `GeneratorFinetuner` takes the networks and data beside them."""
+
+    classifier_weight: float = 1.0      # weight w of L_real(G, C) beside the GAN loss
+    lr: float | None = None             # Adam lr of G and D (None: the objective's: 1e-3 PGAN, 2e-3 StyleGAN2)
+    betas: tuple[float, float] | None = None  # Adam betas (None: the objective's)
+    n_critic: int = 1                   # discriminator updates per generator update
+    ema_beta: float = 0.999             # moving average of the generator: what is saved and shown
+    mirror: bool = True                 # flip half the real images left-right
+    max_loss: float = 1e4               # divergence guard: a D or G loss above this stops the run
+    aggregation: str = "after_softmax"  # image P(fake) in the log and comparisons
+    precision: str = "fp32"             # fp32 | bf16 autocast (resolve auto with common.device first)
+    eval_batch: int = 16                # samples per classifier call when judging
+
+    def __post_init__(self) -> None:
+        check_float(self, "classifier_weight", 0)
+        check_float(self, "lr", 0, low_open=True, optional=True)
+        if self.betas is not None:
+            if (not isinstance(self.betas, (tuple, list)) or len(self.betas) != 2
+                    or not all(isinstance(b, (int, float)) and not isinstance(b, bool) and 0 <= b < 1
+                               for b in self.betas)):
+                raise InputError(f"setting betas={self.betas!r}: expected two numbers >= 0 and < 1, or null")
+            self.betas = (float(self.betas[0]), float(self.betas[1]))
+        check_int(self, "n_critic", 1)
+        check_float(self, "ema_beta", 0, 1, high_open=True)
+        check_bool(self, "mirror")
+        check_float(self, "max_loss", 0, low_open=True)
+        check_choice(self, "aggregation", AGGREGATIONS)
+        check_choice(self, "precision", ("fp32", "bf16"))
+        check_int(self, "eval_batch", 1)
 
 
 class GeneratorFinetuner:
@@ -70,17 +125,12 @@ class GeneratorFinetuner:
     outputs. `generator` is left as it is and serves as the original; it must carry `.discriminator`.
     """
 
-    def __init__(self, generator: Generator, classifier: nn.Module, real_images: RealImages | torch.Tensor, *,
-                 classifier_weight: float = 1.0, objective: GANObjective | None = None, lr: float | None = None,
-                 betas: tuple[float, float] | None = None, n_critic: int = 1, ema_beta: float = 0.999,
-                 mirror: bool = True, max_loss: float = 1e4, classifier_input: ClassifierInput | None = None,
-                 lpips: nn.Module | None = None, aggregation: str = "after_softmax",
-                 device: str | torch.device = "cpu", precision: str = "fp32", eval_batch: int = 16) -> None:
-        if classifier_weight < 0 or n_critic < 1 or not 0 <= ema_beta < 1 or max_loss <= 0:
-            raise ValueError(f"expected classifier_weight >= 0, n_critic >= 1, 0 <= ema_beta < 1, max_loss > 0; got "
-                             f"{classifier_weight}, {n_critic}, {ema_beta}, {max_loss}")
-        if precision not in ("fp32", "bf16"):
-            raise ValueError(f"precision must be fp32 or bf16 (resolve auto with common.device), not {precision!r}")
+    def __init__(self, generator: Generator, classifier: nn.Module, real_images: RealImages | torch.Tensor,
+                 settings: FinetuneSettings | None = None, *, objective: GANObjective | None = None,
+                 classifier_input: ClassifierInput | None = None, lpips: nn.Module | None = None,
+                 device: str | torch.device = "cpu") -> None:
+        settings = settings or FinetuneSettings()
+        precision = settings.precision
         written_format(generator)
         if generator.discriminator is None:
             raise InputError(f"the {type(generator).__name__} has no discriminator; finetuning continues GAN "
@@ -88,8 +138,8 @@ class GeneratorFinetuner:
         self.objective = objective or objective_for(generator.discriminator)
         self.device = torch.device(device)
         self.precision = precision
-        self.classifier_weight, self.n_critic, self.ema_beta = float(classifier_weight), n_critic, float(ema_beta)
-        self.mirror, self.max_loss = mirror, float(max_loss)
+        self.classifier_weight, self.n_critic = float(settings.classifier_weight), settings.n_critic
+        self.ema_beta, self.mirror, self.max_loss = float(settings.ema_beta), settings.mirror, float(settings.max_loss)
         self.original = generator.to(self.device)
         self.generator = _copy_without_discriminator(generator).train().requires_grad_(True)
         self.average = _copy_without_discriminator(generator).eval().requires_grad_(False)
@@ -99,13 +149,13 @@ class GeneratorFinetuner:
         if self.real.resolution != generator.resolution:
             raise ValueError(f"real images are {self.real.resolution} px, the generator makes "
                              f"{generator.resolution} px")
-        self.lr = float(lr if lr is not None else self.objective.lr)
-        self.betas = tuple(float(b) for b in (betas if betas is not None else self.objective.betas))
+        self.lr = float(settings.lr if settings.lr is not None else self.objective.lr)
+        self.betas = tuple(float(b) for b in (settings.betas if settings.betas is not None else self.objective.betas))
         self.optimizer_g = torch.optim.Adam(self.generator.parameters(), lr=self.lr, betas=self.betas)
         self.optimizer_d = self.objective.discriminator_optimizer(self.discriminator.parameters(), self.lr, self.betas)
         self.classifier = classifier.to(self.device, memory_format=torch.channels_last)
-        self.judge = SampleJudge(self.classifier, classifier_input, aggregation, lpips, self.device, precision,
-                                 eval_batch)
+        self.judge = SampleJudge(self.classifier, classifier_input, settings.aggregation, lpips, self.device, precision,
+                                 settings.eval_batch)
         self.step = 0
         self._sums: dict[str, torch.Tensor] = {}  # losses summed since the last log line, on the device
         self._counts: dict[str, int] = {}  # steps that reported each (lazy R1 reports every k-th step)
@@ -268,65 +318,71 @@ class GeneratorFinetuner:
         continues from OUT/resume.pt. A non-finite loss, or a total above max_loss, stops the run and
         returns the last checkpointed weights (the files keep them too) with the reason in `stopped`.
         """
+        run = self._plan(steps, batch, seed, out, checkpoint_every, log_every, eval_n, eval_seed)
+        self._open(run, resume)
+        stopped = None
+        bar = progress_bar(total=steps, initial=self.step, desc="finetune", unit="step", disable=not progress)
+        with frozen(self.classifier, self.original), bar:
+            if log_every and self.step == 0 and not run.history:
+                run.log(self._log_record(eval_n, run.eval_seed, seed))  # the starting point: the original generator
+            while self.step < steps and stopped is None:
+                stopped = self._advance(run, bar)
+        return self._finish(run, stopped)
+
+    def _plan(self, steps: int, batch: int, seed: int, out: str | Path | None, checkpoint_every: int,
+              log_every: int, eval_n: int, eval_seed: int | None) -> _Run:
+        """Check the schedule against this finetuner and fix what the run records."""
         if steps < 0 or batch < 2 or seed < 0 or checkpoint_every < 0 or log_every < 0 or eval_n < 0:
             raise ValueError(f"expected steps >= 0, batch >= 2, seed >= 0 and non-negative intervals; got "
                              f"steps={steps}, batch={batch}, seed={seed}")
         group = getattr(self.discriminator, "stddev_group", 1)
         if isinstance(self.discriminator, StyleGAN2Discriminator) and batch % min(group, batch):
             raise ValueError(f"a StyleGAN2 discriminator needs a batch that is a multiple of {group}, not {batch}")
-        eval_seed = seed + 1 if eval_seed is None else eval_seed
-        out = Path(out) if out is not None else None
-        settings = self.settings(batch, seed)
-        history: list[dict[str, Any]] = []
-        if out is not None:
-            out.mkdir(parents=True, exist_ok=True)
-            if resume and (out / RESUME_FILE).exists():
-                history = self._resume(out, settings)
+        return _Run(steps, batch, seed, Path(out) if out is not None else None, checkpoint_every, log_every, eval_n,
+                    seed + 1 if eval_seed is None else eval_seed, self.settings(batch, seed))
+
+    def _open(self, run: _Run, resume: bool) -> None:
+        """Continue from OUT/resume.pt when asked (its log lines kept), else start OUT's log afresh."""
+        if run.out is not None:
+            run.out.mkdir(parents=True, exist_ok=True)
+            if resume and (run.out / RESUME_FILE).exists():
+                run.history = self._resume(run.out, run.settings)
             elif self.step == 0:
-                (out / METRICS_FILE).unlink(missing_ok=True)  # a fresh run: no lines of an older one
-        if self.step > steps:
-            raise InputError(f"the run is already at step {self.step}, past the {steps} steps asked for")
+                (run.out / METRICS_FILE).unlink(missing_ok=True)  # a fresh run: no lines of an older one
+        if self.step > run.steps:
+            raise InputError(f"the run is already at step {self.step}, past the {run.steps} steps asked for")
 
-        def log(record: dict[str, Any]) -> None:
-            history.append(record)
-            if out is not None:
-                append_line(out / METRICS_FILE, json.dumps(record))
+    def _advance(self, run: _Run, bar: ProgressBar) -> str | None:
+        """One step with its bookkeeping: losses summed for the log, log lines and checkpoints when due.
+        Returns why the divergence guard stopped the run (the last good state restored), else None."""
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+            torch.manual_seed(derive_seed(run.seed, NOISE_DRAWS, self.step))
+            losses = self._train_step(run.batch, run.seed)
+        stopped = self._divergence(losses)
+        if stopped is not None:
+            run.log({"step": self.step + 1, "stopped": stopped, "restored_step": self._good["step"]})
+            self._restore(self._good)
+            return stopped
+        self.step += 1
+        for key, value in losses.items():
+            self._sums[key] = self._sums[key] + value if key in self._sums else value.clone()
+            self._counts[key] = self._counts.get(key, 0) + 1
+        bar.update(1)
+        last = self.step == run.steps
+        if last or (run.log_every and self.step % run.log_every == 0):
+            record = self._log_record(run.eval_n if run.log_every else 0, run.eval_seed, run.seed)
+            if run.log_every or run.out is not None:
+                run.log(record)
+            bar.set_postfix(loss_d=f"{record.get('loss_d', float('nan')):.3f}",
+                            acc_fake=f"{record.get('acc_fake', float('nan')):.2f}", refresh=False)
+        if last or (run.checkpoint_every and self.step % run.checkpoint_every == 0):
+            self._checkpoint(run.out, run.settings)
+        return None
 
-        stopped = None
-        bar = progress_bar(total=steps, initial=self.step, desc="finetune", unit="step", disable=not progress)
-        with frozen(self.classifier, self.original), bar:
-            if log_every and self.step == 0 and not history:
-                log(self._log_record(eval_n, eval_seed, seed))  # the starting point: the original generator
-            while self.step < steps:
-                with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
-                    torch.manual_seed(derive_seed(seed, NOISE_DRAWS, self.step))
-                    losses = self._train_step(batch, seed)
-                stopped = self._divergence(losses)
-                if stopped is not None:
-                    log({"step": self.step + 1, "stopped": stopped, "restored_step": self._good["step"]})
-                    self._restore(self._good)
-                    break
-                self.step += 1
-                for key, value in losses.items():
-                    self._sums[key] = self._sums[key] + value if key in self._sums else value.clone()
-                    self._counts[key] = self._counts.get(key, 0) + 1
-                bar.update(1)
-                if self.step == steps or (log_every and self.step % log_every == 0):
-                    record = self._log_record(eval_n if log_every else 0, eval_seed, seed)
-                    if log_every or out is not None:
-                        log(record)
-                    bar.set_postfix(loss_d=f"{record.get('loss_d', float('nan')):.3f}",
-                                    acc_fake=f"{record.get('acc_fake', float('nan')):.2f}", refresh=False)
-                if self.step == steps or (checkpoint_every and self.step % checkpoint_every == 0):
-                    self._checkpoint(out, settings)
+    def _finish(self, run: _Run, stopped: str | None) -> FinetuneResult:
+        out = run.out
         if stopped is None and out is not None and not (out / GENERATOR_FILE).exists():
-            self._checkpoint(out, settings)  # zero steps asked for: the file still holds the (unchanged) networks
+            self._checkpoint(out, run.settings)  # zero steps asked for: the file still holds the (unchanged) networks
         checkpoint = out / GENERATOR_FILE if out is not None and (out / GENERATOR_FILE).exists() else None
-        return FinetuneResult(self.average, self.generator, self.discriminator, self.step, stopped, history,
-                              checkpoint, settings)
-
-
-def finetune_generator(generator: Generator, classifier: nn.Module, real_images: RealImages | torch.Tensor, *,
-                       steps: int = 1000, batch: int = 8, seed: int = 0, **options: Any) -> FinetuneResult:
-    """`GeneratorFinetuner(generator, classifier, real_images, **options).run(steps, batch, seed)`."""
-    return GeneratorFinetuner(generator, classifier, real_images, **options).run(steps, batch, seed)
+        return FinetuneResult(self.average, self.generator, self.discriminator, self.step, stopped, run.history,
+                              checkpoint, run.settings)

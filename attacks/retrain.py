@@ -15,10 +15,13 @@ from typing import Any, Mapping
 
 from patchscope.common import config as configs
 from patchscope.common.atomic import write_json, write_text
+from patchscope.common.checks import (check_choice, check_counts, check_int, check_mapping, check_text,
+                                      require)
+from patchscope.common.device import PRECISIONS
 from patchscope.common.errors import InputError
 from patchscope.common.runfolder import RunFolder
 from patchscope.forensics import data
-from patchscope.forensics.checkpoint import load_classifier, load_resume_state, resolve_checkpoint
+from patchscope.forensics.checkpoint import CHECKPOINT_CHOICES, load_classifier, load_resume_state, resolve_checkpoint
 from patchscope.forensics.evaluate import EvalConfig, evaluate
 from patchscope.forensics.scoring import AGGREGATIONS
 from patchscope.forensics.train import RESUMABLE_CHANGES as TRAIN_RESUMABLE_CHANGES
@@ -168,6 +171,8 @@ def _as_generator(generator: Generator | str | os.PathLike) -> tuple[Generator, 
     """The generator, its file (None when given as an object) and a digest that identifies it."""
     if isinstance(generator, Generator):
         return generator, None, weights_sha256(generator)
+    if not generator:
+        raise InputError("no finetuned generator given (--generator)")
     path = Path(generator)
     loaded = load_generator(path)  # CheckpointError, naming the file, for anything that is not a generator
     return loaded, path, checkpoint_sha256(path)
@@ -221,47 +226,74 @@ def _write_table(out: Path, result: RetrainResult) -> None:
 
 # ----------------------------------------------------------------------------- the stage chain
 
-def retrain(base_run: str | os.PathLike, finetuned_generator: Generator | str | os.PathLike,
-            original_fakes: str | os.PathLike | None, reals: str | os.PathLike | None, out: str | os.PathLike,
-            counts: Mapping[str, int] | None = None, seed: int | None = None, *,
-            which: str = "best",                          # best | last checkpoint of both classifiers
-            aggregation: str = "after_softmax",           # image score behind accuracy (metrics.json has all)
-            device: str = "auto",                         # sampling, training and scoring
-            precision: str = "auto",                      # scoring precision; training keeps the old run's
-            sample_batch_size: int = 16,                  # images per sampling step (does not change pixels)
-            eval_batch_size: int = 64,
-            workers: int = 0,                             # DataLoader workers when scoring
-            on_bad_image: str = "skip",
-            train_overrides: Mapping[str, Any] | None = None,  # TrainConfig fields to change (default: none)
-            resume: bool = True,                          # continue a retrain in `out`; False refuses one
-            force: bool = False,                          # redo every stage in `out`
+@dataclass
+class RetrainConfig:
+    classifier: str = ""                # the old classifier: run directory or .safetensors file
+    generator: str = ""                 # the finetuned generator's checkpoint ("" with an in-memory one)
+    out: str = ""                       # fakes/, classifier/, eval/{old,new}/, config.yaml, metrics.json/.csv
+    real: str | None = None             # reals (None: the old classifier's training reals)
+    original_fakes: str | None = None   # the original generator's fakes (None: the old classifier's training fakes)
+    counts: dict[str, int] | None = None  # finetuned fakes per split (None: as many as the original set)
+    seed: int | None = None             # sampling seed (None: the original set's, so the same latents)
+    which: str = "best"                 # best | last checkpoint of both classifiers
+    aggregation: str = "after_softmax"  # image score behind accuracy (metrics.json has all)
+    device: str = "auto"                # sampling, training and scoring
+    precision: str = "auto"             # scoring precision; training keeps the old run's
+    sample_batch_size: int = 16         # images per sampling step (does not change pixels)
+    eval_batch_size: int = 64
+    workers: int = 0                    # DataLoader workers when scoring
+    on_bad_image: str = "skip"
+    train: dict[str, Any] = field(default_factory=dict)  # TrainConfig fields to change (default: none)
+
+    def __post_init__(self) -> None:
+        for name in ("classifier", "generator", "out", "device"):
+            check_text(self, name)
+        for name in ("real", "original_fakes"):
+            check_text(self, name, optional=True)
+        check_counts(self, "counts", optional=True)
+        check_int(self, "seed", 0, optional=True)
+        check_choice(self, "which", CHECKPOINT_CHOICES)
+        check_choice(self, "aggregation", AGGREGATIONS)
+        check_choice(self, "precision", PRECISIONS)
+        for name in ("sample_batch_size", "eval_batch_size"):
+            check_int(self, name, 1)
+        check_int(self, "workers", 0)
+        check_choice(self, "on_bad_image", data.BAD_IMAGE_POLICIES)
+        check_mapping(self, "train")
+
+
+def retrain(config: RetrainConfig, generator: Generator | None = None, *, resume: bool = True, force: bool = False,
             progress: bool = True) -> RetrainResult:
     """Sample the finetuned generator like the original fakes, train a new classifier on them, score both.
 
-    original_fakes / reals default to the old classifier's training sets; counts and seed to the
-    original set's manifest.json (the same latents, now through the finetuned generator). OUT gets
-    fakes/ (generators.sampling), classifier/ (forensics.train, same TrainConfig but fake = fakes/),
-    eval/{old,new}/ (forensics.evaluate on the test splits), config.yaml and metrics.json/.csv (2x2).
-    Every stage is cached: re-running resumes sampling and training and reuses finished evaluations.
+    `generator` is the finetuned network (None: load `config.generator`). original_fakes / reals default to
+    the old classifier's training sets; counts and seed to the original set's manifest.json (the same latents,
+    now through the finetuned generator). OUT gets fakes/ (generators.sampling), classifier/ (forensics.train,
+    same TrainConfig but fake = fakes/), eval/{old,new}/ (forensics.evaluate on the test splits), config.yaml and
+    metrics.json/.csv (2x2). Every stage is cached: re-running resumes sampling and training and reuses finished
+    evaluations; `resume=False` refuses an earlier retrain in OUT, `force` redoes every stage.
     """
-    if aggregation not in AGGREGATIONS:
-        raise InputError(f"aggregation {aggregation!r}: expected one of {', '.join(AGGREGATIONS)}")
-    base_checkpoint = resolve_checkpoint(base_run, which)  # one line naming a missing run
+    for name in ("classifier", "out"):
+        require(config, name)
+    which, aggregation, device, precision = config.which, config.aggregation, config.device, config.precision
+    sample_batch_size, eval_batch_size = config.sample_batch_size, config.eval_batch_size
+    workers, on_bad_image = config.workers, config.on_bad_image
+    base_checkpoint = resolve_checkpoint(config.classifier, which)  # one line naming a missing run
     _, base_meta = load_classifier(base_checkpoint)
     base_config = _base_train_config(base_checkpoint, base_meta)
-    reals, original_fakes = reals or base_config.real, original_fakes or base_config.fake
+    reals, original_fakes = config.real or base_config.real, config.original_fakes or base_config.fake
     if not reals or not original_fakes:
         raise InputError(f"{base_checkpoint}: records no training reals/fakes; give reals and original_fakes")
-    reals, original_fakes, out = Path(reals), Path(original_fakes), Path(out)
-    generator, generator_file, generator_sha = _as_generator(finetuned_generator)
-    plan = plan_sampling(original_fakes, base_config, counts, seed)
+    reals, original_fakes, out = Path(reals), Path(original_fakes), Path(config.out)
+    generator, generator_file, generator_sha = _as_generator(generator if generator is not None else config.generator)
+    plan = plan_sampling(original_fakes, base_config, config.counts, config.seed)
     if plan.options and plan.made_by and plan.made_by != type(generator).__name__:
         # Forward options are per architecture (PGAN's alpha, StyleGAN's psi): they do not carry over.
         log.warning("the original fakes were sampled from a %s with %s; the finetuned generator is a %s, "
                     "sampled with its own defaults", plan.made_by, plan.options, type(generator).__name__)
         plan = replace(plan, options={})
     fakes, run_dir = out / "fakes", out / "classifier"
-    train_config = configs.resolve(TrainConfig, configs.to_dict(base_config), train_overrides,
+    train_config = configs.resolve(TrainConfig, configs.to_dict(base_config), config.train,
                                    {"real": str(reals), "fake": str(fakes), "out": str(run_dir), "device": device},
                                    source="retrain")
     record = {"kind": KIND, "base_checkpoint": str(base_checkpoint),

@@ -16,7 +16,7 @@ from typing import Callable
 import torch
 
 from patchscope.analysis.demo import BUNDLED_GENERATOR
-from patchscope.attacks.finetune import GeneratorFinetuner
+from patchscope.attacks.finetune import FinetuneSettings, GeneratorFinetuner
 from patchscope.attacks.perceptual import load_lpips
 from patchscope.attacks.shift import ClassifierInput, ShiftExaggeration
 from patchscope.common.device import configure_backends, resolve_device
@@ -96,7 +96,7 @@ def bench_finetune(setting: Setting, batch: int, precision: str, device: torch.d
     classifier = build_model(setting.classifier, seed=0)
     side = setting.generator_px
     reals = torch.randint(0, 256, (max(2 * batch, 16), 3, side, side), dtype=torch.uint8)
-    attack = GeneratorFinetuner(generator, classifier, reals, device=device, precision=precision,
+    attack = GeneratorFinetuner(generator, classifier, reals, FinetuneSettings(precision=precision), device=device,
                                 classifier_input=ClassifierInput(setting.classifier_px, setting.classifier_px))
 
     def run(steps: int) -> None:

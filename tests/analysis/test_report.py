@@ -253,7 +253,8 @@ def studies(run, builtin_dataset, tmp_path_factory) -> dict:
     shutil.copytree(run["root"], root)
     (root / REPORT_FILE).unlink()
     real, fake = builtin_dataset / "real", builtin_dataset / "fake"
-    robustness = evaluate_robustness(root / "classifier", real, fake, ["jpeg:50"], root / "robustness", **SETTINGS)
+    robustness = evaluate_robustness(EvalConfig(run=str(root / "classifier"), **SETTINGS), real, fake, ["jpeg:50"],
+                                     root / "robustness")
     compare_spectra(real, fake, root / "spectra", max_images=8)
     generator, discriminator = tiny_pgan()
     save_pgan_zoo(generator, sources / "pgan.pt", discriminator=discriminator)

@@ -31,8 +31,8 @@ def trained_run(builtin_dataset, tmp_path_factory):
 @pytest.fixture(scope="module")
 def sweep(trained_run, builtin_dataset, tmp_path_factory):
     out = tmp_path_factory.mktemp("sweep")
-    rows = evaluate_robustness(trained_run, builtin_dataset / "real", builtin_dataset / "fake",
-                               ["jpeg:90,50", "blur:0,2"], out, device="cpu", batch_size=32)
+    rows = evaluate_robustness(EvalConfig(run=str(trained_run), device="cpu", batch_size=32), builtin_dataset / "real",
+                               builtin_dataset / "fake", ["jpeg:90,50", "blur:0,2"], out)
     return rows, out
 
 
@@ -98,8 +98,8 @@ def test_strong_blur_erases_the_resampling_traces_the_classifier_relies_on(sweep
 def test_an_existing_sweep_is_refused_without_force(sweep, trained_run, builtin_dataset):
     _, out = sweep
     with pytest.raises(InputError, match="robustness.json exists; pass --force"):
-        evaluate_robustness(trained_run, builtin_dataset / "real", builtin_dataset / "fake", ["blur:1"], out,
-                            device="cpu")
+        evaluate_robustness(EvalConfig(run=str(trained_run), device="cpu"), builtin_dataset / "real",
+                            builtin_dataset / "fake", ["blur:1"], out)
 
 
 @pytest.mark.parametrize("perturbations, message", [
@@ -109,7 +109,8 @@ def test_an_existing_sweep_is_refused_without_force(sweep, trained_run, builtin_
 ])
 def test_bad_perturbation_lists_are_refused_before_any_work(perturbations, message, tmp_path):
     with pytest.raises(InputError, match=message):
-        evaluate_robustness(tmp_path / "no-run", tmp_path, tmp_path, perturbations, tmp_path / "out")
+        evaluate_robustness(EvalConfig(run=str(tmp_path / "no-run")), tmp_path, tmp_path, perturbations,
+                            tmp_path / "out")
 
 
 def test_every_test_set_of_an_eval_config_gets_its_own_sweep(trained_run, builtin_dataset, tmp_path):

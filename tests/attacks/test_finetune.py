@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from patchscope.attacks.finetune import GeneratorFinetuner
+from patchscope.attacks.finetune import FinetuneSettings, GeneratorFinetuner
 from patchscope.attacks.finetune_eval import FINETUNED, ORIGINAL
 from patchscope.attacks.gan_objectives import LogisticR1, WassersteinGP, objective_for
 import patchscope.attacks.gan_objectives as gan_objectives
@@ -52,9 +52,10 @@ def reals() -> torch.Tensor:
     return torch.from_numpy(np.stack(crops)).permute(0, 3, 1, 2).contiguous()
 
 
-def finetuner(reals, generator=None, classifier=None, **options) -> GeneratorFinetuner:
-    settings = {"classifier_weight": 10.0, "ema_beta": 0.5, **options}
-    return GeneratorFinetuner(generator or pgan_with_discriminator(), classifier or detector(), reals, **settings)
+def finetuner(reals, generator=None, classifier=None, objective=None, **settings) -> GeneratorFinetuner:
+    settings = FinetuneSettings(**{"classifier_weight": 10.0, "ema_beta": 0.5, **settings})
+    return GeneratorFinetuner(generator or pgan_with_discriminator(), classifier or detector(), reals, settings,
+                              objective=objective)
 
 
 def zoo_states(path: Path) -> dict[str, dict[str, torch.Tensor]]:

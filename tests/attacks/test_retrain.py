@@ -13,7 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
-from patchscope.attacks.retrain import plan_sampling, retrain
+from patchscope.attacks.retrain import RetrainConfig, plan_sampling, retrain
 import patchscope.attacks.retrain as retrain_module
 from patchscope.common.config import read_yaml
 from patchscope.common.errors import CheckpointError
@@ -54,9 +54,10 @@ def make_world(root: Path) -> dict[str, Path]:
     return world
 
 
-def run_retrain(world: dict[str, Path], out: Path, **options: Any):
-    options = {"device": "cpu", "precision": "fp32", "progress": False, **options}
-    return retrain(world["base"], world["finetuned_generator"], None, None, out, **options)
+def run_retrain(world: dict[str, Path], out: Path, resume: bool = True, force: bool = False, **settings: Any):
+    config = RetrainConfig(classifier=str(world["base"]), generator=str(world["finetuned_generator"]), out=str(out),
+                           **{"device": "cpu", "precision": "fp32", **settings})
+    return retrain(config, resume=resume, force=force, progress=False)
 
 
 @pytest.fixture(scope="module")
@@ -189,7 +190,9 @@ def test_counts_leaving_a_needed_split_empty_are_refused(world) -> None:
 def test_a_missing_base_run_is_one_clear_error(world, tmp_path) -> None:
     missing = tmp_path / "no_such_run"
     with pytest.raises(InputError, match=r"no_such_run.*no classifier checkpoint here"):
-        retrain(missing, world["finetuned_generator"], world["original_fakes"], world["reals"], tmp_path / "out")
+        retrain(RetrainConfig(classifier=str(missing), generator=str(world["finetuned_generator"]),
+                              original_fakes=str(world["original_fakes"]), real=str(world["reals"]),
+                              out=str(tmp_path / "out")))
     assert not (tmp_path / "out").exists()
 
 
@@ -197,7 +200,7 @@ def test_a_file_that_is_not_a_generator_is_refused_before_anything_is_written(wo
     bogus = tmp_path / "weights.pt"
     torch.save({"state": torch.zeros(3)}, bogus)
     with pytest.raises(CheckpointError, match=r"weights\.pt: not a generator checkpoint"):
-        retrain(world["base"], bogus, None, None, tmp_path / "out")
+        retrain(RetrainConfig(classifier=str(world["base"]), generator=str(bogus), out=str(tmp_path / "out")))
     assert not (tmp_path / "out").exists()
 
 
@@ -224,8 +227,9 @@ def test_a_finetuned_generator_of_another_architecture_samples_with_its_own_defa
     assert plan_sampling(world["original_fakes"], TrainConfig()).made_by == "PGANZooGenerator"
     torch.manual_seed(0)
     generator = StyleGAN2Generator(StyleGAN2Config(size=RESOLUTION, style_dim=16, n_mlp=2, channels=(16, 16, 16)))
-    result = retrain(world["base"], generator, None, None, tmp_path / "out", device="cpu", precision="fp32",
-                     progress=False, train_overrides={"max_epochs": 1})
+    config = RetrainConfig(classifier=str(world["base"]), out=str(tmp_path / "out"), device="cpu", precision="fp32",
+                           train={"max_epochs": 1})
+    result = retrain(config, generator, progress=False)
     sampled = json.loads((result.out / "fakes" / "manifest.json").read_text())
     assert "alpha" not in sampled["options"]  # the StyleGAN2's own defaults (psi, noise_mode) instead
     assert (sampled["seed"], sampled["chunk"], sampled["size"]) == (SAMPLE_SEED, CHUNK, SIZE)

@@ -12,7 +12,9 @@ from patchscope.analysis.finetune_study import FinetuneConfig
 from patchscope.analysis.patches import PatchesConfig
 from patchscope.analysis.residual import RetrainStudyConfig
 from patchscope.analysis.shift_grid import ExaggerateConfig
+from patchscope.attacks.finetune import FinetuneSettings
 from patchscope.attacks.invert import InvertConfig
+from patchscope.attacks.retrain import RetrainConfig
 from patchscope.common import config as configs
 from patchscope.common.checks import (check_bool, check_choice, check_counts, check_float, check_int, check_mapping,
                                       check_numbers, check_text, require)
@@ -22,7 +24,7 @@ from patchscope.forensics.train import TrainConfig
 from patchscope.generators.sampling import SampleConfig
 from patchscope.generators.training.trainer import GANTrainConfig
 
-CONFIGS = [TrainConfig, EvalConfig, SampleConfig, GANTrainConfig, ExaggerateConfig, FinetuneConfig, RetrainStudyConfig, InvertConfig,
+CONFIGS = [TrainConfig, EvalConfig, SampleConfig, GANTrainConfig, RetrainConfig, FinetuneSettings, ExaggerateConfig, FinetuneConfig, RetrainStudyConfig, InvertConfig,
            PatchesConfig, DemoConfig]
 
 
@@ -100,6 +102,9 @@ def test_defaults_are_valid_and_every_field_refuses_a_value_of_the_wrong_kind(cl
     (InvertConfig, {"space": "w++"}, "space='w++': expected one of auto, z, w, w+"),
     (PatchesConfig, {"which": "first"}, "which='first': expected one of best, last"),
     (DemoConfig, {"precision": "fp16"}, "precision='fp16': expected one of auto, fp32, bf16"),
+    (FinetuneSettings, {"betas": (0.0, 1.0)}, "betas=(0.0, 1.0): expected two numbers >= 0 and < 1"),
+    (FinetuneSettings, {"ema_beta": 1}, "ema_beta=1: expected a finite number >= 0 and < 1"),
+    (RetrainConfig, {"train": ["max_epochs"]}, "train=['max_epochs']: expected a mapping of settings"),
 ])
 def test_ranges_are_refused_where_the_config_is_built(cls, changes, message) -> None:
     with pytest.raises(InputError, match=re.escape(message)):
