@@ -6,7 +6,7 @@ are built, whether they came from defaults, a YAML file or flags.
 from __future__ import annotations
 
 import math
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from typing import Any
 
 from patchscope.common.errors import InputError
@@ -73,31 +73,28 @@ def check_choice(config: Any, name: str, choices: Collection[Any], *, optional: 
         raise _refuse(name, value, "one of " + ", ".join(str(c) for c in choices) + (" or null" if optional else ""))
 
 
-def check_bool(config: Any, name: str, *, optional: bool = False) -> None:
+def _check_kind(config: Any, name: str, fits: Callable[[Any], bool], expected: str, optional: bool) -> None:
     value = getattr(config, name)
     if value is None and optional:
         return
-    if not isinstance(value, bool):
-        raise _refuse(name, value, "true or false" + (" or null" if optional else ""))
+    if not fits(value):
+        raise _refuse(name, value, expected + (" or null" if optional else ""))
+
+
+def check_bool(config: Any, name: str, *, optional: bool = False) -> None:
+    _check_kind(config, name, lambda v: isinstance(v, bool), "true or false", optional)
 
 
 def check_text(config: Any, name: str, *, optional: bool = False) -> None:
     """`config.name` is a string (a path or a name); emptiness is the caller's business."""
-    value = getattr(config, name)
-    if value is None and optional:
-        return
-    if not isinstance(value, str):
-        raise _refuse(name, value, "a string" + (" or null" if optional else ""))
+    _check_kind(config, name, lambda v: isinstance(v, str), "a string", optional)
 
 
 def check_counts(config: Any, name: str, *, optional: bool = False) -> None:
     """`config.name` maps split names to image counts >= 0."""
-    value = getattr(config, name)
-    if value is None and optional:
-        return
-    if (not isinstance(value, dict) or not all(isinstance(k, str) and _is_int(v) and v >= 0
-                                                for k, v in value.items())):
-        raise _refuse(name, value, "a mapping of split names to image counts >= 0" + (" or null" if optional else ""))
+    _check_kind(config, name, lambda v: isinstance(v, dict) and all(isinstance(k, str) and _is_int(n) and n >= 0
+                                                                     for k, n in v.items()),
+                "a mapping of split names to image counts >= 0", optional)
 
 
 def require(config: Any, name: str, flag: str | None = None) -> None:
@@ -116,8 +113,4 @@ def check_numbers(config: Any, name: str) -> None:
 
 def check_mapping(config: Any, name: str, *, optional: bool = False) -> None:
     """`config.name` is a mapping of settings (checked in turn by the config it becomes)."""
-    value = getattr(config, name)
-    if value is None and optional:
-        return
-    if not isinstance(value, dict):
-        raise _refuse(name, value, "a mapping of settings" + (" or null" if optional else ""))
+    _check_kind(config, name, lambda v: isinstance(v, dict), "a mapping of settings", optional)
