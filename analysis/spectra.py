@@ -15,8 +15,9 @@ from scipy.ndimage import median_filter
 
 from patchscope.common.atomic import write_bytes, write_json
 from patchscope.common.errors import InputError
+from patchscope.common.images import BadImageError, read_image
 from patchscope.common.progress import progress_bar
-from patchscope.forensics.data import BAD_IMAGE_POLICIES, BadImageError, ImageSet, list_images, read_image, resize_image
+from patchscope.forensics.data import BAD_IMAGE_POLICIES, ImageSet, list_images, resize_image
 from patchscope.forensics.figures import figure_format, save_figure
 
 log = logging.getLogger("patchscope.spectra")

@@ -8,6 +8,7 @@ import dataclasses
 import io
 import json
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, NamedTuple, Sequence
@@ -23,9 +24,10 @@ from patchscope.common.atomic import atomic_open, write_bytes, write_json
 from patchscope.common.checks import check_bool, check_choice, check_float, check_int, check_text, require
 from patchscope.common.device import resolve_device
 from patchscope.common.errors import InputError
+from patchscope.common.images import BadImageError, read_image
 from patchscope.common.progress import ProgressBar, progress_bar
 from patchscope.common.runfolder import RunFolder
-from patchscope.forensics.data import BAD_IMAGE_POLICIES, BadImageError, list_images, read_image, resize_image
+from patchscope.forensics.data import BAD_IMAGE_POLICIES, list_images, resize_image
 from patchscope.generators import checkpoint_sha256, load_generator
 from patchscope.generators.base import Generator, StyleGenerator
 
@@ -244,13 +246,19 @@ class InvertConfig:
 
 
 def output_names(paths: Sequence[Path], root: Path) -> list[str]:
-    """Each image's path under `root` (its file name when elsewhere) with a .png suffix."""
+    """Each image's path under `root` (its file name when elsewhere) with a .png suffix: a name
+    inside the output folder whatever the manifest says."""
     names = []
+    base = Path(os.path.abspath(root))
     for path in paths:
+        # Lexically, `root/sub/../../X.png` is under root, and OUT/sub/../../X.png is outside OUT:
+        # fold every `..` away first (abspath, links left alone), so an image outside root gets its
+        # file name like any other, and no name can climb out of OUT.
+        folded = Path(os.path.abspath(path))
         try:
-            relative = path.relative_to(root)
+            relative = folded.relative_to(base)
         except ValueError:
-            relative = Path(path.name)
+            relative = Path(folded.name)
         names.append(relative.with_suffix(".png").as_posix())
     seen: dict[str, Path] = {}
     for name, path in zip(names, paths):

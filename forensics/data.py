@@ -15,10 +15,12 @@ from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from torch.utils.data import Dataset
 
 from patchscope.common.errors import InputError
+from patchscope.common.images import (BadImageError, IMAGE_SUFFIXES, image_size, read_image,  # noqa: F401 - re-exported
+                                      walk_images)
 from patchscope.common.labels import FAKE, REAL
 from patchscope.common.progress import progress_bar
 from patchscope.forensics.batching import (BalancedBatchSampler, EpochBatches, SequentialBatches,  # noqa: F401 - re-exported
@@ -26,21 +28,10 @@ from patchscope.forensics.batching import (BalancedBatchSampler, EpochBatches, S
 
 log = logging.getLogger("patchscope.data")
 
-IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"})  # compare lower-cased
+IMAGE_EXTENSIONS = IMAGE_SUFFIXES  # compare lower-cased
 SPLITS = ("train", "val", "test")
 BAD_IMAGE_POLICIES = ("skip", "error")
 _LAYOUTS = "a folder of images, a folder with train/val/test subfolders, or a .txt/.csv manifest of image paths"
-
-
-class BadImageError(InputError):
-    """An image file that cannot be decoded: corrupt, truncated, empty or not an image at all."""
-
-    def __init__(self, path: str | os.PathLike, reason: str = "unreadable image"):
-        super().__init__(f"{path}: {reason}")
-        self.path, self.reason = Path(path), reason
-
-    def __reduce__(self):  # keep (path, reason) across process boundaries
-        return type(self), (self.path, self.reason)
 
 
 def is_image_file(path: str | os.PathLike) -> bool:
@@ -64,20 +55,11 @@ def list_images(source: str | os.PathLike, split: str | None = None) -> list[Pat
         folder = source / split
         if not folder.is_dir():
             raise InputError(f"{folder}: no '{split}' split folder (found {', '.join(present)})")
-    images = _walk_images(folder)
+    images = sorted(walk_images(folder, IMAGE_EXTENSIONS))  # each real folder once, links followed
     if not images:
         raise InputError(f"{folder}: no images found (expected files ending in "
                          f"{', '.join(sorted(IMAGE_EXTENSIONS))})")
     return images
-
-
-def _walk_images(folder: Path) -> list[Path]:
-    found = []
-    # Hidden entries are skipped: macOS "._name.png" forks and .ipynb_checkpoints are not data.
-    for root, dirs, files in os.walk(folder, followlinks=True):
-        dirs[:] = [name for name in dirs if not name.startswith(".")]
-        found += [Path(root, name) for name in files if not name.startswith(".") and is_image_file(name)]
-    return sorted(found)
 
 
 def _read_manifest(manifest: Path, split: str | None) -> list[Path]:
@@ -133,52 +115,7 @@ def _csv_entries(manifest: Path, text: str, split: str | None) -> list[str]:
 
 
 # ----------------------------------------------------------------------------- decoding
-
-@contextlib.contextmanager
-def _explain_failures(path: Path) -> Iterator[None]:
-    """Turn whatever Pillow raises on a bad file into one BadImageError line with a reason."""
-    try:
-        if path.stat().st_size == 0:
-            raise BadImageError(path, "empty file (0 bytes)")
-        yield
-    except BadImageError:
-        raise
-    except FileNotFoundError as exc:
-        raise BadImageError(path, "file not found") from exc
-    except PermissionError as exc:
-        raise BadImageError(path, "permission denied") from exc
-    except UnidentifiedImageError as exc:
-        raise BadImageError(path, "not an image file (Pillow cannot identify it)") from exc
-    except Exception as exc:  # decoders raise OSError, SyntaxError, ValueError, struct.error...
-        raise BadImageError(path, f"corrupt or truncated image data ({type(exc).__name__}: {exc})") from exc
-
-
-def read_image(path: str | os.PathLike) -> np.ndarray:
-    """Decode an image fully (so truncated files fail here) into uint8 H x W x 3 RGB."""
-    path = Path(path)
-    with _explain_failures(path), Image.open(path) as img:
-        img.load()
-        return _to_rgb(img, path)
-
-
-def _to_rgb(img: Image.Image, path: Path) -> np.ndarray:
-    if img.mode.startswith("I"):
-        # 16-bit data ("I;16*", and "I" as Pillow opens 16-bit files): rescale, since
-        # Pillow's own conversion clips everything above 255 to white.
-        values = np.clip(np.asarray(img).astype(np.int64), 0, 65535)
-        gray = ((values * 255 + 32767) // 65535).astype(np.uint8)
-    elif img.mode == "F":
-        values = np.nan_to_num(np.asarray(img, dtype=np.float64), nan=0.0, posinf=255.0, neginf=0.0)
-        # Float images are [0, 1] by convention unless their values say they are [0, 255].
-        scale = 255.0 if values.size and values.max() <= 1.0 else 1.0
-        gray = np.clip(np.rint(values * scale), 0, 255).astype(np.uint8)
-    else:
-        try:  # L, LA, 1, P, PA, RGBA (alpha dropped), CMYK, YCbCr...
-            return np.array(img.convert("RGB"), dtype=np.uint8)
-        except ValueError as exc:
-            raise BadImageError(path, f"unsupported colour mode {img.mode}") from exc
-    return np.repeat(gray[..., None], 3, axis=2)
-
+# read_image and BadImageError live in common.images: one decoder (EXIF-upright, regular files only) for every command.
 
 def resized_shape(height: int, width: int, load_size: int | None) -> tuple[int, int]:
     """(height, width) after a shorter-side resize to `load_size` (torchvision `Resize(int)` rounding)."""
@@ -217,9 +154,7 @@ def _decode_entry(path: Path, load_size: int | None) -> _Outcome:
 
 def _probe_entry(path: Path, load_size: int | None) -> _Outcome:
     try:
-        with _explain_failures(path), Image.open(path) as img:
-            size = img.size
-            img.verify()  # walks the file without decoding: catches truncated PNGs cheaply
+        size = image_size(path)  # verified without decoding, upright like read_image
     except BadImageError as exc:
         return None, None, exc.reason
     return None, size, None

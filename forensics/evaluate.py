@@ -53,6 +53,11 @@ def parse_test_spec(spec: str) -> tuple[str, str, str]:
     real, comma, fake = paths.partition(",")
     if not sep or not comma or not name or not real or not fake:
         raise InputError(f"--test {spec!r}: expected NAME=REAL_DIR,FAKE_DIR")
+    # NAME becomes part of paths under the output folder (scores_NAME.csv, heatmaps/NAME/, robustness/NAME/):
+    # a `..` part or a leading separator would write elsewhere. Refused here, where every command reads the spec.
+    if name.startswith(("/", "\\")) or ".." in name.replace("\\", "/").split("/") or "\0" in name:
+        raise InputError(f"--test {spec!r}: NAME {name!r} must stay inside the output folder (no '..' part, "
+                         "no leading '/'); it names files and folders there")
     return name, real, fake
 
 

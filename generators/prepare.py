@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import logging
 import os
-import warnings
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -15,9 +14,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image
 
 from patchscope.common.errors import DatasetError
+from patchscope.common.images import BadImageError, read_image, walk_images
 from patchscope.common.runfolder import remove_leftovers
 from patchscope.generators.dataset_folder import (MANIFEST, check_same_settings, is_complete_png, read_manifest,
                                                  remove_stale_temps, resize_lanczos, write_manifest, write_png)
@@ -51,25 +51,9 @@ def generator_resolution(path: str | os.PathLike) -> int:
 # ----------------------------------------------------------------------------- reading
 
 def read_rgb(path: str | os.PathLike) -> Image.Image:
-    """Decode fully into an 8-bit RGB image, upright by its EXIF orientation.
-
-    16-bit and 32-bit grey are rescaled to 0..255 (Pillow's own conversion clips them to white);
-    float grey is taken as [0, 1] unless its values exceed 1; alpha is dropped; palettes expanded.
-    """
-    with Image.open(path) as image, warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # palette-transparency notes: the alpha is dropped anyway
-        image.load()
-        image = ImageOps.exif_transpose(image)
-        if image.mode.startswith("I"):
-            values = np.asarray(image).astype(np.int64).clip(0, 65535)
-            grey = ((values * 255 + 32767) // 65535).astype(np.uint8)
-        elif image.mode == "F":
-            values = np.nan_to_num(np.asarray(image, dtype=np.float64), nan=0.0, posinf=255.0, neginf=0.0)
-            scale = 255.0 if values.size and values.max() <= 1.0 else 1.0
-            grey = np.rint(values * scale).clip(0, 255).astype(np.uint8)
-        else:
-            return image.convert("RGB")
-    return Image.fromarray(np.repeat(grey[..., None], 3, axis=2))
+    """Decode fully into an 8-bit RGB image, upright by its EXIF orientation (`common.images.read_image`,
+    the decoder every command uses); raises BadImageError with the reason."""
+    return Image.fromarray(read_image(path))
 
 
 def preprocess(image: Image.Image, resolution: int, size: int | None = None, crop: str = "center") -> Image.Image:
@@ -83,14 +67,6 @@ def preprocess(image: Image.Image, resolution: int, size: int | None = None, cro
         left, top = (width - side) // 2, (height - side) // 2
         image = image.crop((left, top, left + side, top + side))
     return resize_lanczos(resize_lanczos(image, resolution), size)
-
-
-def _explain(error: Exception) -> str:
-    if isinstance(error, FileNotFoundError):
-        return "file not found"
-    if isinstance(error, Image.UnidentifiedImageError):
-        return "not an image Pillow can identify"
-    return f"corrupt or truncated ({type(error).__name__}: {error})"
 
 
 # ----------------------------------------------------------------------------- listing
@@ -118,14 +94,10 @@ def collect_images(sources: Sequence[str | os.PathLike]) -> list[RealImage]:
 
 
 def _walk(folder: Path, split: str | None) -> list[RealImage]:
-    images = []
-    for root, dirs, files in os.walk(folder, followlinks=True):
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-        for name in sorted(files):
-            path = Path(root, name)
-            if not name.startswith(".") and path.suffix.lower() in IMAGE_SUFFIXES:
-                images.append(RealImage(path, split, path.relative_to(folder).with_suffix("").as_posix()))
-    return images
+    # Walk order (a folder's files, then its subfolders), each real folder once: a link loop
+    # would otherwise write the same images again under ever longer names.
+    return [RealImage(path, split, path.relative_to(folder).with_suffix("").as_posix())
+            for path in walk_images(folder, IMAGE_SUFFIXES)]
 
 
 def _unique_names(images: list[RealImage]) -> list[RealImage]:
@@ -201,6 +173,10 @@ def prepare_reals(sources: Sequence[str | os.PathLike], out: str | os.PathLike, 
         LOG.warning("%d image(s) were smaller than %d px and were upsampled; fakes never are", upsampled, resolution)
     write_manifest(out, {**manifest, "unreadable": dict(unreadable)})
     existing = {image.output for image in images} - {image.output for image in to_do}
+    if unreadable and not written and not existing:  # an empty dataset is an error, as in `train`
+        path, reason = unreadable[0]
+        raise DatasetError(f"{', '.join(map(str, sources))}: none of the {len(unreadable)} image file(s) could be "
+                           f"read ({len(unreadable)} unreadable; first: {path}: {reason})")
     splits: dict[str, dict[str, int]] = {}
     for image in images:
         entry = splits.setdefault(image.split or ".", {"count": 0, "existing": 0, "written": 0})
@@ -236,8 +212,8 @@ def _write_all(images: list[RealImage], out: Path, resolution: int, size: int | 
     def process(image: RealImage) -> tuple[str | None, bool]:
         try:
             picture = read_rgb(image.source)
-        except Exception as error:  # decoders raise OSError, SyntaxError, ValueError, struct.error...
-            return _explain(error), False
+        except BadImageError as error:  # whatever the file is: regular files only, so a FIFO cannot block
+            return error.reason, False
         write_png(out / image.output, preprocess(picture, resolution, size, crop))
         return None, min(picture.size) < resolution
 

@@ -9,9 +9,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from patchscope.common.errors import CheckpointError
+from patchscope.common.images import BadImageError, read_image, walk_images
 
 log = logging.getLogger("patchscope.gan")
 
@@ -24,11 +25,12 @@ class TrainingInputError(CheckpointError):
 
 
 def list_training_images(folder: str | os.PathLike) -> list[Path]:
-    """PNG and JPEG files under `folder`, recursively, in sorted order (the order fixes the indices)."""
+    """PNG and JPEG files under `folder`, recursively, in sorted order (the order fixes the indices);
+    hidden files skipped, linked folders followed, each real folder once (`common.images.walk_images`)."""
     root = Path(folder)
     if not str(folder) or not root.is_dir():
         raise TrainingInputError(f"{root}: no such image folder (expected a folder of PNG or JPEG images)")
-    files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    files = sorted(walk_images(root, IMAGE_SUFFIXES))
     if not files:
         raise TrainingInputError(f"{root}: no PNG or JPEG images found in the folder or below it")
     return files
@@ -58,10 +60,9 @@ class TrainingImages:
         files = list_training_images(folder)
         arrays, skipped = [], []
         for path in files:
-            try:
-                with Image.open(path) as image:
-                    arrays.append(_square(image.convert("RGB"), resolution))
-            except (OSError, UnidentifiedImageError, ValueError):
+            try:  # the decoder every command uses: upright by EXIF, 16-bit rescaled, FIFOs refused
+                arrays.append(_square(Image.fromarray(read_image(path)), resolution))
+            except BadImageError:
                 skipped.append(path)
         if skipped:
             names = ", ".join(str(p.relative_to(self.folder)) for p in skipped[:10])
