@@ -6,7 +6,6 @@ finetuning against the classifier -> retraining -> report. Stages are cached (se
 from __future__ import annotations
 
 import json
-import shutil
 from collections import Counter
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -23,6 +22,7 @@ from patchscope.analysis.residual import RetrainStudyConfig, run_retrain_study
 from patchscope.analysis.shift_grid import ExaggerateConfig, run_exaggerate
 from patchscope.attacks.perceptual import LPIPS_NETS, find_backbone_weights
 from patchscope.common import config as configs
+from patchscope.common import runfolder
 from patchscope.common.atomic import write_json
 from patchscope.common.checks import check_choice, check_counts, check_int, check_mapping, check_text
 from patchscope.common.device import PRECISIONS, resolve_device
@@ -339,11 +339,19 @@ def format_summary(rows: list[tuple[str, float]]) -> str:
 
 def run_demo(out: str | Path, quick: bool = False, force: bool = False,
              config_path: str | Path | None = None) -> dict[str, Any]:
-    """Run every stage (cached), write the report, print and return the summary."""
+    """Run every stage (cached), write the report, print and return the summary. The folder is held meanwhile:
+    a second demo into it is refused in one line instead of interleaving with (or deleting under) this one."""
     cfg = load_demo_config(config_path, quick)
-    out = Path(out)
-    if force and out.exists():
-        shutil.rmtree(out)
+    out = runfolder.hold(out)
+    try:
+        if force:
+            runfolder.clear(out)
+        return _run_stages(cfg, out, quick)
+    finally:
+        runfolder.release(out)
+
+
+def _run_stages(cfg: DemoConfig, out: Path, quick: bool) -> dict[str, Any]:
     demo = Demo(cfg, out)
     notes = []
     if demo.lpips["lpips_random"]:

@@ -1,12 +1,16 @@
 """The run-folder rule: --out holds one run; a run's folder is refused unless --resume (same settings) or --force.
 
-Used by train, train-gan, invert, finetune, exaggerate and retrain; sampling and prepare use its leftovers test."""
+Used by train, train-gan, invert, finetune, exaggerate, retrain and the demo, each holding the folder's lock while
+it works there; sampling and prepare use its leftovers test."""
 from __future__ import annotations
 
 import contextlib
 import dataclasses
 import json
+import logging
 import math
+import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Collection, Mapping
@@ -15,8 +19,16 @@ from patchscope.common import config as configs
 from patchscope.common.atomic import is_temporary_name, write_text
 from patchscope.common.errors import InputError
 
+try:
+    import fcntl
+except ImportError:  # Windows: no flock; folders are then not locked (see `hold`)
+    fcntl = None
+
+log = logging.getLogger("patchscope.runfolder")
+
 RECORD = "config.yaml"  # the run's settings, beside its results; its presence marks a run folder
 NO_FORCE = "this command has no --force"
+LOCK_FILE = ".patchscope.lock"  # flock'ed by the process working in the folder; holds its pid
 
 
 def plain(settings: Any) -> dict[str, Any]:
@@ -39,7 +51,8 @@ def other_entries(folder: str | Path) -> list[Path]:
     folder = Path(folder)
     if not folder.is_dir():
         return []
-    return sorted(p for p in folder.iterdir() if not (is_temporary_name(p.name) and p.is_file()))
+    return sorted(p for p in folder.iterdir()
+                  if not (is_temporary_name(p.name) and p.is_file()) and p.name != LOCK_FILE)
 
 
 def remove_leftovers(folder: str | Path) -> int:
@@ -49,6 +62,91 @@ def remove_leftovers(folder: str | Path) -> int:
         with contextlib.suppress(FileNotFoundError):
             path.unlink()
     return len(found)
+
+
+# The folders this process holds: real path -> [descriptor of the flock'ed lock file (None: held unlocked, where no
+# lock can be taken), number of holds]. A flock belongs to an open file: opening the lock file again in this process
+# would find it locked by itself.
+_HELD: dict[str, list[Any]] = {}
+
+
+def hold(folder: str | Path) -> Path:
+    """Lock `folder` (created if missing) for this process, or refuse it in one line while another process holds it.
+
+    Holds nest: each wants one `release`, and the process's exit releases them all, however it ends. Where no lock
+    can be taken (no fcntl, a file system without flock) the folder is used unlocked, as before locks existed.
+    """
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise InputError(f"{folder}: is a file, not a folder; choose another --out")
+    folder.mkdir(parents=True, exist_ok=True)
+    key = os.path.realpath(folder)
+    if key in _HELD:
+        if holds(folder):
+            _HELD[key][1] += 1
+            return folder
+        os.close(_HELD.pop(key)[0])  # the folder was emptied or replaced since: lock its new lock file
+    _HELD[key] = [_lock(folder), 1]
+    return folder
+
+
+def holds(folder: str | Path) -> bool:
+    """Whether this process holds `folder` (see `hold`)."""
+    held = _HELD.get(os.path.realpath(folder))
+    return held is not None and (held[0] is None or _opens(held[0], Path(folder) / LOCK_FILE))
+
+
+def release(folder: str | Path) -> None:
+    """Undo one `hold` of `folder` by this process; the last one unlocks it (the lock file stays, empty of meaning)."""
+    key = os.path.realpath(folder)
+    if key in _HELD:
+        _HELD[key][1] -= 1
+        if _HELD[key][1] <= 0:
+            fd = _HELD.pop(key)[0]
+            if fd is not None:
+                os.close(fd)
+
+
+def clear(folder: str | Path) -> None:
+    """Delete everything in `folder` except its lock file: starting over in a folder this process holds."""
+    for path in Path(folder).iterdir():
+        if path.name == LOCK_FILE:
+            continue
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+
+
+def _lock(folder: Path) -> int | None:
+    """Take the lock of `folder`; returns its descriptor, None where locks cannot be taken."""
+    if fcntl is None:
+        return None
+    fd = os.open(folder / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        owner = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+        os.close(fd)
+        raise InputError(f"{folder}: in use by another patchscope process (pid {owner}); "
+                         f"wait for it or choose another --out") from None
+    except OSError as err:
+        os.close(fd)
+        log.warning("%s: cannot lock this folder (%s); make sure no other run uses it meanwhile", folder, err.strerror)
+        return None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
+
+
+def _opens(fd: int, path: Path) -> bool:
+    """Whether the descriptor `fd` is open on the file now at `path`."""
+    try:
+        here = os.stat(path)
+    except FileNotFoundError:
+        return False
+    held = os.fstat(fd)
+    return (here.st_dev, here.st_ino) == (held.st_dev, held.st_ino)
 
 
 def _same(old: Any, new: Any) -> bool:
@@ -106,7 +204,10 @@ class RunFolder:
     `check` accepts a new or empty folder; refuses one holding files a run never writes (not in `writes`);
     refuses a run of this command unless --resume with the same settings (`resumable` aside) or --force,
     and one cut short before its record unless --force. Leftovers of crashed atomic writes never count,
-    and are removed once the folder is accepted. `save` writes the record.
+    and are removed once the folder is accepted. An accepted folder is held (`hold`) by this process until
+    its exit or `release`, so a second process is refused while the first works there; the lock file
+    never counts either. `save` writes the record, holding first a folder that did not exist at `check`
+    (so a command refused for other reasons after `check` leaves no folder behind).
     """
 
     holds: str                            # what such a folder holds, in messages: "a run", "an exaggeration"
@@ -117,10 +218,24 @@ class RunFolder:
     writes: Collection[str] = ()          # names a run writes at the top of its folder, besides config.yaml
 
     def check(self, out: str | Path, settings: Any, *, resume: bool, force: bool = False) -> Path:
-        """Refuse `out` unless this run may write there (see the class); returns it as a Path."""
+        """Refuse `out` unless this run may write there (see the class), then hold it if it exists; returns it."""
         out = Path(out)
         if out.exists() and not out.is_dir():
             raise InputError(f"{out}: is a file, not a folder; choose another --out")
+        if not out.exists():
+            return out  # nothing to refuse; `save` holds the folder when it creates it
+        if not (out / LOCK_FILE).exists():
+            self._inspect(out, settings, resume, force)  # refuse someone else's folder before writing a lock into it
+        hold(out)
+        try:
+            self._inspect(out, settings, resume, force)  # again, now that no other process can change it
+        except BaseException:
+            release(out)
+            raise
+        remove_leftovers(out)
+        return out
+
+    def _inspect(self, out: Path, settings: Any, resume: bool, force: bool) -> None:
         record = out / RECORD
         if not record.is_file():
             others = other_entries(out)
@@ -145,13 +260,15 @@ class RunFolder:
                                         else f"or choose another --out ({NO_FORCE}: remove the folder to start "
                                              f"again)"))
                 refuse_changes(out, saved, settings, self.resumable, hint=self._restart_hint())
-        remove_leftovers(out)
-        return out
 
     def save(self, out: str | Path, settings: Any) -> Path:
         """Create `out` and write its `config.yaml` (atomically) from the settings; returns the record's path."""
         out = Path(out)
-        out.mkdir(parents=True, exist_ok=True)
+        if not holds(out):  # new when checked: hold it now that it exists, unless another run took it meanwhile
+            hold(out)
+            if (out / RECORD).exists():
+                release(out)
+                raise InputError(f"{out}: was claimed by another patchscope process meanwhile; choose another --out")
         write_text(out / RECORD, configs.to_yaml(plain(settings)))
         return out / RECORD
 

@@ -15,14 +15,14 @@ from typing import Any, Callable
 import torch
 
 from patchscope.common import config as configs
-from patchscope.common.atomic import append_line, write_text
+from patchscope.common import runfolder
 from patchscope.common.checks import check_bool, check_choice, check_float, check_int, check_text
 from patchscope.common.device import PRECISIONS, autocast, configure_backends, resolve_device, resolve_precision
 from patchscope.common.errors import InputError
 from patchscope.common.labels import fake_wins
 from patchscope.common.progress import progress_bar
 from patchscope.common.runfolder import RunFolder
-from patchscope.forensics import checkpoint, data
+from patchscope.forensics import checkpoint, data, epoch_commit
 from patchscope.forensics.evaluate import predict
 from patchscope.forensics.models import INITS, build_model, model_names
 from patchscope.forensics.receptive import receptive_field
@@ -36,6 +36,7 @@ DEFAULT_PATIENCE = 10
 # Settings a resumed run may change; everything else must match the saved config.
 RESUMABLE_CHANGES = {"max_epochs", "patience", "device", "workers", "tensorboard", "eval_batch_size"}
 RUN_FOLDER = RunFolder(holds="a run", resumable=RESUMABLE_CHANGES, force_to=None)
+RESUME_FILE = "resume.pt"
 
 
 @dataclass
@@ -70,8 +71,8 @@ class TrainConfig:
         for name in ("real", "fake", "out", "train_split", "val_split", "device"):
             check_text(self, name)
         check_choice(self, "model", model_names())
-        check_int(self, "load_size", 1, optional=True)
-        check_int(self, "crop_size", 1, optional=True)
+        check_int(self, "load_size", 1, checkpoint.MAX_SAVED_SIZE, optional=True)  # what a checkpoint may name
+        check_int(self, "crop_size", 1, checkpoint.MAX_SAVED_SIZE, optional=True)
         check_choice(self, "init", INITS)
         check_int(self, "batch_size", 2, even=True)  # half real, half fake
         check_float(self, "lr", 0, low_open=True)
@@ -99,12 +100,6 @@ def cache_fits(n_images: int, size: int | None, limit_bytes: float = 4 * 2**30) 
     return size is not None and n_images * size * size * 3 <= limit_bytes
 
 
-def _prepare_run_dir(config: TrainConfig, resume: bool) -> Path:
-    if not config.out:
-        raise InputError("no run directory given (--out)")
-    return RUN_FOLDER.claim(config.out, config, resume=resume)
-
-
 def _load_split(config: TrainConfig, split: str, train: bool,
                 min_size: int) -> tuple[data.RealFakeDataset, int]:
     """The dataset of one split and the DataLoader worker count that suits it."""
@@ -121,15 +116,6 @@ def _load_split(config: TrainConfig, split: str, train: bool,
     return dataset, workers
 
 
-def _truncate_log(path: Path, last_epoch: int) -> None:
-    """Drop log lines of epochs after the last checkpoint, so a resumed run does not repeat them."""
-    if not path.exists():
-        return
-    kept = [line for line in path.read_text().splitlines()
-            if line.strip() and json.loads(line).get("epoch", 0) <= last_epoch]
-    write_text(path, "".join(line + "\n" for line in kept))
-
-
 def fit(config: TrainConfig, resume: bool = False,
         on_epoch_end: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
     """Train a patch classifier; returns a summary (best epoch, best val patch accuracy, run dir).
@@ -138,84 +124,176 @@ def fit(config: TrainConfig, resume: bool = False,
     and its patch accuracy is compared with the best so far. A strictly higher accuracy
     saves `best` and resets the count; otherwise the count of epochs without improvement
     grows, and training stops once it reaches the patience, or after `max_epochs` epochs.
-    `last` and the resume state are saved after every epoch.
+    `last`, the resume state, `best` when it improved and the epoch's metrics line are saved
+    after every epoch as one commit (`forensics.epoch_commit`); a resume continues the last one.
     """
-    device = resolve_device(config.device)
-    precision = resolve_precision(config.precision, device)
-    configure_backends(device)
-    out = _prepare_run_dir(config, resume)
-    patience = patience_for(config)
+    run = Training(config)
+    run.claim(resume)
+    try:
+        run.build()
+        run.restore()
+        if run.state["finished"]:
+            log.info("%s: training already finished (%s)", run.out, run.state.get("stop_reason"))
+            return run.summary()
+        run.start()
+        for epoch in range(run.state["epoch"] + 1, config.max_epochs + 1):
+            record = run.train_epoch(epoch)
+            val = run.validate()
+            improved = run.advance(epoch, record, val)
+            run.commit(epoch, record, val, improved)
+            run.report(epoch, record, val, improved)
+            if on_epoch_end is not None:
+                on_epoch_end(record)
+            if run.state["finished"]:
+                log.info("stopped after epoch %d: %s", epoch, run.state["stop_reason"])
+                break
+        return run.summary()
+    finally:
+        run.finish()
 
-    model = build_model(config.model, seed=config.seed, init=config.init)
-    rf = receptive_field(model)
-    # An image smaller than one receptive field cannot be judged patch by patch (the crop caps
-    # the check: deep blocks at small sizes see the whole input from every cell, as in the paper).
-    min_size = min(rf.size, config.crop_size or config.load_size or rf.size)
-    if config.crop_size and config.crop_size < rf.size:
-        log.warning("%s sees %d px per output cell, more than its %d px input: every cell sees the "
-                    "whole image", config.model, rf.size, config.crop_size)
-    train_set, train_workers = _load_split(config, config.train_split, True, min_size)
-    val_set, val_workers = _load_split(config, config.val_split, False, min_size)
-    memory_format = torch.channels_last if config.channels_last else torch.contiguous_format
-    model = model.to(device, memory_format=memory_format)
-    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, betas=(config.beta1, config.beta2))
 
-    state = {"epoch": 0, "best_acc": -math.inf, "best_epoch": 0, "since_best": 0, "finished": False}
-    if resume and (out / "resume.pt").exists():
-        saved = checkpoint.load_resume_state(out / "resume.pt")
+class Training:
+    """One call of `fit`, step by step: `claim` the run folder, `build` the model, optimizer and data, `restore`
+    the last committed epoch, `start` the loaders; per epoch `train_epoch`, `validate`, `advance` the counters,
+    `commit` the epoch's files, `report` it; `finish` lets the folder go. `state` is where the run stands."""
+
+    def __init__(self, config: TrainConfig) -> None:
+        self.config = config
+        self.device = resolve_device(config.device)
+        self.precision = resolve_precision(config.precision, self.device)
+        configure_backends(self.device)
+        self.patience = patience_for(config)
+        self.memory_format = torch.channels_last if config.channels_last else torch.contiguous_format
+        self.state: dict[str, Any] = {"epoch": 0, "best_acc": -math.inf, "best_epoch": 0, "since_best": 0,
+                                      "finished": False}
+        self.out: Path | None = None
+        self.writer = None
+
+    def claim(self, resume: bool) -> None:
+        """Refuse or hold the run folder and record the settings (an existing run only with `resume`)."""
+        if not self.config.out:
+            raise InputError("no run directory given (--out)")
+        self.out = RUN_FOLDER.claim(self.config.out, self.config, resume=resume)
+
+    def build(self) -> None:
+        """The model (on the device), its optimizer, and the training and validation data."""
+        config = self.config
+        model = build_model(config.model, seed=config.seed, init=config.init)
+        rf = receptive_field(model)
+        # An image smaller than one receptive field cannot be judged patch by patch (the crop caps
+        # the check: deep blocks at small sizes see the whole input from every cell, as in the paper).
+        min_size = min(rf.size, config.crop_size or config.load_size or rf.size)
+        if config.crop_size and config.crop_size < rf.size:
+            log.warning("%s sees %d px per output cell, more than its %d px input: every cell sees the "
+                        "whole image", config.model, rf.size, config.crop_size)
+        self.train_set, self.train_workers = _load_split(config, config.train_split, True, min_size)
+        self.val_set, self.val_workers = _load_split(config, config.val_split, False, min_size)
+        self.model = model.to(self.device, memory_format=self.memory_format)
+        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=config.lr, betas=(config.beta1, config.beta2))
+
+    def restore(self) -> None:
+        """Continue from the last committed epoch, if any: a half-saved one is rolled back or forward first."""
+        out = self.out
+        if epoch_commit.read_manifest(out) is None and (out / RESUME_FILE).exists():
+            _adopt_earlier_run(out)
+        if epoch_commit.recover(out) is None:
+            return
+        saved = checkpoint.load_resume_state(out / RESUME_FILE)
         last, _ = checkpoint.load_classifier(out, "last")
-        model.load_state_dict(last.state_dict())
-        optimizer.load_state_dict(saved["optimizer"])
-        state = saved["state"]
-        _truncate_log(out / "metrics.jsonl", state["epoch"])
-        log.info("resuming %s after epoch %d", out, state["epoch"])
-    if state["finished"]:
-        log.info("%s: training already finished (%s)", out, state.get("stop_reason"))
-        return _summary(out, state)
+        self.model.load_state_dict(last.state_dict())
+        self.optimizer.load_state_dict(saved["optimizer"])
+        self.state = saved["state"]
+        log.info("resuming %s after epoch %d", out, self.state["epoch"])
 
-    step_model = torch.compile(model) if config.compile else model
-    train_loader = data.make_loader(train_set, config.batch_size, train=True, seed=config.seed,
-                                    workers=train_workers, device_type=device.type)
-    val_loader = data.make_loader(val_set, config.eval_batch_size, train=False, seed=config.seed,
-                                  workers=val_workers, device_type=device.type)
-    writer = _tensorboard(out) if config.tensorboard else None
+    def start(self) -> None:
+        """The compiled model (if asked), the data loaders and the TensorBoard writer."""
+        config, device_type = self.config, self.device.type
+        self.step_model = torch.compile(self.model) if config.compile else self.model
+        self.train_loader = data.make_loader(self.train_set, config.batch_size, train=True, seed=config.seed,
+                                             workers=self.train_workers, device_type=device_type)
+        self.val_loader = data.make_loader(self.val_set, config.eval_batch_size, train=False, seed=config.seed,
+                                           workers=self.val_workers, device_type=device_type)
+        self.writer = _tensorboard(self.out) if config.tensorboard else None
 
-    for epoch in range(state["epoch"] + 1, config.max_epochs + 1):
-        record = _train_epoch(step_model, optimizer, train_loader, epoch, device, precision, memory_format)
-        probs, labels = predict(step_model, val_loader, device, precision, memory_format)
-        val = compute_metrics(probs.mean(dim=(1, 2)), labels, patch_probs=probs)
+    def train_epoch(self, epoch: int) -> dict[str, Any]:
+        return _train_epoch(self.step_model, self.optimizer, self.train_loader, epoch, self.device,
+                            self.precision, self.memory_format)
+
+    def validate(self) -> dict[str, Any]:
+        """Metrics of the validation split, scored on centre crops."""
+        probs, labels = predict(self.step_model, self.val_loader, self.device, self.precision, self.memory_format)
+        return compute_metrics(probs.mean(dim=(1, 2)), labels, patch_probs=probs)
+
+    def advance(self, epoch: int, record: dict[str, Any], val: dict[str, Any]) -> bool:
+        """Count the epoch towards early stopping and complete its log record; returns whether it is the best."""
+        state, config = self.state, self.config
         improved = val["patch_acc"] > state["best_acc"]
         state.update(epoch=epoch, since_best=0 if improved else state["since_best"] + 1)
         if improved:
             state.update(best_acc=val["patch_acc"], best_epoch=epoch)
-        if state["since_best"] >= patience or epoch == config.max_epochs:
+        if state["since_best"] >= self.patience or epoch == config.max_epochs:
             state.update(finished=True, stop_reason=(
-                f"no improvement for {patience} epochs" if state["since_best"] >= patience
+                f"no improvement for {self.patience} epochs" if state["since_best"] >= self.patience
                 else f"reached max_epochs={config.max_epochs}"))
         record.update(val_patch_acc=val["patch_acc"], val_ap=val["ap"], val_acc=val["acc"],
                       best_val_patch_acc=state["best_acc"], best_epoch=state["best_epoch"],
                       epochs_since_best=state["since_best"])
-        append_line(out / "metrics.jsonl", json.dumps(record))
-        meta = {"epoch": epoch, "config": configs.to_dict(config), "val": val}
-        if improved:
-            checkpoint.save_classifier(out / "best", model, meta)
-        checkpoint.save_classifier(out / "last", model, meta)
-        checkpoint.save_resume_state(out / "resume.pt", {"optimizer": optimizer.state_dict(), "state": state})
+        return improved
+
+    def commit(self, epoch: int, record: dict[str, Any], val: dict[str, Any], improved: bool) -> None:
+        """Save the epoch's `last`, resume state, `best` (when improved) and log line as one commit."""
+        meta = {"epoch": epoch, "config": configs.to_dict(self.config), "val": val}
+        files = checkpoint.classifier_files("best", self.model, meta) if improved else {}
+        files.update(checkpoint.classifier_files("last", self.model, meta))
+        files[RESUME_FILE] = checkpoint.resume_state_bytes({"optimizer": self.optimizer.state_dict(),
+                                                            "state": self.state})
+        epoch_commit.commit(self.out, epoch, files, record)
+
+    def report(self, epoch: int, record: dict[str, Any], val: dict[str, Any], improved: bool) -> None:
         log.info("epoch %d: loss %.4f, train patch acc %.4f, val patch acc %.4f, val AP %.4f%s",
                  epoch, record["train_loss"], record["train_patch_acc"], val["patch_acc"], val["ap"],
                  " (best)" if improved else "")
-        if writer is not None:
+        if self.writer is not None:
             for key, value in record.items():
                 if isinstance(value, (int, float)) and key != "epoch":
-                    writer.add_scalar(key, value, epoch)
-        if on_epoch_end is not None:
-            on_epoch_end(record)
-        if state["finished"]:
-            log.info("stopped after epoch %d: %s", epoch, state["stop_reason"])
-            break
-    if writer is not None:
-        writer.close()
-    return _summary(out, state)
+                    self.writer.add_scalar(key, value, epoch)
+
+    def finish(self) -> None:
+        """Close the TensorBoard writer and let another process have the run folder."""
+        if self.writer is not None:
+            self.writer.close()
+        if self.out is not None:
+            runfolder.release(self.out)
+
+    def summary(self) -> dict[str, Any]:
+        state = self.state
+        return {"run": str(self.out), "epochs": state["epoch"], "best_epoch": state["best_epoch"],
+                "best_val_patch_acc": state["best_acc"], "finished": state["finished"],
+                "stop_reason": state.get("stop_reason")}
+
+
+def _adopt_earlier_run(out: Path) -> None:
+    """A run saved before epoch commits existed: commit its files as they are when `last`, `best` and the resume
+    state agree on the epochs, else refuse it (it was stopped between two of them)."""
+    state = checkpoint.load_resume_state(out / RESUME_FILE)["state"]
+    found = {"last.json": _saved_epoch(out / "last.json"), "best.json": _saved_epoch(out / "best.json")}
+    if found != {"last.json": state["epoch"], "best.json": state["best_epoch"]}:
+        raise InputError(f"{out}: an epoch was cut short while being saved ({RESUME_FILE} is at epoch {state['epoch']}"
+                         f", best {state['best_epoch']}; last.json at {found['last.json']}, best.json at "
+                         f"{found['best.json']}); it cannot be continued: start a new run in another --out")
+    epoch_commit.adopt(out, state["epoch"], ["best.safetensors", "best.json", "last.safetensors", "last.json",
+                                             RESUME_FILE])
+
+
+def _saved_epoch(path: Path) -> int:
+    """The epoch a checkpoint's metadata names; 0 when there is no such file (a `best` never saved)."""
+    try:
+        meta = json.loads(path.read_text())
+    except FileNotFoundError:
+        return 0
+    except (OSError, ValueError):
+        return -1
+    return meta.get("epoch", -1) if isinstance(meta, dict) else -1
 
 
 def _train_epoch(model, optimizer, loader, epoch, device, precision, memory_format) -> dict[str, Any]:
@@ -252,9 +330,3 @@ def _tensorboard(out: Path):
     except ImportError:
         raise InputError("--tensorboard needs the tensorboard package: pip install 'patchscope[tensorboard]'") from None
     return SummaryWriter(str(out / "tensorboard"))
-
-
-def _summary(out: Path, state: dict[str, Any]) -> dict[str, Any]:
-    return {"run": str(out), "epochs": state["epoch"], "best_epoch": state["best_epoch"],
-            "best_val_patch_acc": state["best_acc"], "finished": state["finished"],
-            "stop_reason": state.get("stop_reason")}

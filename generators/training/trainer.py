@@ -19,6 +19,7 @@ from typing import Any, Callable
 
 import torch
 
+from patchscope.common import runfolder
 from patchscope.common.atomic import replace_atomically
 from patchscope.common.checks import check_bool, check_float, check_int, check_text, require
 from patchscope.common.device import resolve_device
@@ -161,13 +162,22 @@ class LossMeter:
         self.sums, self.counts, self.steps = {}, {}, 0
         return means
 
+    def state_dict(self) -> dict[str, Any]:
+        """The interval so far: a snapshot between two log lines must not shorten the next one's average."""
+        return {"sums": {key: value.detach().cpu() for key, value in self.sums.items()},
+                "counts": dict(self.counts), "steps": self.steps}
+
+    def load_state_dict(self, state: dict[str, Any], device: torch.device) -> None:
+        self.sums = {key: value.to(device) for key, value in state["sums"].items()}
+        self.counts, self.steps = dict(state["counts"]), int(state["steps"])
+
 
 def _crossed(images: int, step_images: int, every: int) -> bool:
     """Whether the last step (of `step_images` images) passed a multiple of `every`."""
     return every > 0 and images // every > (images - step_images) // every
 
 
-def _snapshot(out: Path, gan: GrowingGAN, progress: Progress, config: GANTrainConfig,
+def _snapshot(out: Path, gan: GrowingGAN, progress: Progress, meter: LossMeter, config: GANTrainConfig,
               end_of_scale: bool) -> None:
     """generator.pt (zoo format; avgG, netG, netD), the scale's own file at its end, then resume.pt."""
     extra = {"learningRate": config.lr, "lambdaGP": config.lambda_gp, "epsilonD": config.drift,
@@ -177,7 +187,7 @@ def _snapshot(out: Path, gan: GrowingGAN, progress: Progress, config: GANTrainCo
     for target in targets:
         save_pgan_zoo(gan.average, target, net_generator=gan.generator, discriminator=gan.discriminator,
                       extra_config=extra)
-    state = {"networks": gan.state_dict(), "progress": dataclasses.asdict(progress)}
+    state = {"networks": gan.state_dict(), "progress": dataclasses.asdict(progress), "meter": meter.state_dict()}
     replace_atomically(out / RESUME_FILE, lambda stream: torch.save(state, stream))
 
 
@@ -200,7 +210,8 @@ class GANTrainer:
     every `gp_every` steps at `gp_every` times the weight) and one generator step, Adam
     (lr 1e-3, betas 0, 0.99), then the averaged generator is updated.
     Snapshots every `snapshot_images` and at each scale's end; `resume=True` continues from the
-    last one and ends with exactly the weights an uninterrupted run would have (on CPU).
+    last one and ends with exactly the weights and log an uninterrupted run would have (on CPU):
+    resume.pt holds all it reads, and generator*.pt written before it are rewritten identically.
     """
 
     def __init__(self, config: GANTrainConfig, resume: bool = False) -> None:
@@ -213,12 +224,15 @@ class GANTrainer:
                               betas=(config.beta1, config.beta2), ema_beta=config.ema_beta(),
                               device=self.device, channels_last=config.channels_last)
         self.progress = Progress()
+        self.meter = LossMeter()  # the losses since the last log line
         self.alpha = 0.0
         metrics = self.out / "metrics.jsonl"
         if resume and (self.out / RESUME_FILE).exists():
             saved = _load_resume(self.out / RESUME_FILE)
             self.gan.load_state_dict(saved["networks"])
             self.progress = Progress(**saved["progress"])
+            if "meter" in saved:  # absent from the snapshots of earlier versions: their next line averages less
+                self.meter.load_state_dict(saved["meter"], self.device)
             self.alpha = float(self.gan.generator.alpha)
             _truncate_log(metrics, self.progress.images)
             log.info("resuming %s at %d px after %d images", self.out, self.gan.resolution, self.progress.images)
@@ -250,7 +264,7 @@ class GANTrainer:
         """Train until the last scale is done; `on_snapshot(progress)` follows every snapshot."""
         config, progress, batch = self.config, self.progress, self.config.batch_size
         steps = config.steps_per_scale()
-        meter = LossMeter()
+        meter = self.meter
         earlier = progress.seconds  # training time of the sessions before a resume
         started = interval_start = time.perf_counter()
         with progress_bar(total=steps * batch * len(config.depths()), initial=progress.images, unit="img",
@@ -272,7 +286,7 @@ class GANTrainer:
                     bar.set_postfix(res=self.gan.resolution, alpha=f"{self.alpha:.2f}",
                                     w_dist=f"{record['wasserstein']:.3f}")
                 if end_of_scale or _crossed(progress.images, batch, config.snapshot_images):
-                    _snapshot(self.out, self.gan, progress, config, end_of_scale)
+                    _snapshot(self.out, self.gan, progress, meter, config, end_of_scale)
                     if on_snapshot is not None:
                         on_snapshot(dataclasses.asdict(progress))
         return {"run": str(self.out), "generator": str(self.out / GENERATOR_FILE),
@@ -284,4 +298,8 @@ def train_gan(config: GANTrainConfig, resume: bool = False,
               on_snapshot: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
     """Grow a PGAN from 4 px to `config.resolution` and save it (see `GANTrainer`); returns a
     summary: run directory, generator path, resolution, images shown, seconds."""
-    return GANTrainer(config, resume).run(on_snapshot)
+    trainer = GANTrainer(config, resume)
+    try:
+        return trainer.run(on_snapshot)
+    finally:
+        runfolder.release(trainer.out)  # the run folder is free for another process

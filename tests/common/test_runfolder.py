@@ -13,7 +13,7 @@ from click.testing import CliRunner
 from patchscope.cli import main
 from patchscope.common.config import read_yaml
 from patchscope.common.errors import InputError
-from patchscope.common.runfolder import RECORD, RunFolder, changed_settings, other_entries, refuse_changes
+from patchscope.common.runfolder import LOCK_FILE, RECORD, RunFolder, changed_settings, other_entries, refuse_changes
 
 LEFTOVER = ".config.yaml.k2x9q1.tmp"  # what a crash inside atomic_open("config.yaml") leaves behind
 
@@ -79,7 +79,7 @@ def test_force_starts_over_in_a_folder_killed_before_its_record(tmp_path: Path) 
         assert str(refused.value) == (f"{tmp_path}: holds a study cut short before its config.yaml (metrics.jsonl "
                                       f"and 1 more); pass --force to start again or choose another --out")
     RULE.claim(tmp_path, Settings(), resume=False, force=True)
-    assert sorted(p.name for p in tmp_path.iterdir()) == [RECORD, "metrics.jsonl", "results"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [LOCK_FILE, RECORD, "metrics.jsonl", "results"]
 
 
 def test_force_starts_over_when_the_record_is_unreadable(run: Path) -> None:
@@ -165,13 +165,13 @@ def test_leftover_temporary_files_do_not_make_a_folder_someone_elses_and_are_rem
     (tmp_path / ".metrics.json.0a1b2c.tmp").write_text("{")
     assert other_entries(tmp_path) == []
     RULE.claim(tmp_path, Settings(), resume=False)
-    assert sorted(p.name for p in tmp_path.iterdir()) == [RECORD]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [LOCK_FILE, RECORD]
 
 
 def test_leftovers_beside_a_run_are_removed_when_it_resumes(run: Path) -> None:
     (run / ".resume.pt.x7y8z9.tmp").write_bytes(b"\0" * 10)
     RULE.check(run, Settings(), resume=True)
-    assert sorted(p.name for p in run.iterdir()) == [RECORD]
+    assert sorted(p.name for p in run.iterdir()) == [LOCK_FILE, RECORD]
 
 
 def test_a_refused_command_leaves_the_temporary_files_of_the_run_in_the_folder(run: Path) -> None:
