@@ -16,6 +16,7 @@ from torch import nn
 from torchvision import models as tv_models
 
 from patchscope.common.errors import InputError
+from patchscope.generators.io.allowlist import torch_reason
 
 log = logging.getLogger("patchscope.perceptual")
 
@@ -75,8 +76,8 @@ def read_backbone_state(path: Path, net: str) -> dict[str, torch.Tensor]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # pickle, zip and weights-only refusals all mean "not a weights file"
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise InputError(f"{path}: not a torch weights file ({reason[:200]})") from err
+        # what torch found, never its advice to load a stranger's file with weights_only=False
+        raise InputError(f"{path}: not a torch weights file ({torch_reason(err)})") from None
     if isinstance(state, Mapping) and isinstance(state.get("state_dict"), Mapping):
         state = state["state_dict"]
     if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):

@@ -4,7 +4,6 @@ Used by format detection and by anyone holding a y0ast `glow_model_*.pth`; retur
 """
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Mapping
 from pathlib import Path
@@ -13,7 +12,10 @@ from typing import Any
 import torch
 
 from patchscope.common.errors import CheckpointError
+from patchscope.common.userfiles import read_json
 from patchscope.generators.glow.model import DEFAULT_TEMPERATURE, Glow, GlowConfig, GlowGenerator
+from patchscope.generators.io.bounds import check_copies
+from patchscope.generators.io.safe_pickle import load_torch
 
 STEP_KEY = re.compile(r"^flow\.layers\.(\d+)\.actnorm\.bias$")
 SPLIT_KEY = re.compile(r"^flow\.layers\.(\d+)\.conv\.logs$")
@@ -123,12 +125,17 @@ def load_glow_y0ast(state_dict: Mapping[str, Any], hparams: Mapping[str, Any] | 
     if unknown:
         raise TypeError(f"load_glow_y0ast got unknown options {unknown}; accepted: {list(LOAD_OPTIONS)}")
     source = str(opts.get("source", "state dict"))
+    if hparams is not None and not isinstance(hparams, Mapping):
+        raise CheckpointError(f"{source}: Glow hparams are a {type(hparams).__name__}; expected a JSON object")
     state_dict = unwrap_state_dict(state_dict, source)
+    check_copies(state_dict.values(), source)  # each tensor is converted to float32 on its own
     layout = reconcile_hparams(infer_layout(state_dict, source), hparams, source)
     n_bits = opts.get("n_bits", (hparams or {}).get("n_bits", (hparams or {}).get("n_bits_x", 8)))
+    if isinstance(n_bits, bool) or not isinstance(n_bits, int) or not 1 <= n_bits <= 16:
+        raise CheckpointError(f"{source}: n_bits is {n_bits!r:.40}; expected an integer from 1 to 16")
     try:
-        config = config_from_layout(layout, int(n_bits))
-    except ValueError as err:
+        config = config_from_layout(layout, n_bits)
+    except (ValueError, TypeError, OverflowError) as err:
         raise CheckpointError(f"{source}: unusable Glow layout ({err})") from None
     with torch.device("meta"):
         glow = Glow(config)
@@ -147,16 +154,14 @@ def load_glow_y0ast_file(path: str | Path, hparams_path: str | Path | None = Non
                          **opts: Any) -> GlowGenerator:
     """Read a y0ast `.pt`/`.pth` state dict (and optionally its `hparams.json`) from disk."""
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise CheckpointError(f"{path}: no such file; expected a y0ast Glow-PyTorch state dict (.pt)")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # torch raises many kinds for truncated or foreign files
-        raise CheckpointError(f"{path}: not a readable torch state dict ({type(err).__name__})") from None
+        state = load_torch(path)  # declared sizes checked first, then weights_only
+    except CheckpointError as err:
+        reason = str(err).removeprefix(f"{path}: ")
+        raise CheckpointError(f"{path}: not a readable torch state dict ({reason})") from None
     hparams = None
     if hparams_path is not None:
-        try:
-            hparams = json.loads(Path(hparams_path).read_text())
-        except (OSError, ValueError) as err:
-            raise CheckpointError(f"{hparams_path}: expected the y0ast hparams JSON ({err})") from None
+        hparams = read_json(hparams_path, "the y0ast Glow hparams (a JSON object)", CheckpointError)
     return load_glow_y0ast(state, hparams, **{"source": str(path), **opts})

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from patchscope.common.errors import CheckpointError
+from patchscope.common.userfiles import check_regular, read_json
 from patchscope.generators.base import Generator
 from patchscope.generators.glow.y0ast import load_glow_y0ast
 from patchscope.generators.io.safe_pickle import PickledRecord, is_zip_file, load_pickle, load_torch
@@ -49,7 +50,8 @@ FORMATS: dict[str, Format] = {f.name: f for f in (
 
 
 def _formats_understood() -> str:
-    return "formats understood: " + ", ".join(f"{f.name} ({f.description})" for f in FORMATS.values())
+    # names only: each message stays one short line; the README's Generators section describes each format
+    return "formats understood: " + ", ".join(FORMATS)
 
 
 def _is_tf_networks(obj: Any) -> bool:
@@ -125,8 +127,9 @@ def _looks_like_safetensors(path: Path) -> bool:
 def read_checkpoint(path: str | os.PathLike) -> Any:
     """The safely loaded object in a checkpoint file (torch zip or pickle), nothing executed."""
     path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"{path}: no such checkpoint file; {_formats_understood()}")
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such checkpoint file")
+    check_regular(path, "a generator checkpoint", CheckpointError)  # a FIFO would block the reads below
     if path.stat().st_size == 0:
         raise CheckpointError(f"{path}: empty file, not a generator checkpoint; {_formats_understood()}")
     if _looks_like_safetensors(path):
@@ -142,11 +145,8 @@ def read_checkpoint(path: str | os.PathLike) -> Any:
 def _sibling_hparams(path: Path) -> dict[str, Any] | None:
     """y0ast Glow keeps its hyper-parameters in a JSON file beside the weights."""
     for candidate in (path.with_name(f"{path.stem}_hparams.json"), path.with_name("hparams.json")):
-        if candidate.is_file():
-            try:
-                return json.loads(candidate.read_text())
-            except (OSError, ValueError) as error:
-                raise CheckpointError(f"{candidate}: unreadable Glow hparams JSON ({error})") from error
+        if candidate.exists():
+            return read_json(candidate, "the y0ast Glow hparams (a JSON object)", CheckpointError)
     return None
 
 

@@ -5,11 +5,12 @@ Used by `generators.io.formats` and every format loader (PGAN, StyleGAN, StyleGA
 from __future__ import annotations
 
 import argparse
-import collections
 import contextlib
 import io
+import math
 import os
 import pickle
+import reprlib
 import warnings
 from pathlib import Path
 from typing import Any, BinaryIO, Iterable
@@ -18,6 +19,9 @@ import numpy as np
 import torch
 
 from patchscope.common.errors import CheckpointError
+from patchscope.common.userfiles import check_regular
+from patchscope.generators.io import archive, bounds
+from patchscope.generators.io.allowlist import FrozenCall, allowed_globals, has_object, torch_reason
 
 __all__ = ["PickledRecord", "BaseConfig", "load_pickle", "load_torch", "is_zip_file", "describe_source"]
 
@@ -88,10 +92,25 @@ class BaseConfig:
             self.__dict__.update(state)
 
     def to_dict(self) -> dict[str, Any]:
-        return {k: (v.to_dict() if isinstance(v, BaseConfig) else v) for k, v in vars(self).items()}
+        """Nested configs as dicts, each converted once (shared ones stay shared, not expanded); a config
+        that contains itself or nests deeper than 32 raises ValueError. Immune to state named `to_dict`."""
+        return _config_dict(self, {}, ())
 
+    @reprlib.recursive_repr()
     def __repr__(self) -> str:
         return f"BaseConfig({vars(self)!r})"
+
+
+def _config_dict(config: BaseConfig, done: dict[int, dict[str, Any]], path: tuple[int, ...]) -> dict[str, Any]:
+    if id(config) in path:
+        raise ValueError("the config contains itself")
+    if len(path) > 32:
+        raise ValueError("the config nests more than 32 levels deep")
+    if id(config) not in done:
+        inner = (*path, id(config))
+        done[id(config)] = {k: (_config_dict(v, done, inner) if isinstance(v, BaseConfig) else v)
+                            for k, v in vars(config).items()}
+    return done[id(config)]
 
 
 # torch.load matches allow-listed classes by `__module__.__qualname__`: this one must
@@ -112,16 +131,7 @@ def describe_source(source: Any) -> str:
 
 
 def _first_line(error: BaseException) -> str:
-    text = str(error).strip().splitlines()
-    return f"{type(error).__name__}: {text[0]}" if text else type(error).__name__
-
-
-def _refusal_reason(error: BaseException) -> str:
-    """The informative line of torch's multi-paragraph weights_only refusal."""
-    boilerplate = ("Weights only load failed", "Check the documentation", "Please ", "In PyTorch 2.6")
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    reasons = [line for line in lines if not line.startswith(boilerplate)]
-    return (reasons or lines or [type(error).__name__])[0]
+    return f"{type(error).__name__}: {torch_reason(error)}"
 
 
 def _checkpoint_error(source: Any, what: str, error: BaseException | None = None) -> CheckpointError:
@@ -129,111 +139,11 @@ def _checkpoint_error(source: Any, what: str, error: BaseException | None = None
     return CheckpointError(f"{describe_source(source)}: {what}{reason}")
 
 
-# ---------------------------------------------------------------------------
-# allow-listed callables: each one builds plain data and cannot reach code
-# ---------------------------------------------------------------------------
-
-def _load_storage_from_bytes(data: bytes) -> Any:
-    """NVlabs pickles keep tensor storages as `torch.save` bytes: read them with weights_only."""
-    if not isinstance(data, (bytes, bytearray)):
-        raise pickle.UnpicklingError("torch.storage._load_from_bytes expects bytes")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)  # TypedStorage deprecation, not the user's concern
-        storage = torch.load(io.BytesIO(bytes(data)), weights_only=True, map_location="cpu")
-    if not isinstance(storage, (torch.storage.TypedStorage, torch.storage.UntypedStorage)):
-        raise pickle.UnpicklingError(f"embedded tensor bytes held {type(storage).__name__}, not a storage")
-    return storage
-
-
-def _rebuild_tensor(storage: Any, offset: int, size: tuple, stride: tuple, requires_grad: bool,
-                    backward_hooks: Any = None, metadata: Any = None) -> torch.Tensor:
-    # Hooks and python-side metadata are dropped: they could only hold stand-ins.
-    if not isinstance(storage, (torch.storage.TypedStorage, torch.storage.UntypedStorage)):
-        raise pickle.UnpicklingError("tensor rebuilt from something that is not a storage")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)
-        return torch._utils._rebuild_tensor_v2(storage, offset, size, stride, bool(requires_grad),
-                                               collections.OrderedDict())
-
-
-def _rebuild_parameter(data: Any, requires_grad: bool, backward_hooks: Any = None,
-                       state: Any = None) -> torch.nn.Parameter:
-    if not isinstance(data, torch.Tensor):
-        raise pickle.UnpicklingError("parameter rebuilt from something that is not a tensor")
-    return torch.nn.Parameter(data, requires_grad=bool(requires_grad))
-
-
-def _encode_latin1(text: str, encoding: str = "latin1") -> bytes:
-    # Protocol-2 pickles written by Python 3 store bytes as `_codecs.encode(str, "latin1")`.
-    if encoding not in ("latin1", "latin-1") or not isinstance(text, str):
-        raise pickle.UnpicklingError("_codecs.encode is only allowed for latin1 text")
-    return text.encode("latin1")
-
-
-def _numpy_multiarray() -> Any:
-    try:
-        from numpy._core import multiarray  # numpy >= 2
-    except ImportError:  # pragma: no cover - numpy 1.x
-        from numpy.core import multiarray
-    return multiarray
-
-
-class _FrozenCall:
-    """Wraps an allow-listed Python function: a pickle's BUILD could otherwise set attributes
-    (even `__defaults__`) on the function object itself."""
-
-    __slots__ = ("_func",)
-
-    def __init__(self, func: Any) -> None:
-        object.__setattr__(self, "_func", func)
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        return self._func(*args, **kwargs)
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        raise pickle.UnpicklingError("a pickle may not modify the loader's functions")
-
-    def __repr__(self) -> str:
-        return f"allowed({self._func.__name__})"
-
-
 class _FrozenType(type):
     """Metaclass of stand-ins: their attributes cannot be set from pickled state either."""
 
     def __setattr__(cls, name: str, value: Any) -> None:
         raise pickle.UnpicklingError("a pickle may not modify a stand-in class")
-
-
-def _allowed_globals() -> dict[tuple[str, str], Any]:
-    multiarray = _numpy_multiarray()
-    allowed: dict[tuple[str, str], Any] = {}
-    for module in ("numpy.core.multiarray", "numpy._core.multiarray"):
-        allowed[(module, "_reconstruct")] = multiarray._reconstruct
-        allowed[(module, "scalar")] = multiarray.scalar
-    allowed.update({
-        ("numpy", "ndarray"): np.ndarray,
-        ("numpy", "dtype"): np.dtype,
-        ("collections", "OrderedDict"): collections.OrderedDict,
-        ("builtins", "set"): set,
-        ("builtins", "frozenset"): frozenset,
-        ("builtins", "slice"): slice,
-        ("builtins", "complex"): complex,
-        ("builtins", "bytearray"): bytearray,
-        ("_codecs", "encode"): _FrozenCall(_encode_latin1),
-        ("torch._utils", "_rebuild_tensor_v2"): _FrozenCall(_rebuild_tensor),
-        ("torch._utils", "_rebuild_parameter"): _FrozenCall(_rebuild_parameter),
-        ("torch._utils", "_rebuild_parameter_with_state"): _FrozenCall(_rebuild_parameter),
-        ("torch.storage", "_load_from_bytes"): _FrozenCall(_load_storage_from_bytes),
-        ("torch", "Size"): torch.Size,
-        ("torch", "device"): torch.device,
-    })
-    for dtype_name in ("float16", "float32", "float64", "bfloat16", "uint8", "int8", "int16",
-                       "int32", "int64", "bool", "complex64", "complex128"):
-        allowed[("torch", dtype_name)] = getattr(torch, dtype_name)
-    return allowed
-
-
-_ALLOWED = _allowed_globals()
 
 
 def _make_stand_in(module: str, name: str) -> type:
@@ -253,20 +163,44 @@ def _make_stand_in(module: str, name: str) -> type:
 _PYTHON2_MODULES = {"__builtin__": "builtins", "copy_reg": "copyreg"}
 
 
-class _RecordingUnpickler(pickle.Unpickler):
-    """Resolves allow-listed globals to themselves and every other global to an inert stand-in."""
+def _load_build(self: _RecordingUnpickler) -> None:
+    # numpy's ndarray and dtype take their content by BUILD (`__setstate__`): checked here, before numpy
+    # copies the data (it does for text or byte-swapped data, once per BUILD of a memoised state).
+    state, target = self.stack[-1], self.stack[-2]
+    if isinstance(target, np.ndarray):
+        parts = state if isinstance(state, tuple) else ()
+        dtype = next((p for p in parts if isinstance(p, np.dtype)), None)
+        shape = next((p for p in parts if isinstance(p, tuple)), ())
+        if dtype is None or has_object(dtype):
+            raise pickle.UnpicklingError("numpy arrays of object dtype (or without a dtype) are refused")
+        count = math.prod(n for n in shape if isinstance(n, int))
+        self.budget.charge(max(bounds.sized(parts[-1]) if parts else 0, count), "an array")
+    archive.BOUNDED_DISPATCH[pickle.BUILD[0]](self)
+    if isinstance(target, np.dtype) and has_object(target):
+        raise pickle.UnpicklingError("numpy dtypes holding objects (object dtype) are refused")
 
-    def __init__(self, file: BinaryIO) -> None:
-        super().__init__(file)
+
+class _RecordingUnpickler(pickle._Unpickler):
+    """Resolves allow-listed globals to themselves and every other global to an inert stand-in.
+
+    The pure-Python unpickler, so that BUILD and the reads can be checked (its speed equals the C one's
+    on checkpoints: their time goes into a few large byte strings)."""
+
+    dispatch = {**archive.BOUNDED_DISPATCH, pickle.BUILD[0]: _load_build}
+
+    def __init__(self, reader: archive.BoundedReader, budget: bounds.Budget) -> None:
+        super().__init__(reader)
+        self.reader, self.budget = reader, budget
+        self._allowed = allowed_globals(budget)
         self._stand_ins: dict[tuple[str, str], type] = {}
 
     def find_class(self, module: str, name: str) -> Any:
         module = _PYTHON2_MODULES.get(module, module)
         key = (module, name)
-        if key in _ALLOWED:
-            return _ALLOWED[key]
+        if key in self._allowed:
+            return self._allowed[key]
         if key == ("copyreg", "_reconstructor"):
-            return _FrozenCall(self._reconstruct_object)
+            return FrozenCall(self._reconstruct_object)
         if key not in self._stand_ins:
             self._stand_ins[key] = _make_stand_in(module, name)
         return self._stand_ins[key]
@@ -285,23 +219,27 @@ def load_pickle(file_or_path: str | os.PathLike | BinaryIO) -> Any:
     """Unpickle a foreign file: allow-listed data types come back as themselves, everything else
     as `PickledRecord`s; tensors embedded NVlabs-style are read with `weights_only`.
 
-    A pickle written by the legacy (non-zip) `torch.save` is handed to `load_torch`.
-    Any failure raises `CheckpointError` with one line naming the file.
+    What it may allocate is bounded by the file's size (`bounds.Budget`); a pickle written by the
+    legacy (non-zip) `torch.save` is handed to `load_torch`. Any failure raises `CheckpointError`
+    with one line naming the file.
     """
     source = file_or_path
+    name = describe_source(source)
     try:
         with contextlib.ExitStack() as stack:
             if isinstance(source, (str, os.PathLike)):
+                check_regular(source, "a checkpoint", CheckpointError)
                 handle = stack.enter_context(open(source, "rb"))
             else:
-                handle = source
-            result = _RecordingUnpickler(handle).load()
+                handle = source if source.seekable() else io.BytesIO(source.read())
+            size = archive.stream_size(handle)
+            result = _RecordingUnpickler(archive.BoundedReader(handle, size), bounds.Budget.for_file(size, name)).load()
     except FileNotFoundError as error:
         raise _checkpoint_error(source, "no such file", None) from error
     except CheckpointError:
         raise
     except Exception as error:  # any decoding failure is the file's fault, not a bug here
-        raise _checkpoint_error(source, "not a readable pickle", error) from error
+        raise _checkpoint_error(source, "not a readable pickle", error) from None
     if isinstance(result, int) and result == LEGACY_TORCH_MAGIC and isinstance(source, (str, os.PathLike)):
         return load_torch(source)
     return result
@@ -311,20 +249,32 @@ def load_torch(path: str | os.PathLike | BinaryIO, extra_classes: Iterable[type 
     """`torch.load(weights_only=True, map_location="cpu")` with the harmless classes public
     formats pickle inside (zoo `BaseConfig` stand-in, `argparse.Namespace`) plus `extra_classes`.
 
-    Refusals and read failures raise `CheckpointError` with one line naming the file.
+    Declared sizes are checked first (`archive.check_torch_stream`) and tensors after (`bounds.check_tensors`),
+    so memory stays bounded by the file. Refusals and read failures raise `CheckpointError` with one line.
     """
-    if isinstance(path, (str, os.PathLike)) and not Path(path).is_file():
-        raise _checkpoint_error(path, "no such file")
+    name = describe_source(path)
     allowed = [*DEFAULT_TORCH_CLASSES, *extra_classes]
     try:
-        with torch.serialization.safe_globals(allowed), warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)
-            return torch.load(path, weights_only=True, map_location="cpu")
+        with contextlib.ExitStack() as stack:
+            if isinstance(path, (str, os.PathLike)):
+                if not Path(path).exists():
+                    raise _checkpoint_error(path, "no such file")
+                check_regular(path, "a torch checkpoint", CheckpointError)
+                handle = stack.enter_context(open(path, "rb"))
+            else:
+                handle = path
+            archive.check_torch_stream(handle, name)
+            with torch.serialization.safe_globals(allowed), warnings.catch_warnings():
+                warnings.simplefilter("ignore", UserWarning)
+                result = torch.load(handle, weights_only=True, map_location="cpu")
+    except CheckpointError:
+        raise
     except pickle.UnpicklingError as error:
-        reason = _refusal_reason(error)
-        raise _checkpoint_error(path, f"refused by the safe (weights_only) loader ({reason})") from error
+        raise _checkpoint_error(path, f"refused by the safe loader ({torch_reason(error)})") from None
     except Exception as error:  # truncated zip, corrupt records, not a torch file
-        raise _checkpoint_error(path, "not a readable torch checkpoint", error) from error
+        raise _checkpoint_error(path, "not a readable torch checkpoint", error) from None
+    bounds.check_tensors(result, name)
+    return result
 
 
 def is_zip_file(path: str | os.PathLike) -> bool:
@@ -334,7 +284,6 @@ def is_zip_file(path: str | os.PathLike) -> bool:
             return handle.read(4) == b"PK\x03\x04"
     except OSError as error:
         raise _checkpoint_error(path, "cannot be opened", error) from error
-
 
 
 def variable_arrays(values: Any, role: str) -> dict[str, np.ndarray]:

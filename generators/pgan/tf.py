@@ -20,6 +20,7 @@ from torch import nn
 from patchscope.common.atomic import replace_atomically
 from patchscope.common.errors import CheckpointError
 from patchscope.generators.base import Generator
+from patchscope.generators.io.bounds import check_copies, check_resolution
 from patchscope.generators.io.safe_pickle import PickledRecord, variable_arrays
 from patchscope.generators.pgan.zoo import pixel_norm, upscale_nearest
 
@@ -129,11 +130,8 @@ class _Variables:
 
 
 def _resolution_log2(variables: _Variables) -> int:
-    resolution = int(variables.kwargs.get("resolution", 0))
-    log2 = int(math.log2(resolution)) if resolution >= 4 else 0
-    if resolution != 2 ** log2 or log2 < 2:
-        raise CheckpointError(f"network {variables.role} has no power-of-two `resolution` ({resolution})")
-    return log2
+    resolution = variables.kwargs.get("resolution", 0)
+    return int(math.log2(check_resolution(resolution, f"network {variables.role}")))
 
 
 class PGANTFGenerator(Generator):
@@ -249,6 +247,8 @@ def _network_records(pickled: Any) -> tuple[PickledRecord, PickledRecord, Pickle
 
 
 def _assemble(g_variables: _Variables, d_variables: _Variables, alpha: float | None) -> PGANTFGenerator:
+    # each layer copies its variables to float32: shared buffers would multiply
+    check_copies([*g_variables.arrays.values(), *d_variables.arrays.values()], "TF PGAN variables")
     try:
         generator = PGANTFGenerator(g_variables)
         generator.discriminator = PGANTFDiscriminator(d_variables)

@@ -19,6 +19,7 @@ from torch import nn
 from patchscope.common.atomic import replace_atomically
 from patchscope.common.errors import CheckpointError
 from patchscope.generators.base import Generator
+from patchscope.generators.io.bounds import MAX_CHANNELS, MAX_RESOLUTION, build_within, check_dimension
 from patchscope.generators.io.safe_pickle import BaseConfig
 
 # pytorch_GAN_zoo's default celebAHQ depths: scale 0 then one entry per doubling (8 px ... 1024 px).
@@ -250,8 +251,25 @@ def _config_dict(config: Any) -> dict[str, Any]:
     if isinstance(config, Mapping):
         return dict(config)
     if isinstance(config, BaseConfig):
-        return config.to_dict()
+        try:
+            return BaseConfig.to_dict(config)
+        except ValueError as error:  # a config that contains itself: a crafted file, not the zoo's
+            raise CheckpointError(f"config: {error}") from None
     return {}
+
+
+MAX_ZOO_SCALES = int(math.log2(MAX_RESOLUTION)) - 2  # scales after 4x4
+
+
+def _check_sizes(name: str, depths: Sequence[int], **widths: int) -> None:
+    """The widths and scales read off the tensor shapes, within what any PGAN uses."""
+    for label, value in widths.items():
+        check_dimension(value, label.replace("_", " "), MAX_CHANNELS, name)
+    if len(depths) > MAX_ZOO_SCALES + 1:
+        raise CheckpointError(f"{name}: {len(depths) - 1} scales after 4x4 px; at most {MAX_ZOO_SCALES} "
+                              f"({MAX_RESOLUTION} px) are supported")
+    for depth in depths:
+        check_dimension(depth, "a scale's depth", MAX_CHANNELS, name)
 
 
 def _depths_from(state: Mapping[str, torch.Tensor]) -> list[int]:
@@ -278,14 +296,15 @@ def _missing_layers(name: str, error: Exception) -> CheckpointError:
 def _build_generator(state: Mapping[str, Any], config: Mapping[str, Any], alpha: float,
                      name: str) -> PGANZooGenerator:
     try:
-        generator = PGANZooGenerator(
-            int(state["formatLayer.module.weight"].shape[1]),
-            int(state["groupScale0.0.module.weight"].shape[0]),
-            _depths_from(state), int(state["toRGBLayers.0.module.weight"].shape[0]),
-            float(config["leakyReluLeak"]), bool(config["perChannelNormalization"]),
-            bool(config["equalizedlR"]), alpha)
+        args = (int(state["formatLayer.module.weight"].shape[1]), int(state["groupScale0.0.module.weight"].shape[0]),
+                _depths_from(state), int(state["toRGBLayers.0.module.weight"].shape[0]),
+                float(config["leakyReluLeak"]), bool(config["perChannelNormalization"]),
+                bool(config["equalizedlR"]), alpha)
     except (KeyError, TypeError, AttributeError, IndexError, ValueError) as error:
         raise _missing_layers(name, error) from error
+    _check_sizes(name, [args[1], *args[2]], latent_width=args[0], image_channels=args[3])
+    # depths come from shapes that may belong to empty or expanded tensors: the network must fit the weights
+    generator = build_within(lambda: PGANZooGenerator(*args), state.values(), name)
     _load_strict(generator, state, name)
     return generator
 
@@ -295,12 +314,13 @@ def _build_discriminator(state: Mapping[str, Any], config: Mapping[str, Any],
     try:
         from_rgb = state["fromRGBLayers.0.module.weight"]
         decision = state.get("decisionLayer.module.weight")
-        discriminator = PGANZooDiscriminator(
-            int(from_rgb.shape[0]), _depths_from(state), int(from_rgb.shape[1]),
-            int(decision.shape[0]) if decision is not None else 1, float(config["leakyReluLeak"]),
-            bool(config["miniBatchStdDev"]), bool(config["equalizedlR"]), alpha)
+        args = (int(from_rgb.shape[0]), _depths_from(state), int(from_rgb.shape[1]),
+                int(decision.shape[0]) if decision is not None else 1, float(config["leakyReluLeak"]),
+                bool(config["miniBatchStdDev"]), bool(config["equalizedlR"]), alpha)
     except (KeyError, TypeError, AttributeError, IndexError, ValueError) as error:
         raise _missing_layers("netD", error) from error
+    _check_sizes("netD", [args[0], *args[1]], image_channels=args[2], decision_width=args[3])
+    discriminator = build_within(lambda: PGANZooDiscriminator(*args), state.values(), "netD")
     _load_strict(discriminator, state, "netD")
     return discriminator
 
@@ -316,7 +336,10 @@ def load_pgan_zoo(ckpt: Mapping[str, Any], use_avg: bool = True, alpha: float | 
     if opts:
         raise ValueError(f"option(s) {sorted(opts)} do not apply to pytorch_GAN_zoo PGAN checkpoints")
     config = {**ZOO_FLAGS, **_config_dict(ckpt.get("config"))}
-    alpha = float(config["alpha"] if alpha is None else alpha)
+    try:
+        alpha = float(config["alpha"] if alpha is None else alpha)
+    except (TypeError, ValueError):
+        raise CheckpointError(f"config: alpha is {config['alpha']!r:.40}; expected a number") from None
     name = "avgG" if use_avg and ckpt.get("avgG") is not None else "netG"
     generator = _build_generator(ckpt[name], config, alpha, name)
     if ckpt.get("netD") is not None:

@@ -44,6 +44,13 @@ class StyleGANConfig(ProgressiveShape):
     fused_scale: bool | str = "auto"
     blur_filter: tuple[float, ...] | None = (1.0, 2.0, 1.0)
 
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        # one module per mapping layer: a crafted count would stall building even on the meta device
+        if isinstance(self.mapping_layers, bool) or not isinstance(self.mapping_layers, int) \
+                or not 1 <= self.mapping_layers <= 64:
+            raise ValueError(f"mapping_layers must be an integer from 1 to 64, got {self.mapping_layers!r:.40}")
+
     @property
     def num_layers(self) -> int:
         """Two style layers per resolution from 4x4 up."""

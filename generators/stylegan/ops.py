@@ -6,11 +6,14 @@ semantics (padding, equalized learning rate, filter order) so TF weights give TF
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from patchscope.generators.io.bounds import MAX_RESOLUTION
 
 LRELU_SLOPE = 0.2
 NORM_EPSILON = 1e-8  # added inside the rsqrt of pixel and instance norm, as TF does
@@ -120,9 +123,10 @@ class ProgressiveShape:
     fmap_max: int
 
     def __post_init__(self) -> None:
-        log2 = int(round(math.log2(self.resolution)))
-        if self.resolution < 4 or 2 ** log2 != self.resolution:
-            raise ValueError(f"resolution must be a power of two >= 4, got {self.resolution}")
+        resolution = self.resolution
+        if (isinstance(resolution, bool) or not isinstance(resolution, numbers.Integral)
+                or not 4 <= resolution <= MAX_RESOLUTION or resolution & (resolution - 1)):
+            raise ValueError(f"resolution must be a power of two >= 4 and <= {MAX_RESOLUTION}, got {resolution!r:.40}")
 
     @property
     def resolution_log2(self) -> int:

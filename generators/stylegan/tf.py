@@ -17,6 +17,7 @@ from torch import nn
 
 from patchscope.common.atomic import replace_atomically
 from patchscope.common.errors import CheckpointError
+from patchscope.generators.io.bounds import build_within
 from patchscope.generators.io.safe_pickle import describe_source, load_pickle, variable_arrays
 from patchscope.generators.stylegan.discriminator import DiscriminatorConfig, StyleGANDiscriminator
 from patchscope.generators.stylegan.model import DEFAULT_PSI, DEFAULT_TRUNCATION_CUTOFF, StyleGAN, StyleGANConfig
@@ -98,12 +99,22 @@ def load_stylegan_tf(pickled: Any, *, use_gs: bool = True, psi: float = DEFAULT_
     return model.eval()
 
 
+def _within(build: Callable[[], nn.Module], variables: dict[str, np.ndarray], where: str, kind: str) -> Any:
+    """The network the static_kwargs describe, refused when larger than the variables that fill it."""
+    try:
+        return build_within(build, variables.values(), where)
+    except CheckpointError:
+        raise
+    except (TypeError, ValueError, OverflowError) as error:  # widths from fmap_* options out of range
+        raise CheckpointError(f"{where}: unsupported {kind} options ({error})") from None
+
+
 def _build_generator(kwargs: dict[str, dict[str, Any]], variables: dict[str, np.ndarray], where: str,
                      **options: Any) -> StyleGAN:
     """A `StyleGAN` from its networks' static_kwargs (G, mapping, synthesis) and TF variables by full name."""
     cfg = _generator_config({"static_kwargs": kwargs["G"]}, {"static_kwargs": kwargs["mapping"]},
                             {"static_kwargs": kwargs["synthesis"]}, where)
-    model = StyleGAN(cfg, **options)
+    model = _within(lambda: StyleGAN(cfg, **options), variables, where, "G_style")
     _assign(model, variables, _generator_table(cfg), where)
     model.tf_kwargs = kwargs  # written back by save_stylegan_tf
     return model
@@ -173,7 +184,7 @@ def _generator_config(g: dict, mapping: dict, synthesis: dict, source: str) -> S
     fields.update(_kwargs_to_config({**shared, **(mapping.get("static_kwargs") or {})}, _MAPPING_KWARGS, source))
     try:
         return StyleGANConfig(**fields)
-    except (TypeError, ValueError) as error:
+    except (TypeError, ValueError, OverflowError) as error:
         raise CheckpointError(f"{source}: unsupported G_style options ({error})") from error
 
 
@@ -218,9 +229,9 @@ def _discriminator_from(kwargs: dict[str, Any], variables: dict[str, np.ndarray]
     fields = _kwargs_to_config(kwargs, _DISCRIMINATOR_KWARGS, where)
     try:
         cfg = DiscriminatorConfig(**fields)
-    except (TypeError, ValueError) as error:
+    except (TypeError, ValueError, OverflowError) as error:
         raise CheckpointError(f"{where}: unsupported D_basic options ({error})") from error
-    disc = StyleGANDiscriminator(cfg)
+    disc = _within(lambda: StyleGANDiscriminator(cfg), variables, where, "D_basic")
     _assign(disc, variables, _discriminator_table(cfg), where)
     disc.tf_kwargs = dict(kwargs)  # written back by save_stylegan_tf
     return disc.eval()

@@ -16,6 +16,7 @@ from torch import nn
 
 from patchscope.common.errors import CheckpointError
 from patchscope.generators.base import NOISE_MODES, StyleGenerator
+from patchscope.generators.io.bounds import MAX_CHANNELS, MAX_RESOLUTION, build_within
 from patchscope.generators.io.safe_pickle import load_torch
 from patchscope.generators.stylegan2.layers import (
     ConstantInput, ConvLayer, EqualLinear, PixelNorm, ResBlock, StyledConv, ToRGB, minibatch_stddev,
@@ -230,9 +231,18 @@ def infer_generator_config(state: Mapping[str, torch.Tensor], conv_clamp: float 
         raise KeyError("it needs style.1.weight, input.input and pairs of convs.{i}.conv.weight")
     channels = [state["input.input"].shape[1]]
     channels += [state[f"convs.{j}.conv.weight"].shape[1] for j in range(0, n_convs, 2)]
+    _check_widths(2 ** (n_convs // 2 + 2), [*channels, *state["style.1.weight"].shape[:2]])
     return StyleGAN2Config(size=2 ** (n_convs // 2 + 2), style_dim=state["style.1.weight"].shape[0],
                            n_mlp=n_mlp, channels=tuple(int(c) for c in channels),
                            latent_dim=state["style.1.weight"].shape[1], lr_mlp=lr_mlp, conv_clamp=conv_clamp)
+
+
+def _check_widths(size: int, widths: Sequence[int]) -> None:
+    """Sizes read off tensor shapes, within what any StyleGAN2 uses (else ValueError)."""
+    if size > MAX_RESOLUTION:
+        raise ValueError(f"{size} px is above the {MAX_RESOLUTION} px supported")
+    if not all(1 <= int(w) <= MAX_CHANNELS for w in widths):
+        raise ValueError(f"widths {[int(w) for w in widths][:8]} outside 1..{MAX_CHANNELS}")
 
 
 def infer_discriminator(state: Mapping[str, torch.Tensor], conv_clamp: float | None = None,
@@ -245,6 +255,7 @@ def infer_discriminator(state: Mapping[str, torch.Tensor], conv_clamp: float | N
     widths = [int(state[f"convs.{i}.conv2.1.weight"].shape[0]) for i in range(n_blocks, 0, -1)]
     widths.append(int(state["convs.0.0.weight"].shape[0]))
     feat = int(state["final_conv.0.weight"].shape[1] - state["final_conv.0.weight"].shape[0])
+    _check_widths(size, [*widths, int(state["convs.0.0.weight"].shape[1])])
     return StyleGAN2Discriminator(size, widths, stddev_group=stddev_group, stddev_feat=feat,
                                   conv_clamp=conv_clamp, img_channels=int(state["convs.0.0.weight"].shape[1]))
 
@@ -270,8 +281,9 @@ def build_generator(g_state: Mapping[str, torch.Tensor], source: str, part: str,
     except (KeyError, ValueError, IndexError) as err:
         raise CheckpointError(f"{source}: '{part}' is not a StyleGAN2 generator state dict "
                               f"({err.args[0] if err.args else type(err).__name__})") from None
-    gen = StyleGAN2Generator(config, psi=psi, truncation_cutoff=truncation_cutoff, noise_mode=noise_mode,
-                             format=format)
+    gen = build_within(lambda: StyleGAN2Generator(config, psi=psi, truncation_cutoff=truncation_cutoff,
+                                                  noise_mode=noise_mode, format=format),
+                       g_state.values(), f"{source}: '{part}'")
     load_weights(gen, g_state, source, part)
     gen.eval()
     if w_avg is None:
@@ -316,10 +328,13 @@ def build_discriminator(d_state: Mapping[str, torch.Tensor], source: str, part: 
     try:
         if not isinstance(d_state, Mapping):
             raise ValueError(f"it is a {type(d_state).__name__}")
-        disc = infer_discriminator(d_state, conv_clamp=conv_clamp, stddev_group=stddev_group)
+        with torch.device("meta"):  # shapes checked first, without memory
+            infer_discriminator(d_state, conv_clamp=conv_clamp, stddev_group=stddev_group)
     except (KeyError, ValueError, IndexError) as err:
         raise CheckpointError(f"{source}: '{part}' is not a StyleGAN2 discriminator state dict "
                               f"({err.args[0] if err.args else type(err).__name__})") from None
+    disc = build_within(lambda: infer_discriminator(d_state, conv_clamp=conv_clamp, stddev_group=stddev_group),
+                        d_state.values(), f"{source}: '{part}'")
     load_weights(disc, d_state, source, part)
     return disc.eval()
 

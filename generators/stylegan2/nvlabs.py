@@ -33,8 +33,45 @@ class NVlabsNetwork:
     state_dict: dict[str, torch.Tensor]
 
 
+# NVlabs constructor kwargs are a few dozen values and modules nest a few levels: a pickle's memo can
+# make a graph of shared lists or modules that expands to 2^40 (or loops), so both are bounded.
+MAX_KWARG_VALUES = 10_000
+MAX_MODULE_VISITS = 100_000
+MAX_MODULE_DEPTH = 64
+
+
+def _kwarg_children(value: Any) -> list[Any]:
+    if isinstance(value, PickledRecord) and (value.dict_items or value.name == "EasyDict"):
+        return list(value.dict_items.values())
+    if isinstance(value, dict):
+        return list(value.values())
+    return list(value) if isinstance(value, (list, tuple)) else []
+
+
+def _check_expansion(root: Any) -> None:
+    """Refuse kwargs whose expansion by `_plain` (shared containers copied out) exceeds MAX_KWARG_VALUES or
+    never ends; sizes are memoised per object, so the check costs the graph, not its expansion."""
+    sizes: dict[int, int] = {}
+    open_ids: set[int] = set()  # entered, not yet left: the current path, for cycles
+    stack: list[tuple[Any, bool]] = [(root, False)]
+    while stack:
+        value, leaving = stack.pop()
+        if leaving:
+            open_ids.discard(id(value))
+            sizes[id(value)] = 1 + sum(sizes[id(child)] for child in _kwarg_children(value))
+            if sizes[id(value)] > MAX_KWARG_VALUES:
+                raise ValueError(f"_init_kwargs expand to more than {MAX_KWARG_VALUES} values")
+        elif id(value) in open_ids:
+            raise ValueError("_init_kwargs contain themselves")
+        elif id(value) not in sizes:
+            open_ids.add(id(value))
+            stack.append((value, True))
+            stack.extend((child, False) for child in _kwarg_children(value))
+
+
 def _plain(value: Any) -> Any:
-    """Kwargs as plain containers: `dnnlib.EasyDict` arrives as a record holding dict items."""
+    """Kwargs as plain containers: `dnnlib.EasyDict` arrives as a record holding dict items.
+    Call `_check_expansion` first: this copies shared containers out."""
     if isinstance(value, PickledRecord) and (value.dict_items or value.name == "EasyDict"):
         return {k: _plain(v) for k, v in value.dict_items.items()}
     if isinstance(value, dict):
@@ -56,8 +93,13 @@ def _module_dict(obj: Any) -> dict[str, Any]:
     return obj
 
 
-def _collect_state(module: dict[str, Any], prefix: str, out: dict[str, torch.Tensor]) -> None:
+def _collect_state(module: dict[str, Any], prefix: str, out: dict[str, torch.Tensor],
+                   path: tuple[int, ...] = (), visits: list[int] | None = None) -> None:
     # The order of nn.Module.state_dict: parameters, persistent buffers, then children.
+    visits = visits if visits is not None else [0]
+    visits[0] += 1
+    if id(module) in path or len(path) > MAX_MODULE_DEPTH or visits[0] > MAX_MODULE_VISITS:
+        raise ValueError("modules that contain themselves, nest too deeply or repeat too often")
     skipped = set(module.get("_non_persistent_buffers_set") or ())
     for name, value in module["_parameters"].items():
         if value is not None:
@@ -67,7 +109,7 @@ def _collect_state(module: dict[str, Any], prefix: str, out: dict[str, torch.Ten
             out[prefix + name] = value.detach()
     for name, child in module["_modules"].items():
         if child is not None:
-            _collect_state(_module_dict(child), f"{prefix}{name}.", out)
+            _collect_state(_module_dict(child), f"{prefix}{name}.", out, (*path, id(module)), visits)
 
 
 def read_network(record: Any, source: str = "checkpoint", part: str = "network") -> NVlabsNetwork:
@@ -77,7 +119,10 @@ def read_network(record: Any, source: str = "checkpoint", part: str = "network")
         module = _module_dict(record)
         state: dict[str, torch.Tensor] = {}
         _collect_state(module, "", state)
+        _check_expansion(module.get("_init_kwargs") or {})
         kwargs = _plain(module.get("_init_kwargs") or {})
+        if not isinstance(kwargs, dict):
+            raise ValueError("_init_kwargs is not a mapping")
         if module.get("_init_args"):
             raise ValueError("positional constructor arguments")
     except (ValueError, AttributeError, TypeError) as err:
@@ -245,8 +290,10 @@ def rosinality_to_nvlabs_discriminator(state: Mapping[str, torch.Tensor]) -> dic
 
 def _refuse_unsupported(kwargs: Mapping[str, Any], net: str, source: str, part: str) -> None:
     """Options that would change the architecture away from what we build: one clear line each."""
-    nested = {**kwargs, **(kwargs.get("synthesis_kwargs") or {}), **(kwargs.get("block_kwargs") or {}),
-              **(kwargs.get("mapping_kwargs") or {})}
+    parts = [kwargs.get(k) or {} for k in ("synthesis_kwargs", "block_kwargs", "mapping_kwargs", "epilogue_kwargs")]
+    if not all(isinstance(p, Mapping) for p in parts):
+        raise CheckpointError(f"{source}: '{part}' has nested _init_kwargs that are not mappings")
+    nested = {**kwargs, **parts[0], **parts[1], **parts[2]}
     default_arch = "skip" if net == "G" else "resnet"
     checks = [("c_dim", 0, "conditional networks"), ("img_channels", 3, "non-RGB images"),
               ("architecture", default_arch, f"a {net} architecture other than '{default_arch}'"),

@@ -1,0 +1,88 @@
+"""Reading files a user or a foreign run folder names: regular files only, with a size bound, JSON depth-checked.
+
+Used by the readers of settings (YAML), classifier metadata, generator checkpoints and Glow hparams.
+"""
+from __future__ import annotations
+
+import json
+import os
+import stat
+from typing import Any
+
+from patchscope.common.errors import InputError
+
+__all__ = ["check_regular", "read_regular", "read_json", "MAX_JSON_BYTES", "MAX_JSON_DEPTH"]
+
+MAX_JSON_BYTES = 16 << 20  # metadata and hparams files are a few kB; this is only a guard
+MAX_JSON_DEPTH = 64        # deeper documents are refused before code that recurses meets them
+
+_KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISSOCK, "a socket"),
+          (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"))
+
+
+def _kind(mode: int) -> str:
+    return next((name for test, name in _KINDS if test(mode)), "a special file")
+
+
+def check_regular(path: str | os.PathLike, what: str, error: type[InputError] = InputError) -> int:
+    """The size of `path` (symlinks followed), which must be a regular file: reading a FIFO or a
+    device would block or never end. Anything else raises one line of `error`."""
+    try:
+        info = os.stat(path)
+    except FileNotFoundError:
+        raise error(f"{path}: no such file; expected {what}") from None
+    except OSError as err:
+        raise error(f"{path}: cannot be read ({err.strerror or err}); expected {what}") from None
+    if not stat.S_ISREG(info.st_mode):
+        raise error(f"{path}: {_kind(info.st_mode)}, not a regular file; expected {what}")
+    return info.st_size
+
+
+def read_regular(path: str | os.PathLike, what: str, limit: int, error: type[InputError] = InputError) -> bytes:
+    """The bytes of a regular file of at most `limit` bytes; one line of `error` otherwise."""
+    check_regular(path, what, error)
+    # O_NONBLOCK: a FIFO put in its place after the check must not block the open; fstat then refuses it.
+    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_BINARY", 0)
+    try:
+        fd = os.open(path, flags)
+    except OSError as err:
+        raise error(f"{path}: cannot be read ({err.strerror or err}); expected {what}") from None
+    with os.fdopen(fd, "rb") as handle:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise error(f"{path}: {_kind(info.st_mode)}, not a regular file; expected {what}")
+        if info.st_size > limit:
+            raise error(f"{path}: {info.st_size} bytes, more than the {limit} expected of {what}")
+        data = handle.read(limit + 1)
+    if len(data) > limit:
+        raise error(f"{path}: more than the {limit} bytes expected of {what}")
+    return data
+
+
+def _depth(value: Any, limit: int) -> int:
+    """Nesting depth of parsed JSON (lists and dicts), walked without recursion; stops past `limit`."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, (list, dict)):
+            deepest = max(deepest, depth)
+            if deepest > limit:
+                return deepest
+            stack.extend((child, depth + 1) for child in (item.values() if isinstance(item, dict) else item))
+    return deepest
+
+
+def read_json(path: str | os.PathLike, what: str, error: type[InputError] = InputError,
+              limit: int = MAX_JSON_BYTES) -> Any:
+    """The parsed JSON of a regular file; too large, too deep, not UTF-8 or not JSON is one line of `error`."""
+    data = read_regular(path, what, limit, error)
+    try:
+        value = json.loads(data)
+    except RecursionError:
+        raise error(f"{path}: JSON nested too deeply; expected {what}") from None
+    except ValueError as err:  # JSONDecodeError and UnicodeDecodeError
+        raise error(f"{path}: not valid JSON ({str(err).splitlines()[0][:80]}); expected {what}") from None
+    if _depth(value, MAX_JSON_DEPTH) > MAX_JSON_DEPTH:
+        raise error(f"{path}: JSON nested deeper than {MAX_JSON_DEPTH} levels; expected {what}")
+    return value
+
