@@ -154,6 +154,20 @@ def test_rerun_is_refused_resume_rescores_or_continues_and_force_restarts(source
     assert restarted["steps"] == 2 and not (out / "grid.png").exists()
 
 
+def test_a_folder_killed_before_its_config_is_taken_by_force_only(sources, tmp_path: Path) -> None:
+    """Killed after sources.json but before config.yaml: a plain rerun and --resume say what happened;
+    --force starts over (a leftover temporary file of the crashed write does not get in the way)."""
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "sources.json").write_text('{"generator_sha256": "0"}')
+    (out / ".config.yaml.x1y2.tmp").write_text("half")
+    for resume in (False, True):
+        with pytest.raises(InputError, match=r"cut short before its config\.yaml \(sources\.json\); pass --force"):
+            run_finetune(make_config(sources, out, steps=1, log_every=0, grid_rows=0), resume=resume)
+    result = run_finetune(make_config(sources, out, steps=1, log_every=0, grid_rows=0, compare_n=4), force=True)
+    assert result["steps"] == 1 and (out / "config.yaml").is_file() and not (out / ".config.yaml.x1y2.tmp").exists()
+
+
 def test_resume_from_another_generator_file_is_refused(sources, tmp_path: Path) -> None:
     generator, discriminator = tiny_pgan(seed=1)
     save_pgan_zoo(generator, tmp_path / "other.pt", discriminator=discriminator)
