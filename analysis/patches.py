@@ -224,7 +224,7 @@ def score_images(cfg: PatchesConfig, device: torch.device) -> dict[str, Any]:
     trained = meta.get("config", {})
     load_size, crop_size = cfg.load_size or trained.get("load_size"), cfg.crop_size or trained.get("crop_size")
     rf = receptive_field(model)
-    # Decoded on demand, not cached: only the n chosen images are read a second time.
+    # Not cached: each image is decoded when checked at load and when scored; only the n chosen ones once more.
     dataset = data.load_split(cfg.real, cfg.fake, cfg.split, load_size=load_size, crop_size=crop_size,
                               min_size=min(rf.size, crop_size or load_size or rf.size),
                               on_bad_image=cfg.on_bad_image, cache=False, workers=cfg.workers, train=False)

@@ -33,12 +33,28 @@ SWAPS_SIDES = frozenset({5, 6, 7, 8})  # orientations that turn the stored image
 class BadImageError(InputError):
     """An image file that cannot be decoded: corrupt, truncated, empty, not a regular file or not an image."""
 
-    def __init__(self, path: str | os.PathLike, reason: str = "unreadable image"):
+    def __init__(self, path: str | os.PathLike, reason: str | None = None):
+        if reason is None and _WORKER_TRACEBACK in str(path):
+            path, reason = _from_worker_traceback(str(path))
+        reason = reason or "unreadable image"
         super().__init__(f"{path}: {reason}")
         self.path, self.reason = Path(path), reason
 
     def __reduce__(self):  # keep (path, reason) across process boundaries
         return type(self), (self.path, self.reason)
+
+
+# torch's DataLoader re-raises a worker's exception as `type(message)`, the message being its whole traceback
+# text: a BadImageError built that way takes (path, reason) back from the traceback's last line, so the
+# command still stops with one line naming the file.
+_WORKER_TRACEBACK = "\nOriginal Traceback"
+
+
+def _from_worker_traceback(text: str) -> tuple[str, str | None]:
+    last = text.rstrip().splitlines()[-1]  # "patchscope.common.images.BadImageError: PATH: REASON"
+    message = last.partition(f"{BadImageError.__name__}: ")[2] or last
+    path, _, reason = message.partition(": ")
+    return path, reason or None
 
 
 # ----------------------------------------------------------------------------- opening

@@ -19,8 +19,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from patchscope.common.errors import InputError
-from patchscope.common.images import (BadImageError, IMAGE_SUFFIXES, image_size, read_image,  # noqa: F401 - re-exported
-                                      walk_images)
+from patchscope.common.images import BadImageError, IMAGE_SUFFIXES, read_image, walk_images  # noqa: F401 - re-exported
 from patchscope.common.labels import FAKE, REAL
 from patchscope.common.progress import progress_bar
 from patchscope.forensics.batching import (BalancedBatchSampler, EpochBatches, SequentialBatches,  # noqa: F401 - re-exported
@@ -139,25 +138,27 @@ def resize_image(img: np.ndarray, load_size: int | None) -> np.ndarray:
 
 
 # ----------------------------------------------------------------------------- image sets
+# The bad-file policy is decided once, when a set is built, and the same way with and without the cache:
+# every file is decoded in full there (in `workers` processes), so a file that cannot be decoded is counted,
+# named in one warning and left out (or, under "error", stops the command) before any batch exists. A lazy
+# set only drops the pixels after that check. Why not skip lazily, inside the DataLoader workers: a file
+# dropped mid-epoch would unbalance its batch, shift every later item index (scores CSV, heatmaps, patches)
+# and be found at a different moment in each epoch and each worker count; a header check (Pillow's verify)
+# cannot see a truncated JPEG, which fails only when decoded. The price is one extra decode per image per
+# run for a lazy set (training decodes each image every epoch anyway; eval decodes twice).
 
 # Outcome of one file in a (possibly worker) process: pixels or None, original (width, height), failure reason.
 _Outcome = tuple[np.ndarray | None, tuple[int, int] | None, str | None]
 
 
-def _decode_entry(path: Path, load_size: int | None) -> _Outcome:
+def _decode_entry(path: Path, load_size: int | None, keep: bool = True) -> _Outcome:
+    """Decode and resize one file; `keep=False` (a lazy set) checks it the same way and returns no pixels."""
     try:
         pixels = read_image(path)
     except BadImageError as exc:
         return None, None, exc.reason
-    return resize_image(pixels, load_size), (pixels.shape[1], pixels.shape[0]), None
-
-
-def _probe_entry(path: Path, load_size: int | None) -> _Outcome:
-    try:
-        size = image_size(path)  # verified without decoding, upright like read_image
-    except BadImageError as exc:
-        return None, None, exc.reason
-    return None, size, None
+    original = (pixels.shape[1], pixels.shape[0])
+    return (resize_image(pixels, load_size) if keep else None), original, None
 
 
 @contextlib.contextmanager
@@ -172,7 +173,11 @@ def _job_runner(workers: int, count: int) -> Iterator[Callable]:
 
 
 class ImageSet:
-    """Images of one class, checked at construction; decoded and resized once when cached."""
+    """Images of one class, each decoded once at construction (the bad-file check); kept in memory when cached.
+
+    Images keep their own aspect ratio: the cache holds one array per image, whatever its shape, and
+    `RealFakeDataset` crops them to one shape.
+    """
 
     def __init__(self, paths: Sequence[str | os.PathLike], load_size: int | None = None, min_size: int = 0,
                  on_bad_image: str = "skip", cache: bool = True, workers: int = 0, progress: bool = False):
@@ -185,25 +190,22 @@ class ImageSet:
         self.paths: list[Path] = []  # the images kept, in input order
         self.sizes: list[tuple[int, int]] = []  # (height, width) of each kept image after resizing
         self.skipped: list[tuple[Path, str]] = []  # (path, reason) of each unreadable file
-        self._pixels: np.ndarray | None = None
-        job = functools.partial(_decode_entry if cache else _probe_entry, load_size=load_size)
+        self._pixels: list[np.ndarray] | None = [] if cache else None
+        job = functools.partial(_decode_entry, load_size=load_size, keep=cache)
         with _job_runner(workers, len(candidates)) as run:
             outcomes = progress_bar(run(job, candidates), total=len(candidates), disable=not progress,
                                     desc="decoding" if cache else "checking", unit="img")
             for path, outcome in zip(candidates, outcomes):
-                self._admit(path, *outcome, capacity=len(candidates))
+                self._admit(path, *outcome)
         if not self.paths:
             path, reason = self.skipped[0]
             raise InputError(f"none of the {len(candidates)} images could be read (first: {path}: {reason})")
         if self.skipped:
             log.warning("skipped %d of %d images that could not be read: %s", len(self.skipped), len(candidates),
                         "; ".join(f"{path} ({reason})" for path, reason in self.skipped))
-        if self._pixels is not None:
-            self._pixels = self._pixels[:len(self.paths)]
-            self._pixels.flags.writeable = False  # items are views of the cache
 
     def _admit(self, path: Path, pixels: np.ndarray | None, original: tuple[int, int] | None,
-               reason: str | None, capacity: int) -> None:
+               reason: str | None) -> None:
         if reason is not None:
             if self.on_bad_image == "error":
                 raise BadImageError(path, reason)
@@ -213,18 +215,11 @@ class ImageSet:
         if min(width, height) < self.min_size:
             raise InputError(f"{path}: {width}x{height} px is smaller than the classifier's "
                              f"receptive field/crop ({self.min_size} px)")
-        size = pixels.shape[:2] if pixels is not None else resized_shape(height, width, self.load_size)
         if pixels is not None:
-            if self._pixels is None:
-                self._pixels = np.empty((capacity, *pixels.shape), dtype=np.uint8)
-            elif pixels.shape != self._pixels.shape[1:]:
-                h0, w0 = self._pixels.shape[1:3]
-                raise InputError(f"{path}: {size[1]}x{size[0]} px after resizing, but {self.paths[0]} is "
-                                 f"{w0}x{h0} px; cached images must share one size: set load_size "
-                                 "(for images of one aspect ratio) or use cache=False")
-            self._pixels[len(self.paths)] = pixels
+            pixels.flags.writeable = False  # items are the cached arrays themselves
+            self._pixels.append(pixels)
         self.paths.append(path)
-        self.sizes.append(tuple(size))
+        self.sizes.append(pixels.shape[:2] if pixels is not None else resized_shape(height, width, self.load_size))
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -233,7 +228,13 @@ class ImageSet:
         """uint8 H x W x 3 (read-only when cached)."""
         if self._pixels is not None:
             return self._pixels[index]
-        return resize_image(read_image(self.paths[index]), self.load_size)
+        path = self.paths[index]
+        try:
+            pixels = read_image(path)
+        except BadImageError as exc:  # it decoded when the set was built: never skipped here, mid-epoch
+            raise BadImageError(path, f"{exc.reason}; it could be read when the images were loaded, so it "
+                                      "changed since") from None
+        return resize_image(pixels, self.load_size)
 
 
 # ----------------------------------------------------------------------------- dataset
@@ -256,15 +257,19 @@ class RealFakeDataset(Dataset):
         self._check_sizes()
 
     def _check_sizes(self) -> None:
+        """Every item must come out in one shape: a crop_size square, else the square of the shorter side."""
         entries = [*zip(self.real.paths, self.real.sizes), *zip(self.fake.paths, self.fake.sizes)]
         first_path, (h0, w0) = entries[0]
         for path, (height, width) in entries:
             if self.crop_size is not None and min(height, width) < self.crop_size:
                 raise InputError(f"{path}: {width}x{height} px (after resizing) is smaller than the crop "
-                                 f"({self.crop_size} px); raise load_size or lower crop_size")
-            if self.crop_size is None and (height, width) != (h0, w0):
-                raise InputError(f"{path}: {width}x{height} px but {first_path} is {w0}x{h0} px; "
-                                 "images of different sizes need crop_size (or load_size) to be batched")
+                                 f"({self.crop_size} px); raise load_size (--load-size) or lower crop_size "
+                                 "(--crop-size)")
+            if self.crop_size is None and min(height, width) != min(h0, w0):
+                raise InputError(f"{path}: {width}x{height} px (after resizing) but {first_path} is {w0}x{h0} px; "
+                                 "without crop_size each image is centre-cropped to the square of its shorter "
+                                 "side, and these differ: set load_size (--load-size, resizes every shorter "
+                                 "side to it) or crop_size (--crop-size)")
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
@@ -296,18 +301,22 @@ class RealFakeDataset(Dataset):
         return torch.from_numpy(chw).div_(127.5).sub_(1.0), int(self.labels[index]), index
 
     def _augment(self, pixels: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        """Train: a random crop_size window, then a coin-flip mirror. Eval: the centre crop_size window.
+        Without crop_size, both take the centred square of the shorter side (whole square images stay whole),
+        so images of any aspect ratio batch together; train still flips it."""
         height, width = pixels.shape[:2]
         size = self.crop_size
+        if self.train and size is not None:
+            top, left = int(rng.integers(0, height - size + 1)), int(rng.integers(0, width - size + 1))
+            pixels = pixels[top:top + size, left:left + size]
+        else:
+            size = size if size is not None else min(height, width)
+            # torchvision CenterCrop's rounding, so eval crops match the public pipeline.
+            top, left = int(round((height - size) / 2.0)), int(round((width - size) / 2.0))
+            pixels = pixels[top:top + size, left:left + size]
         if self.train:
-            if size is not None:
-                top, left = int(rng.integers(0, height - size + 1)), int(rng.integers(0, width - size + 1))
-                pixels = pixels[top:top + size, left:left + size]
             return pixels[:, ::-1] if rng.random() < 0.5 else pixels
-        if size is None:
-            return pixels
-        # torchvision CenterCrop's rounding, so eval crops match the public pipeline.
-        top, left = int(round((height - size) / 2.0)), int(round((width - size) / 2.0))
-        return pixels[top:top + size, left:left + size]
+        return pixels
 
 
 def load_split(real_source: str | os.PathLike, fake_source: str | os.PathLike, split: str | None = None,

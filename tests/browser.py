@@ -1,4 +1,4 @@
-"""Headless Chromium for the report tests: find (or install) it, render a page, read its console,
+"""Headless Chromium for the report tests: find it (installed by `make browser`), render a page, read its console,
 and check in the browser itself that every image on a page decodes.
 
 Console check: Chromium started with `--enable-logging=stderr --v=0` writes every console message of the page
@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import html
 import json
-import os
 import re
 import shutil
 import subprocess
@@ -18,8 +17,7 @@ from pathlib import Path
 
 import pytest
 
-CHROMIUM = ("chromium", "chromium-browser")  # Debian's package installs /usr/bin/chromium
-INSTALL_TIMEOUT = 1200  # s, apt-get update + install on a slow mirror
+CHROMIUM = ("chromium", "chromium-browser")  # Debian's package (`make browser`) installs /usr/bin/chromium
 RUN_TIMEOUT = 180       # s, one headless render
 CONSOLE_LINE = re.compile(r":CONSOLE[:(]")
 PROBE = """<script>
@@ -33,37 +31,17 @@ window.addEventListener("load", () => {
 </script>"""
 
 
-def _install_chromium() -> str:
-    """Install Debian's chromium when this process may; the reason it could not, else ""."""
-    if not hasattr(os, "geteuid") or os.geteuid() != 0:
-        return "not running as root, so `apt-get install chromium` is not possible"
-    if shutil.which("apt-get") is None:
-        return "no apt-get on this machine"
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    for command in (["apt-get", "update", "-qq"], ["apt-get", "install", "-y", "-qq", "chromium"]):
-        try:
-            result = subprocess.run(command, capture_output=True, text=True, timeout=INSTALL_TIMEOUT, env=env,
-                                    check=False)
-        except subprocess.TimeoutExpired:
-            return f"`{' '.join(command)}` took longer than {INSTALL_TIMEOUT} s"
-        if result.returncode != 0:
-            last = (result.stderr.strip() or result.stdout.strip() or "no output").splitlines()[-1]
-            return f"`{' '.join(command)}` failed: {last}"
-    return ""
-
-
 def find_chromium() -> str | None:
     return next((path for path in map(shutil.which, CHROMIUM) if path), None)
 
 
 def chromium_or_skip() -> str:
-    """The Chromium binary, installed first when this process may; otherwise the test is skipped."""
+    """The Chromium binary on PATH, else the test is skipped. Tests never install it: `make browser` does
+    (Debian's package, as root), and `make test` runs that target where PATCHSCOPE_INSTALL_BROWSER=1 (CI)."""
     binary = find_chromium()
     if binary is None:
-        reason = _install_chromium()
-        binary = find_chromium()
-        if binary is None:
-            pytest.skip(f"headless Chromium is not installed and could not be: {reason or 'not found after install'}")
+        pytest.skip(f"headless Chromium not found (looked for {' or '.join(CHROMIUM)} on PATH); "
+                    "`make browser` installs it (as root, with apt-get)")
     return binary
 
 

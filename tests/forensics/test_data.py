@@ -226,11 +226,13 @@ def test_set_of_only_bad_files_raises_input_error(tmp_path, cache):
         ImageSet(sorted(bad.values()), cache=cache)
 
 
-def test_cached_images_of_different_sizes_ask_for_load_size(tmp_path):
+def test_images_of_different_sizes_are_cached_but_a_batch_without_crop_asks_for_load_size(tmp_path):
     paths = [save(tmp_path / "a.png", pixels(0, 24, 24)), save(tmp_path / "b.png", pixels(1, 30, 30))]
-    with pytest.raises(InputError, match=r"b\.png: 30x30 px after resizing, .* set load_size"):
-        ImageSet(paths)
-    assert ImageSet(paths, load_size=24)[1].shape == (24, 24, 3)
+    images = ImageSet(paths)
+    assert images.sizes == [(24, 24), (30, 30)] and images[1].shape == (30, 30, 3)
+    with pytest.raises(InputError, match=r"b\.png: 30x30 px .* set load_size \(--load-size.* crop_size \(--crop-size"):
+        RealFakeDataset(images, images, crop_size=None, train=False)
+    assert RealFakeDataset(*[ImageSet(paths, load_size=24)] * 2, None, train=False)[1][0].shape == (3, 24, 24)
 
 
 def test_cache_pool_and_no_cache_give_identical_images(tmp_path):
