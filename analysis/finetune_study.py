@@ -21,7 +21,8 @@ from patchscope.analysis.grids import image_grid, save_image, to_uint8
 from patchscope.analysis.shift_grid import LARGEST_TILE
 from patchscope.attacks.finetune import FinetuneSettings, GeneratorFinetuner
 from patchscope.attacks.finetune_eval import FINETUNED, ORIGINAL, Comparison
-from patchscope.attacks.finetune_files import GENERATOR_FILE, METRICS_FILE, RESUME_FILE
+from patchscope.attacks.finetune_files import (GENERATOR_FILE, MANIFEST_FILE, METRICS_FILE, RESUME_FILE,
+                                              STAGING_FOLDER, committed, forget)
 from patchscope.attacks.gan_objectives import objective_for
 from patchscope.attacks.perceptual import LPIPS_NETS, find_backbone_weights, load_lpips
 from patchscope.attacks.real_batches import RealImages
@@ -47,8 +48,8 @@ TABLE_FIELDS = ("generator", "n", "n_real", "n_fake", "acc", "acc_real", "acc_fa
 RESUMABLE_CHANGES = ("out", "steps", "device", "checkpoint_every", "compare_n", "grid_rows", "cache_real")
 GRID_TITLE = "original vs finetuned ({steps} steps), same latents; caption = P(fake)"
 SOURCES_FILE = "sources.json"  # SHA-256 of the generator and classifier files the run started from
-RESULT_FILES = (GENERATOR_FILE, RESUME_FILE, METRICS_FILE, SOURCES_FILE, "before_after.json", "before_after.csv",
-                "grid.png")
+RESULT_FILES = (MANIFEST_FILE, STAGING_FOLDER, GENERATOR_FILE, RESUME_FILE, METRICS_FILE, SOURCES_FILE,
+                "before_after.json", "before_after.csv", "grid.png")
 RUN_FOLDER = RunFolder(holds="a finetuning run", resumable=RESUMABLE_CHANGES, writes=RESULT_FILES)
 
 
@@ -179,17 +180,33 @@ def _real_split(config: FinetuneConfig) -> str | None:
     return "train" if (Path(config.real) / "train").is_dir() else None
 
 
+def _trained(out: Path) -> bool:
+    """Whether OUT holds a saved checkpoint (then the source files it was finetuned from matter)."""
+    return committed(out) or (out / RESUME_FILE).exists()
+
+
 def _check_sources(out: Path, sources: dict[str, str]) -> None:
-    """A resumed run must start from the very files it started from (same SHA-256), not just the same paths."""
+    """A resumed run must start from the very files it started from (same SHA-256), not just the same paths.
+
+    Until a checkpoint is saved nothing depends on them (`_record_sources` then writes them again)."""
     saved_file = out / SOURCES_FILE
-    if not saved_file.is_file():
-        write_json(saved_file, sources)
+    if not _trained(out):
         return
+    if not saved_file.is_file():
+        raise InputError(f"{out}: holds a finetuning checkpoint but no {SOURCES_FILE} to tell which generator and "
+                         f"classifier files it was finetuned from; pass --force to start again or use another --out")
     saved = json.loads(saved_file.read_text())
     for key, digest in sources.items():
         if saved.get(key) != digest:
             raise InputError(f"{out}: was finetuned from another {key.split('_')[0]} file (SHA-256 differs); "
                              f"pass --force to start again or use another --out")
+
+
+def _record_sources(out: Path, sources: dict[str, str]) -> None:
+    """Write sources.json, after config.yaml: a run killed between the two, before its first checkpoint, is a run
+    that --resume continues (its sources are written then)."""
+    if not _trained(out):
+        write_json(out / SOURCES_FILE, sources)
 
 
 def _write_table(out: Path, rows: list[dict[str, Any]], info: dict[str, Any]) -> None:
@@ -240,12 +257,14 @@ def run_finetune(config: FinetuneConfig, resume: bool = False, force: bool = Fal
                                    lpips=lpips_model, device=device)
     out.mkdir(parents=True, exist_ok=True)
     if force:
+        forget(out)  # the commit first: from then on nothing of the older run counts
         for name in RESULT_FILES:
             (out / name).unlink(missing_ok=True)
     sources = {"generator_sha256": checkpoint_sha256(config.generator),
                "classifier_sha256": checkpoint_sha256(classifier_file)}
     _check_sources(out, sources)
     RUN_FOLDER.save(out, config)
+    _record_sources(out, sources)
     result = finetuner.run(config.steps, config.batch_size, config.seed, out=out,
                            checkpoint_every=config.checkpoint_every, log_every=config.log_every,
                            eval_n=config.eval_n, eval_seed=eval_seed, resume=resume)

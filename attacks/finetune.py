@@ -13,8 +13,9 @@ import torch
 from torch import nn
 
 from patchscope.attacks.finetune_eval import FINETUNED, Comparison, SampleJudge, compare_generators
-from patchscope.attacks.finetune_files import (GENERATOR_FILE, METRICS_FILE, RESUME_FILE, load_network_state,
-                                              load_resume, network_state, save_resume, truncate_log)
+from patchscope.attacks.finetune_files import (GENERATOR_FILE, METRICS_FILE, RESUME_FILE, commit_checkpoint, committed,
+                                              forget, load_network_state, load_resume, network_state, recover,
+                                              truncate_log)
 from patchscope.attacks.gan_objectives import GANObjective, objective_for
 from patchscope.attacks.latent_optim import frozen
 from patchscope.attacks.real_batches import RealImages
@@ -28,7 +29,7 @@ from patchscope.common.progress import ProgressBar, progress_bar
 from patchscope.common.runfolder import refuse_changes
 from patchscope.forensics.scoring import AGGREGATIONS, patch_cross_entropy
 from patchscope.generators.base import Generator, StyleGenerator
-from patchscope.generators.io.writers import save_generator_checkpoint, written_format
+from patchscope.generators.io.writers import written_format
 from patchscope.generators.stylegan2.model import StyleGAN2Discriminator
 from patchscope.generators.training.schedule import batch_indices, derive_seed
 
@@ -257,14 +258,15 @@ class GeneratorFinetuner:
                 "format": written_format(self.generator), "max_loss": self.max_loss, "precision": self.precision}
 
     def _checkpoint(self, out: Path | None, settings: dict[str, Any]) -> None:
-        """generator.pt (own format) then resume.pt; the state becomes the last good one."""
+        """generator.pt (own format) and resume.pt as one commit (`finetune_files.commit_checkpoint`); the state
+        becomes the last good one."""
         self._good = self._snapshot()
         if out is None:
             return
-        save_generator_checkpoint(out / GENERATOR_FILE, self.average, self.generator, self.discriminator)
-        save_resume(out, {**self._good, "settings": settings, "optimizer_g": self.optimizer_g.state_dict(),
-                          "optimizer_d": self.optimizer_d.state_dict(), "counts": dict(self._counts),
-                          "sums": {k: v.detach().cpu() for k, v in self._sums.items()}})
+        commit_checkpoint(out, self.step, self.average, self.generator, self.discriminator,
+                          {**self._good, "settings": settings, "optimizer_g": self.optimizer_g.state_dict(),
+                           "optimizer_d": self.optimizer_d.state_dict(), "counts": dict(self._counts),
+                           "sums": {k: v.detach().cpu() for k, v in self._sums.items()}})
 
     def _resume(self, out: Path, settings: dict[str, Any]) -> list[dict[str, Any]]:
         saved = load_resume(out)
@@ -312,11 +314,13 @@ class GeneratorFinetuner:
         (seed, s) alone, so a resumed run repeats an uninterrupted one.
 
         With `out`: OUT/generator.pt (own format) and OUT/resume.pt every `checkpoint_every` steps and
-        at the end, one OUT/metrics.jsonl line every `log_every` steps (and at steps 0 and `steps`) with
+        at the end, each pair saved as one commit (`finetune_files.commit_checkpoint`), one OUT/metrics.jsonl
+        line every `log_every` steps (and at steps 0 and `steps`) with
         the mean losses and, on latents 0..eval_n-1 of `eval_seed` (default seed + 1) against eval_n
         real images, the classifier's accuracy, AP and P(fake), and LPIPS to the original. `resume`
-        continues from OUT/resume.pt. A non-finite loss, or a total above max_loss, stops the run and
-        returns the last checkpointed weights (the files keep them too) with the reason in `stopped`.
+        continues from the last committed checkpoint, whenever the last run was killed: in fp32 on CPU it
+        ends with the files of an uninterrupted run. A non-finite loss, or a total above max_loss, stops the
+        run and returns the last checkpointed weights (the files keep them too) with the reason in `stopped`.
         """
         run = self._plan(steps, batch, seed, out, checkpoint_every, log_every, eval_n, eval_seed)
         self._open(run, resume)
@@ -342,13 +346,18 @@ class GeneratorFinetuner:
                     seed + 1 if eval_seed is None else eval_seed, self.settings(batch, seed))
 
     def _open(self, run: _Run, resume: bool) -> None:
-        """Continue from OUT/resume.pt when asked (its log lines kept), else start OUT's log afresh."""
-        if run.out is not None:
-            run.out.mkdir(parents=True, exist_ok=True)
-            if resume and (run.out / RESUME_FILE).exists():
-                run.history = self._resume(run.out, run.settings)
+        """Continue from OUT's last committed checkpoint when asked (its log lines kept), else start OUT afresh."""
+        out = run.out
+        if out is not None:
+            out.mkdir(parents=True, exist_ok=True)
+            if resume and committed(out):
+                recover(out)  # a checkpoint cut short is rolled back (not committed) or forward (committed)
+                run.history = self._resume(out, run.settings)
+            elif resume and (out / RESUME_FILE).exists():  # saved before checkpoints were commits
+                run.history = self._resume(out, run.settings)
+                self._checkpoint(out, run.settings)  # generator.pt rewritten from resume.pt: the two agree
             elif self.step == 0:
-                (run.out / METRICS_FILE).unlink(missing_ok=True)  # a fresh run: no lines of an older one
+                forget(out)  # a fresh run: no files or log lines of an older one, nor of one never committed
         if self.step > run.steps:
             raise InputError(f"the run is already at step {self.step}, past the {run.steps} steps asked for")
 
@@ -381,8 +390,8 @@ class GeneratorFinetuner:
 
     def _finish(self, run: _Run, stopped: str | None) -> FinetuneResult:
         out = run.out
-        if stopped is None and out is not None and not (out / GENERATOR_FILE).exists():
+        if stopped is None and out is not None and not committed(out):
             self._checkpoint(out, run.settings)  # zero steps asked for: the file still holds the (unchanged) networks
-        checkpoint = out / GENERATOR_FILE if out is not None and (out / GENERATOR_FILE).exists() else None
+        checkpoint = out / GENERATOR_FILE if out is not None and committed(out) else None
         return FinetuneResult(self.average, self.generator, self.discriminator, self.step, stopped, run.history,
                               checkpoint, run.settings)
