@@ -339,7 +339,7 @@ class GeneratorFinetuner:
         if steps < 0 or batch < 2 or seed < 0 or checkpoint_every < 0 or log_every < 0 or eval_n < 0:
             raise ValueError(f"expected steps >= 0, batch >= 2, seed >= 0 and non-negative intervals; got "
                              f"steps={steps}, batch={batch}, seed={seed}")
-        group = getattr(self.discriminator, "stddev_group", 1)
+        group = getattr(self.discriminator, "stddev_group", 1) or batch  # None (NVlabs): the whole batch
         if isinstance(self.discriminator, StyleGAN2Discriminator) and batch % min(group, batch):
             raise ValueError(f"a StyleGAN2 discriminator needs a batch that is a multiple of {group}, not {batch}")
         return _Run(steps, batch, seed, Path(out) if out is not None else None, checkpoint_every, log_every, eval_n,

@@ -83,6 +83,8 @@ def tf_minibatch_stddev(x: torch.Tensor, group_size: int = 4) -> torch.Tensor:
     sample i in group i mod (N / group size)."""
     n, c, h, w = x.shape
     size = min(group_size, n)
+    if n % size:  # TF's reshape to [size, -1, ...] fails the same way
+        raise ValueError(f"minibatch stddev needs a batch divisible by {size}, got {n}")
     y = x.reshape(size, -1, c, h, w)
     y = (y - y.mean(dim=0, keepdim=True)).square().mean(dim=0)
     y = (y + 1e-8).sqrt().mean(dim=(1, 2, 3), keepdim=True)

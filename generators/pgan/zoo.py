@@ -41,9 +41,10 @@ def upscale_nearest(x: torch.Tensor, factor: int = 2) -> torch.Tensor:
 def zoo_minibatch_stddev(x: torch.Tensor, group_size: int = 4) -> torch.Tensor:
     """The zoo's minibatch-stddev channel: unbiased variance over groups of min(4, N).
 
-    Mirrors the zoo exactly, including its bookkeeping: members of group g are samples
-    g, g+G, g+2G... but the result of group g is written to samples g*s .. g*s+s-1.
-    With one group (N <= 4, the usual case) the two agree.
+    As pytorch_GAN_zoo's `miniBatchStdDev` (models/networks/mini_batch_stddev_module.py since its
+    2019 bugfix f5c8125): the groups are contiguous blocks (samples 0..s-1, s..2s-1, ...), each
+    block's mean standard deviation goes to its own samples. A batch not divisible by the group
+    size is one group; a group of one gives zeros. (TF's layer groups strided samples instead.)
     """
     n, c, h, w = x.shape
     size = min(n, group_size)
@@ -52,7 +53,7 @@ def zoo_minibatch_stddev(x: torch.Tensor, group_size: int = 4) -> torch.Tensor:
     groups = n // size
     if size == 1:
         return torch.cat([x, x.new_zeros(n, 1, h, w)], dim=1)
-    y = x.reshape(size, groups, c, h, w).var(dim=0, unbiased=True)
+    y = x.reshape(groups, size, c, h, w).var(dim=1, unbiased=True)
     y = (y + 1e-8).sqrt().reshape(groups, -1).mean(dim=1)
     y = y.reshape(groups, 1, 1, 1, 1).expand(groups, size, 1, h, w).reshape(n, 1, h, w)
     return torch.cat([x, y], dim=1)

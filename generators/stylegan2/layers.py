@@ -254,10 +254,15 @@ class ResBlock(nn.Module):
         return (self.conv2(self.conv1(x)) + self.skip(x)) / math.sqrt(2.0)
 
 
-def minibatch_stddev(x: torch.Tensor, group_size: int = 4, num_channels: int = 1) -> torch.Tensor:
-    """Append the mean (biased) standard deviation over groups of samples as extra channels."""
+def minibatch_stddev(x: torch.Tensor, group_size: int | None = 4, num_channels: int = 1) -> torch.Tensor:
+    """Append the mean (biased) standard deviation over groups of samples as extra channels.
+
+    As rosinality's `Discriminator.forward` and NVlabs' `MinibatchStdLayer`: the batch is split
+    as [G, N/G, ...], so sample i is in group i mod (N/G) (strided). `group_size=None` (NVlabs'
+    `mbstd_group_size=None`) makes the whole batch one group.
+    """
     n, c, h, w = x.shape
-    g = min(group_size, n)
+    g = n if group_size is None else min(group_size, n)
     if n % g:
         raise ValueError(f"discriminator batch {n} must be a multiple of the stddev group {g}")
     y = x.view(g, -1, num_channels, c // num_channels, h, w)

@@ -191,7 +191,7 @@ class StyleGAN2Generator(StyleGenerator):
 class StyleGAN2Discriminator(nn.Module):
     """Residual discriminator: fromRGB, one ResBlock per scale, minibatch stddev, conv, two linears."""
 
-    def __init__(self, size: int, channels: Sequence[int], stddev_group: int = 4, stddev_feat: int = 1,
+    def __init__(self, size: int, channels: Sequence[int], stddev_group: int | None = 4, stddev_feat: int = 1,
                  conv_clamp: float | None = None, img_channels: int = 3) -> None:
         super().__init__()
         log_size = int(math.log2(size))
@@ -246,7 +246,7 @@ def _check_widths(size: int, widths: Sequence[int]) -> None:
 
 
 def infer_discriminator(state: Mapping[str, torch.Tensor], conv_clamp: float | None = None,
-                        stddev_group: int = 4) -> StyleGAN2Discriminator:
+                        stddev_group: int | None = 4) -> StyleGAN2Discriminator:
     """A discriminator shaped like a rosinality `d` state dict (widths read from its keys)."""
     n_blocks = count_indexed_keys(state, "convs.{}.conv1.0.weight", start=1)
     if "convs.0.0.weight" not in state or "final_conv.0.weight" not in state or n_blocks == 0:
@@ -323,7 +323,7 @@ def load_rosinality(ckpt: Mapping[str, Any], use_ema: bool = True, psi: float = 
 
 
 def build_discriminator(d_state: Mapping[str, torch.Tensor], source: str, part: str,
-                        conv_clamp: float | None = None, stddev_group: int = 4) -> StyleGAN2Discriminator:
+                        conv_clamp: float | None = None, stddev_group: int | None = 4) -> StyleGAN2Discriminator:
     """A discriminator with `d_state` (rosinality keys) loaded, in eval mode."""
     try:
         if not isinstance(d_state, Mapping):

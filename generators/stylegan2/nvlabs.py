@@ -352,12 +352,15 @@ def load_nvlabs_discriminator(snapshot: Mapping[str, Any], source: str = "checkp
     epilogue = net.init_kwargs.get("epilogue_kwargs") or {}
     if epilogue.get("mbstd_num_channels", 1) != 1:
         raise CheckpointError(f"{source}: 'D' has mbstd_num_channels={epilogue['mbstd_num_channels']}; only 1 is supported")
+    group = epilogue.get("mbstd_group_size", 4)  # None: the whole batch is one group
+    if group is not None and (isinstance(group, bool) or not isinstance(group, int) or not 1 <= group <= 4096):
+        raise CheckpointError(f"{source}: 'D' has mbstd_group_size={group!r:.40}; expected None or 1..4096")
     try:
         d_state = nvlabs_to_rosinality_discriminator(net.state_dict)
     except (KeyError, ValueError) as err:
         raise CheckpointError(f"{source}: 'D' is not a StyleGAN2 resnet discriminator (missing or odd {err})") from None
     return build_discriminator(d_state, source, "D", conv_clamp=net.init_kwargs.get("conv_clamp"),
-                               stddev_group=epilogue.get("mbstd_group_size", 4))
+                               stddev_group=group)
 
 
 def load_nvlabs_file(path: str | os.PathLike, **opts: Any) -> StyleGAN2Generator:

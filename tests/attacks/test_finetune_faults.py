@@ -18,8 +18,8 @@ import torch
 from click.testing import CliRunner
 from PIL import Image
 
-import patchscope.attacks.finetune as finetune_module
 from patchscope.analysis.finetune_study import FinetuneConfig, run_finetune
+import patchscope.attacks.finetune as finetune_module
 from patchscope.cli import main
 from patchscope.common import atomic, runfolder
 from patchscope.common.errors import InputError

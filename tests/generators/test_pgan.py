@@ -254,9 +254,10 @@ def test_zoo_minibatch_stddev_follows_the_zoo_grouping_for_eight_samples() -> No
 
     x = torch.randn(8, 2, 4, 4, generator=torch.Generator().manual_seed(0))
     out = zoo_minibatch_stddev(x)
-    # group g = samples g, g+2, g+4, g+6 (unbiased std, averaged), written to rows 4g .. 4g+3
+    # contiguous groups (the zoo's x.view(-1, 4, C, H, W)): group g = samples 4g .. 4g+3 (unbiased
+    # std, averaged), written to the same rows; tests/generators/test_minibatch_stddev.py has the zoo's output
     for group in range(2):
-        expected = (x[group::2].var(dim=0, unbiased=True) + 1e-8).sqrt().mean()
+        expected = (x[4 * group: 4 * group + 4].var(dim=0, unbiased=True) + 1e-8).sqrt().mean()
         torch.testing.assert_close(out[4 * group: 4 * group + 4, 2], expected.expand(4, 4, 4))
     torch.testing.assert_close(out[:, :2], x)
     assert torch.equal(zoo_minibatch_stddev(x[:1])[:, 2], torch.zeros(1, 4, 4))
