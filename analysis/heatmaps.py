@@ -29,7 +29,7 @@ from patchscope.common.device import resolve_device, resolve_precision
 from patchscope.common.errors import InputError
 from patchscope.common.labels import LABEL_NAMES, LABELS, REAL
 from patchscope.forensics import checkpoint, data
-from patchscope.forensics.evaluate import EvalConfig, parse_test_spec, predict
+from patchscope.forensics.evaluate import EvalConfig, parse_test_spec, predict, printable_path
 from patchscope.forensics.figures import figure_format, render_figure
 from patchscope.forensics.receptive import ModelLike, Size, output_size, receptive_field
 
@@ -299,7 +299,7 @@ def write_eval_heatmaps(config: EvalConfig, n: int) -> dict[str, dict[str, Any]]
         paths, labels, scores = _read_scores(table)
         dataset = data.load_split(real, fake, config.split, load_size=load_size, crop_size=crop_size,
                                   min_size=min_size, on_bad_image=config.on_bad_image, cache=False, train=False)
-        if [str(p) for p in dataset.paths] != paths:
+        if [printable_path(p) for p in dataset.paths] != paths:
             raise InputError(f"{table}: lists other images than test set {name!r} holds now; re-run eval")
         groups = select_extremes(scores, labels, n)
         chosen = sorted({i for indices in groups.values() for i in indices})

@@ -175,6 +175,11 @@ def _run_dir(run: str) -> Path:
     return path if path.is_dir() else path.parent
 
 
+def printable_path(path: Path) -> str:
+    """A path as valid UTF-8 text: a name's non-UTF-8 bytes (kept by Python as surrogates) become `\\xNN`."""
+    return str(path).encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
 def _write_scores(path: Path, dataset: data.RealFakeDataset, scores: torch.Tensor, labels: torch.Tensor) -> None:
     """`scores_<test set>.csv`: one row per image (path, label 0 real / 1 fake, image P(fake) under the
     chosen aggregation), for the user to look up single images; `analysis.heatmaps.write_eval_heatmaps`
@@ -183,6 +188,6 @@ def _write_scores(path: Path, dataset: data.RealFakeDataset, scores: torch.Tenso
     writer = csv.writer(buffer)
     writer.writerow(["path", "label", "score"])
     for path_, label, score in zip(map(dataset.path, range(len(dataset))), labels.tolist(), scores.tolist()):
-        writer.writerow([str(path_), label, f"{score:.6f}"])
+        writer.writerow([printable_path(path_), label, f"{score:.6f}"])
     path.parent.mkdir(parents=True, exist_ok=True)
     write_text(path, buffer.getvalue())
