@@ -8,7 +8,7 @@ PIP = $(VENV)/bin/python -m pip
 DEMO_OUT ?= runs/demo
 PYTEST_ARGS ?= -n 2 --dist loadfile
 
-.PHONY: install browser demo test test-all test-fast bench clean
+.PHONY: install browser demo test test-all test-fast test-faults bench clean
 
 install: $(VENV)/.installed
 
@@ -45,15 +45,21 @@ browser:
 	fi
 
 # `make test` (what CI runs) is the whole suite, the slow end-to-end tests included (about 5 min on
-# two cores); test-all says so explicitly, whatever addopts may deselect; test-fast skips them.
+# two cores) but for the full SIGKILL matrix (marker `faults`, deselected in pyproject's addopts); test-all
+# runs everything, that matrix included; test-fast skips the slow tests.
 test: install $(BROWSER_PREREQ)
 	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
 
 test-all: install $(BROWSER_PREREQ)
-	$(VENV)/bin/python -m pytest $(PYTEST_ARGS) -m "slow or not slow"
+	$(VENV)/bin/python -m pytest $(PYTEST_ARGS) -m "slow or not slow or faults"
+
+# The full SIGKILL-and-resume matrix alone (tests/test_faults_sigkill.py, marker `faults`; addopts deselects it
+# from `make test`, which runs its fast subset).
+test-faults: install
+	$(VENV)/bin/python -m pytest $(PYTEST_ARGS) -m faults tests/test_faults_sigkill.py
 
 test-fast: install $(BROWSER_PREREQ)
-	$(VENV)/bin/python -m pytest $(PYTEST_ARGS) -m "not slow"
+	$(VENV)/bin/python -m pytest $(PYTEST_ARGS) -m "not slow and not faults"
 
 bench: install
 	$(VENV)/bin/python benchmarks/bench_classifier.py
