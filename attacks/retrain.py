@@ -46,6 +46,9 @@ RUN_FOLDER = RunFolder(holds="a retrain", kind=KIND, force_to="start over",
                        resumable=(*RESUMABLE_CHANGES, *(f"train.{name}" for name in TRAIN_RESUMABLE_CHANGES)),
                        writes=("fakes", "classifier", "eval", "metrics.json", "metrics.csv"))
 _SAMPLING_DEFAULTS = SampleConfig()
+# RetrainConfig settings recorded in config.yaml beside the paths and the training settings, in this order.
+RECORDED_SETTINGS = ("which", "aggregation", "precision", "on_bad_image", "device", "workers", "sample_batch_size",
+                     "eval_batch_size")
 
 
 # ----------------------------------------------------------------------------- cached stages
@@ -275,10 +278,7 @@ def retrain(config: RetrainConfig, generator: Generator | None = None, *, resume
     """
     for name in ("classifier", "out"):
         require(config, name)
-    which, aggregation, device, precision = config.which, config.aggregation, config.device, config.precision
-    sample_batch_size, eval_batch_size = config.sample_batch_size, config.eval_batch_size
-    workers, on_bad_image = config.workers, config.on_bad_image
-    base_checkpoint = resolve_checkpoint(config.classifier, which)  # one line naming a missing run
+    base_checkpoint = resolve_checkpoint(config.classifier, config.which)  # one line naming a missing run
     _, base_meta = load_classifier(base_checkpoint)
     base_config = _base_train_config(base_checkpoint, base_meta)
     reals, original_fakes = config.real or base_config.real, config.original_fakes or base_config.fake
@@ -294,22 +294,21 @@ def retrain(config: RetrainConfig, generator: Generator | None = None, *, resume
         plan = replace(plan, options={})
     fakes, run_dir = out / "fakes", out / "classifier"
     train_config = configs.resolve(TrainConfig, configs.to_dict(base_config), config.train,
-                                   {"real": str(reals), "fake": str(fakes), "out": str(run_dir), "device": device},
+                                   {"real": str(reals), "fake": str(fakes), "out": str(run_dir),
+                                    "device": config.device},
                                    source="retrain")
     record = {"kind": KIND, "base_checkpoint": str(base_checkpoint),
               "base_checkpoint_sha256": checkpoint_sha256(base_checkpoint),
               "generator": str(generator_file) if generator_file else "(in memory)", "generator_sha256": generator_sha,
               "reals": str(reals), "original_fakes": str(original_fakes), "sampling": asdict(plan),
-              "which": which, "aggregation": aggregation, "precision": precision, "on_bad_image": on_bad_image,
-              "device": device, "workers": workers, "sample_batch_size": sample_batch_size,
-              "eval_batch_size": eval_batch_size, "train": configs.to_dict(train_config)}
+              **{name: getattr(config, name) for name in RECORDED_SETTINGS}, "train": configs.to_dict(train_config)}
     _claim(out, record, resume, force)
     stages = {}
 
     log.info("sampling %s into %s (settings of %s)", generator_file or "the finetuned generator", fakes, plan.source)
     sampling = SampleConfig(generator=str(generator_file or ""), out=str(fakes), counts=plan.counts, seed=plan.seed,
-                            size=plan.size, opts=plan.options, batch_size=sample_batch_size, chunk=plan.chunk,
-                            device=device, precision=plan.precision)
+                            size=plan.size, opts=plan.options, batch_size=config.sample_batch_size, chunk=plan.chunk,
+                            device=config.device, precision=plan.precision)
     sampled = sample_dataset(sampling, generator, progress=progress)
     stages["sample"] = "ran" if any(s["written"] for s in sampled["splits"].values()) else "reused"
 
@@ -318,17 +317,17 @@ def retrain(config: RetrainConfig, generator: Generator | None = None, *, resume
     stages["train"] = "reused" if finished_before else "ran"
 
     tests = [f"original={reals},{original_fakes}", f"finetuned={reals},{fakes}"]
-    settings = {"batch_size": eval_batch_size, "device": device, "precision": precision, "workers": workers,
-                "on_bad_image": on_bad_image}
-    new_checkpoint = resolve_checkpoint(run_dir, which)
+    settings = {"batch_size": config.eval_batch_size, "device": config.device, "precision": config.precision,
+                "workers": config.workers, "on_bad_image": config.on_bad_image}
+    new_checkpoint = resolve_checkpoint(run_dir, config.which)
     metrics = {}
     for who, checkpoint in zip(CLASSIFIERS, (base_checkpoint, new_checkpoint)):
         metrics[who], stages[f"eval_{who}"] = _evaluate_cached(checkpoint, tests, out / "eval" / who,
-                                                               aggregation, settings)
+                                                               config.aggregation, settings)
     result = RetrainResult(out=out, base_checkpoint=base_checkpoint, classifier=run_dir,
                            classifier_checkpoint=new_checkpoint, fakes=fakes, reals=reals,
                            original_fakes=original_fakes, sampling=plan, train=train_summary,
-                           aggregation=aggregation, metrics=metrics, stages=stages)
+                           aggregation=config.aggregation, metrics=metrics, stages=stages)
     _write_table(out, result)
     for row in result.rows():
         log.info("%s classifier on %s fakes: AP %.4f, accuracy %.4f (fake %.4f)", row["classifier"],
