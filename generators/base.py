@@ -54,7 +54,8 @@ class StyleGenerator(Generator):
     """A generator with a mapping network z -> w and a synthesis network w -> image.
 
     `psi` and `truncation_cutoff` truncate w toward the stored average `w_avg` on the
-    first `truncation_cutoff` layers (all when None); `noise_mode` picks the per-layer
+    first `truncation_cutoff` layers (all when None; StyleGAN v1 reads None as none, as TF's
+    `G_style` does); `noise_mode` picks the per-layer
     noise: the stored constant maps, fresh random noise, or none.
     """
 

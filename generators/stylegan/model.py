@@ -162,7 +162,11 @@ class SynthesisNetwork(nn.Module):
 
 
 class StyleGAN(StyleGenerator):
-    """StyleGAN v1 `G_style`: mapping, truncation toward `w_avg`, synthesis; D_basic attached."""
+    """StyleGAN v1 `G_style`: mapping, truncation toward `w_avg`, synthesis; D_basic attached.
+
+    As in `G_style`, a `truncation_cutoff` of None means no truncation at all (whatever psi),
+    where StyleGAN2 reads None as every layer.
+    """
 
     format = "stylegan_tf"
 
@@ -178,6 +182,14 @@ class StyleGAN(StyleGenerator):
         self.mapping_network = MappingNetwork(cfg)
         self.synthesis_network = SynthesisNetwork(cfg)
         self.register_buffer("w_avg", torch.zeros(cfg.w_dim))  # `dlatent_avg`
+
+    def truncate(self, ws: torch.Tensor, w_avg: torch.Tensor, psi: float | None,
+                 truncation_cutoff: int | None) -> torch.Tensor:
+        # G_style truncates only when it has a cutoff: None turns truncation off (StyleGAN2: all layers)
+        cutoff = self.truncation_cutoff if truncation_cutoff is None else truncation_cutoff
+        if cutoff is None:
+            return ws
+        return super().truncate(ws, w_avg, psi, cutoff)
 
     def mapping(self, z: torch.Tensor, psi: float | None = None,
                 truncation_cutoff: int | None = None) -> torch.Tensor:

@@ -90,6 +90,20 @@ def test_stylegan_v1_default_sampling_truncates_the_first_8_of_10_layers(stylega
     assert (images - stylegan(z, psi=1)).abs().mean() > 1e-2 * images.abs().mean()
 
 
+@torch.no_grad()
+def test_stylegan_v1_cutoff_none_means_no_truncation_as_g_style(stylegan: StyleGAN) -> None:
+    """G_style builds its Truncation block only when `truncation_cutoff is not None`: None is off,
+    not every layer (StyleGAN2's reading); the shared helper alone would truncate all 10."""
+    z = _latents(3, 512, 4)
+    ws = stylegan.mapping(z, psi=1)
+    untruncated = StyleGAN(stylegan.cfg, psi=0.5, truncation_cutoff=None).eval()
+    untruncated.load_state_dict(stylegan.state_dict())
+    torch.testing.assert_close(untruncated.mapping(z), ws, rtol=0, atol=0)
+    torch.testing.assert_close(untruncated.mapping(z, truncation_cutoff=4),
+                               _public_formula(ws, stylegan.w_avg, 0.5, 4), rtol=1e-5, atol=1e-6)
+    assert (untruncated.mapping(z, truncation_cutoff=4) - ws).abs().mean() > 0.05
+
+
 @pytest.fixture(scope="module")
 def stylegan2() -> StyleGAN2Generator:
     """StyleGAN2 with the real mapping (8 x 512, lr_mlp 0.01) and a small synthesis, at rosinality's init."""
