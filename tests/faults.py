@@ -39,21 +39,30 @@ class FaultReport:
 
 
 def kill_and_resume(first: list[str], resume: Callable[[], list[str]], kills: int, seed: int, clean_s: float,
-                    timeout: float = 300) -> FaultReport:
+                    timeout: float = 300, skips_done_s: float | None = None) -> FaultReport:
     """Start `first`, SIGKILL it after a seeded uniform delay in [0.3 s, clean_s]; each later start uses
     resume() (called then, so it can look at what the killed run left). After `kills` kills, run resume()
-    to completion; it must exit 0."""
+    to completion; it must exit 0.
+
+    `skips_done_s`, for a command whose restart skips the work already finished (`demo`), is the wall time
+    of a restart with nothing left to do; the range of the next delay then shrinks to the work left,
+    [0.3 s, upper - delay + skips_done_s], so the later kills still land while it works."""
     rng = random.Random(seed)
     report = FaultReport()
     args = first
+    upper = clean_s
     for _ in range(kills):
-        delay = rng.uniform(0.3, max(0.31, clean_s))
+        delay = rng.uniform(0.3, max(0.31, upper))
+        started = time.monotonic()
         proc = subprocess.Popen(CLI + args, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         try:
             proc.wait(timeout=delay)
         except subprocess.TimeoutExpired:
             proc.send_signal(signal.SIGKILL)
             report.killed_alive += 1
+        if skips_done_s is not None:
+            ran = min(delay, time.monotonic() - started)
+            upper = max(skips_done_s, upper - ran + skips_done_s)
         out, err = proc.communicate()
         assert proc.returncode in (0, -signal.SIGKILL), f"{args} (kill at {delay:.2f}s): exit {proc.returncode}\n{out}\n{err}"
         report.kills += 1
