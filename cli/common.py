@@ -5,6 +5,7 @@ Used by every command module of `cli`.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import functools
 import os
 import sys
@@ -16,8 +17,12 @@ import yaml
 from patchscope.common import config as configs
 from patchscope.common.errors import InputError
 
+_DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)  # no space, over quota, over the file-size limit
+
+
 def user_errors(fn: Callable) -> Callable:
-    """Turn a user error into one line on stderr and exit code 2, without a traceback."""
+    """Turn a user error into one line on stderr and exit code 2, without a traceback; a full disk into
+    one line and exit code 1 (the input was fine; the atomic writes left the previous files whole)."""
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
@@ -25,6 +30,13 @@ def user_errors(fn: Callable) -> Callable:
         except InputError as err:
             click.echo(f"error: {err}", err=True)
             sys.exit(2)
+        except OSError as err:
+            if err.errno not in _DISK_FULL:
+                raise
+            where = f"{err.filename}: " if err.filename else ""
+            click.echo(f"error: {where}{os.strerror(err.errno).lower()}; what was saved before is intact: free space "
+                       f"and run the same command again (with --resume where it has one)", err=True)
+            sys.exit(1)
         except KeyboardInterrupt:
             click.echo("interrupted; re-run the same command (with --resume where it has one) to continue", err=True)
             sys.exit(130)
@@ -51,6 +63,23 @@ def lpips_options(command: Callable) -> Callable:
                      help="Random LPIPS backbone: smoke tests only, its distances are not perceptual.  [default: off]"),
     ]
     return _stacked(command, options)
+
+
+GENERATOR_HELP = "file, or MODULE:CALLABLE (your own generator; see README 'Your own generator')"
+
+
+def own_generator_options(command: Callable) -> Callable:
+    """The options of a MODULE:CALLABLE generator, for every command that takes a generator."""
+    return _stacked(command, [
+        click.option("--weights", type=click.Path(dir_okay=False),
+                     help="MODULE:CALLABLE only: a safetensors state dict loaded strictly into its network, e.g. the "
+                          "generator.safetensors a finetune wrote."),
+        click.option("--latent-dim", type=click.IntRange(1),
+                     help="MODULE:CALLABLE only, when the module has no latent_dim/z_dim/nz attribute."),
+        click.option("--resolution", type=click.IntRange(1),
+                     help="MODULE:CALLABLE only, when the module has no resolution/img_resolution/image_size "
+                          "attribute.  [default: measured with one forward pass]"),
+    ])
 
 
 def scoring_options(command: Callable) -> Callable:

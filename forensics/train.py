@@ -202,8 +202,13 @@ class Training:
         last, _ = checkpoint.load_classifier(out, "last")
         self.model.load_state_dict(last.state_dict())
         self.optimizer.load_state_dict(saved["optimizer"])
-        self.state = saved["state"]
-        log.info("resuming %s after epoch %d", out, self.state["epoch"])
+        self.state = state = saved["state"]
+        log.info("resuming %s after epoch %d", out, state["epoch"])
+        if state["finished"] and state["since_best"] < self.patience and state["epoch"] < self.config.max_epochs:
+            # the limit that stopped it was raised on resume (--max-epochs, --patience): go on
+            log.info("continuing past %s (now max_epochs=%d, patience=%d)", state.get("stop_reason"),
+                     self.config.max_epochs, self.patience)
+            state.update(finished=False, stop_reason=None)
 
     def start(self) -> None:
         """The compiled model (if asked), the data loaders and the TensorBoard writer."""
