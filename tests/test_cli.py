@@ -8,7 +8,12 @@ from click.testing import CliRunner
 
 from patchscope.cli import main
 
-COMMANDS = ["train", "eval", "patches", "spectra", "sample", "prepare", "train-gan", "invert", "exaggerate", "finetune", "retrain", "report", "models", "demo"]
+COMMANDS = sorted(main.commands)  # every registered command, so a new one cannot miss these checks
+
+
+def test_the_commands_are_registered():
+    assert {"train", "eval", "patches", "spectra", "sample", "prepare", "train-gan", "invert", "exaggerate",
+            "finetune", "retrain", "report", "models", "demo", "score", "table"} <= set(COMMANDS)
 
 
 def run(*args: str):

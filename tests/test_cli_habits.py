@@ -57,6 +57,11 @@ DRY_RUNS = {
     "spectra": (["spectra", "--real", "r", "--fake", "f", "--out", "OUT", "--size", "16"], None,
                 {"out": "OUT", "size": 16, "max_images": 2000}),
     "report": (["report", "RUN", "--out", "OUT", "--title", "t"], None, {"run_dir": "RUN", "out": "OUT", "title": "t"}),
+    "score": (["score", "RUN", "img.png", "--config", "CONFIG", "--out", "OUT", "--batch-size", "4"],
+              "score:\n  workers: 1\n  batch_size: 2\n",
+              {"out": "OUT", "run": "RUN", "inputs": ["img.png"], "batch_size": 4, "workers": 1}),
+    "table": (["table", "r1", "--out", "OUT", "--metric", "ap"], None,
+              {"out": "OUT", "results": ["r1"], "metric": "ap", "aggregation": "after_softmax"}),
 }
 
 
