@@ -53,7 +53,11 @@ def read_regular(path: str | os.PathLike, what: str, limit: int, error: type[Inp
             raise error(f"{path}: {_kind(info.st_mode)}, not a regular file; expected {what}")
         if info.st_size > limit:
             raise error(f"{path}: {info.st_size} bytes, more than the {limit} expected of {what}")
-        data = handle.read(limit + 1)
+        # read(limit + 1) would allocate a buffer of the limit (gigabytes) whatever the file's size:
+        # take what fstat saw, then whatever a file still growing added, up to one byte past the limit.
+        data = handle.read(info.st_size + 1)
+        while len(data) <= limit and (more := handle.read(min(limit + 1 - len(data), 1 << 24))):
+            data += more
     if len(data) > limit:
         raise error(f"{path}: more than the {limit} bytes expected of {what}")
     return data

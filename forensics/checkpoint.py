@@ -68,8 +68,13 @@ def load_classifier(path: str | Path, which: str = "best",
         model = build_model(meta["model"])
     except (KeyError, ValueError) as err:
         raise InputError(f"{meta_path}: {err}") from None
+    # The file holds this model's tensors and a header: a larger one (a sparse multi-GiB file) is refused unread.
+    needed = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    limit = min(MAX_WEIGHTS_BYTES, 2 * needed + (1 << 20))
     try:
-        state = load_safetensors_bytes(read_regular(weights, "classifier weights (.safetensors)", MAX_WEIGHTS_BYTES))
+        state = load_safetensors_bytes(read_regular(weights, "classifier weights (.safetensors)", limit))
+    except InputError:  # not a regular file, or larger than the model: already one line naming the file
+        raise
     except (SafetensorError, OSError, ValueError) as err:
         raise InputError(f"{weights}: unreadable safetensors file ({err})") from None
     # NaN or infinite weights would only surface deep inside scoring (sklearn: "Input contains NaN").

@@ -234,10 +234,11 @@ def load_pickle(file_or_path: str | os.PathLike | BinaryIO) -> Any:
                 handle = source if source.seekable() else io.BytesIO(source.read())
             size = archive.stream_size(handle)
             result = _RecordingUnpickler(archive.BoundedReader(handle, size), bounds.Budget.for_file(size, name)).load()
+            refuse_shadowed_methods(result, name)
     except FileNotFoundError as error:
         raise _checkpoint_error(source, "no such file", None) from error
-    except CheckpointError:
-        raise
+    except CheckpointError as error:  # raised by a check inside the unpickler, which may not know the file
+        raise error if name in str(error) else CheckpointError(f"{name}: {error}") from None
     except Exception as error:  # any decoding failure is the file's fault, not a bug here
         raise _checkpoint_error(source, "not a readable pickle", error) from None
     if isinstance(result, int) and result == LEGACY_TORCH_MAGIC and isinstance(source, (str, os.PathLike)):
@@ -274,7 +275,33 @@ def load_torch(path: str | os.PathLike | BinaryIO, extra_classes: Iterable[type 
     except Exception as error:  # truncated zip, corrupt records, not a torch file
         raise _checkpoint_error(path, "not a readable torch checkpoint", error) from None
     bounds.check_tensors(result, name)
+    refuse_shadowed_methods(result, name)
     return result
+
+
+def refuse_shadowed_methods(obj: Any, source: str) -> None:
+    """Refuse a dict whose pickled state set attributes named like its methods: BUILD may update an
+    OrderedDict's `__dict__` (torch's loader allows it, for `_metadata`), and code calling its `.get`
+    or `.items` would then call what the file put there. Each object is visited once."""
+    seen: set[int] = set()
+    stack = [obj]
+    while stack:
+        value = stack.pop()
+        if id(value) in seen or isinstance(value, (str, bytes, bytearray, int, float, np.ndarray, torch.Tensor)):
+            continue
+        seen.add(id(value))
+        if isinstance(value, dict):
+            shadowed = [k for k in getattr(value, "__dict__", {}) if isinstance(k, str) and hasattr(type(value), k)]
+            if shadowed:
+                raise CheckpointError(f"{source}: an {type(value).__name__} whose pickled state replaces its method "
+                                      f"{shadowed[0]!r}; refused before any of its methods is called")
+            stack.extend(value.values())
+        elif isinstance(value, (list, tuple, set, frozenset)):
+            stack.extend(value)
+        elif isinstance(value, PickledRecord):
+            stack.extend((value.args, value.kwargs, value.state, value.items, value.dict_items))
+        elif isinstance(getattr(value, "__dict__", None), dict):
+            stack.extend(vars(value).values())
 
 
 def is_zip_file(path: str | os.PathLike) -> bool:
