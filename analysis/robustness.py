@@ -18,7 +18,7 @@ from patchscope.common.atomic import write_json, write_text
 from patchscope.common.device import configure_backends, resolve_device, resolve_precision
 from patchscope.common.errors import InputError
 from patchscope.forensics import checkpoint, data
-from patchscope.forensics.evaluate import EvalConfig, parse_test_spec, predict
+from patchscope.forensics.evaluate import EvalConfig, parse_test_spec, predict, view_crop_size
 from patchscope.forensics.figures import figure_format, save_figure
 from patchscope.forensics.perturb import Perturbation, PerturbedImageSet, parse_perturbations
 from patchscope.forensics.receptive import receptive_field
@@ -58,12 +58,13 @@ def evaluate_robustness(config: EvalConfig, real: str | os.PathLike, fake: str |
     """Score the clean test set and every perturbation level; write robustness.csv/.json/.png into `out`.
 
     `config` says how to score, as for `patchscope eval`: run, which, split, aggregation, load/crop size
-    (None: as the classifier was trained), batch size, device, precision, workers, on_bad_image, and
-    force (replace an existing robustness.json); its tests, out, heatmaps and perturb are not read.
+    (None: as the classifier was trained), view (`forensics.evaluate.view_crop_size`), batch size, device,
+    precision, workers, on_bad_image, and force (replace an existing robustness.json); its tests, out,
+    heatmaps and perturb are not read.
     Returns one row per level, the clean reference first (perturbation "none", level None):
     perturbation, level, ap, ap_real, acc, acc_real, acc_fake, n. Images are decoded and
     resized once (uint8 cache); each level perturbs them after that resize and before the
-    centre crop, i.e. the image as the classifier would receive it.
+    view's crop, i.e. the image as the classifier would receive it.
     """
     levels = _as_perturbations(perturbations)
     run, split, aggregation, workers = config.run, config.split, config.aggregation, config.workers
@@ -78,19 +79,20 @@ def evaluate_robustness(config: EvalConfig, real: str | os.PathLike, fake: str |
     trained = meta.get("config", {})
     load_size = config.load_size or trained.get("load_size")
     crop_size = config.crop_size or trained.get("crop_size")
+    view, view_crop = view_crop_size(config.view, model, load_size, crop_size)
     rf_size = receptive_field(model).size
-    min_size = min(rf_size, crop_size or load_size or rf_size)
+    min_size = min(rf_size, view_crop or load_size or rf_size)
     real_set, fake_set = (data.ImageSet(data.list_images(source, split), load_size=load_size, min_size=min_size,
                                         on_bad_image=config.on_bad_image, cache=True, workers=workers)
                           for source in (real, fake))
     score = dict(batch_size=config.batch_size, device=torch_device, precision=precision, workers=workers,
                  aggregation=aggregation)
 
-    clean = data.RealFakeDataset(real_set, fake_set, crop_size=crop_size, train=False)
+    clean = data.RealFakeDataset(real_set, fake_set, crop_size=view_crop, train=False)
     rows = [{"perturbation": CLEAN, "level": None, **_score_level(model, clean, **score)}]
     for perturbation in levels:
         dataset = data.RealFakeDataset(PerturbedImageSet(real_set, perturbation),
-                                       PerturbedImageSet(fake_set, perturbation), crop_size=crop_size, train=False)
+                                       PerturbedImageSet(fake_set, perturbation), crop_size=view_crop, train=False)
         level = float(perturbation.level)
         rows.append({"perturbation": perturbation.kind, "level": int(level) if level.is_integer() else level,
                      **_score_level(model, dataset, **score)})
@@ -103,7 +105,8 @@ def evaluate_robustness(config: EvalConfig, real: str | os.PathLike, fake: str |
     write_json(out / "robustness.json", {"run": str(run), "checkpoint_epoch": meta.get("epoch"),
                                          "model": meta.get("model"), "real": str(real), "fake": str(fake),
                                          "split": split, "aggregation": aggregation, "load_size": load_size,
-                                         "crop_size": crop_size, "rows": rows})
+                                         "crop_size": crop_size, "view": view, "input_size": view_crop,
+                                         "rows": rows})
     plot_robustness(rows, out / "robustness.png", title=f"{meta.get('model')}: robustness ({aggregation})")
     return rows
 

@@ -20,7 +20,7 @@ from patchscope.common import config as configs
 @click.option("--real", help="Real images: a folder with train/ and val/, a flat folder, or a .txt/.csv manifest.")
 @click.option("--fake", help="Fake images, same layouts.")
 @click.option("--out", help="Run directory; an existing run is refused unless --resume.")
-@click.option("--model", help="Patch classifier (see `patchscope models`).  [default: xception_block2]")
+@click.option("--model", help="Patch classifier or full-image baseline (see `patchscope models`).  [default: xception_block2]")
 @click.option("--load-size", type=click.IntRange(1), help="Lanczos-resize the shorter side once, at load.  [default: 299]")
 @click.option("--crop-size", type=click.IntRange(1), help="Random crop for training, centre crop for validation.  [default: 299]")
 @click.option("--batch-size", type=click.IntRange(2), help="Images per step, half real and half fake.  [default: 32]")
@@ -29,7 +29,28 @@ from patchscope.common import config as configs
 @click.option("--patience", type=click.IntRange(1),
               help="Stop after this many epochs without a strictly higher validation patch accuracy.  "
                    "[default: 50 for xception_block1, 20 for xception_block2, else 10]")
+@click.option("--early-stopping", type=click.Choice(["patience", "public"]),
+              help="patience: stop after --patience epochs without a strictly higher validation patch accuracy; "
+                   "public (the public patch-forensics code's rule): stop once more than 5 x --patience epochs "
+                   "passed since the best, or one epoch after the validation patch accuracy reached 1.0. "
+                   "--max-epochs is a hard limit under both.  [default: patience]")
 @click.option("--seed", type=int, help="Seeds initial weights, batch order and augmentation.  [default: 0]")
+@click.option("--init", type=click.Choice(["xavier", "kaiming"]),
+              help="Initial weights. xavier (the public code's): conv and linear weights xavier-normal with gain "
+                   "0.02, their biases 0, BatchNorm weights ~ N(1, 0.02) and biases 0; kaiming: PyTorch's "
+                   "default layer init (kaiming-uniform weights, a=sqrt(5), uniform biases; BatchNorm weight 1, "
+                   "bias 0).  [default: xavier]")
+@click.option("--init-weights", type=click.Path(dir_okay=False),
+              help="Start the backbone from this weight file (a torchvision .pth state dict or .safetensors), matched "
+                   "by key and shape; the head starts fresh.  [default: none, from scratch]")
+@click.option("--augment", type=click.Choice(["none", "blur_jpeg_0.1", "blur_jpeg_0.5"]),
+              help="Wang et al.'s Blur+JPEG (p): each training image blurred (sigma ~ U[0,3]) with probability p, "
+                   "then JPEG-compressed (quality ~ U{30..100}) with probability p.  [default: none]")
+@click.option("--blur-prob", type=click.FloatRange(0, 1), help="Blur probability, replacing the --augment preset's.")
+@click.option("--jpeg-prob", type=click.FloatRange(0, 1), help="JPEG probability, replacing the --augment preset's.")
+@click.option("--random-resized-crop/--no-random-resized-crop", default=None,
+              help="Train on a random area (8-100%) and aspect (3/4-4/3) resized to --crop-size.  [default: off]")
+@click.option("--flip/--no-flip", default=None, help="Random horizontal flips of training images.  [default: on]")
 @click.option("--device", help="auto | cpu | cuda | cuda:N.  [default: auto]")
 @click.option("--precision", type=click.Choice(["auto", "fp32", "bf16"]),
               help="auto = bf16 autocast on CUDA and on CPUs with native bf16 (AVX512-BF16/AMX), else fp32.  [default: auto]")
@@ -43,19 +64,25 @@ from patchscope.common import config as configs
 @dry_run_option
 @user_errors
 def train(config: str | None, resume: bool, **options: Any) -> None:
-    """Train a patch classifier on real and fake images.
+    """Train a patch classifier (or a full-image baseline) on real and fake images.
 
     \b
     Every output cell of the classifier judges one receptive-field patch; the loss is
-    cross entropy on every patch (fake = 1). Validation patch accuracy is measured after
-    each epoch: a strictly higher value saves best.safetensors, and training stops once
-    --patience epochs pass without one, or at --max-epochs. last.safetensors and the
-    resume state are saved every epoch; --resume continues with identical results.
+    cross entropy on every patch (fake = 1; MesoInception-4: squared error, as its
+    authors trained it). Validation patch accuracy is measured after each
+    epoch: a strictly higher value saves best.safetensors. Training stops as
+    --early-stopping says (patience: after --patience epochs without one;
+    public: the public code's rule), or at --max-epochs. last.safetensors and
+    the resume state are saved every epoch; --resume continues with identical
+    results (and may raise --max-epochs or --patience or change --early-stopping).
 
     \b
     Example:
       patchscope train --real data/real --fake data/pgan --out runs/xb2 \\
           --model xception_block2 --load-size 128 --crop-size 128
+      patchscope train --real data/real --fake data/pgan --out runs/wang \\
+          --model wang2020_resnet50 --init-weights resnet50-0676ba61.pth \\
+          --augment blur_jpeg_0.5 --load-size 256 --crop-size 224 --lr 1e-4
     """
     from patchscope.forensics.train import TrainConfig, fit
 
@@ -237,21 +264,29 @@ def spectra(real: str, fake: str, out: str, **options: Any) -> None:
 @main.command()
 @dry_run_option(arguments=True)
 def models() -> None:
-    """List the patch classifiers with their receptive field and parameter count.
+    """List the classifiers with their receptive field, parameter count and training loss.
+
+    \b
+    Patch classifiers give a map of patch logits; the full-image baselines (resnet18,
+    resnet50, xception, mesoinception4, wang2020_resnet50) a 1x1 map that sees the
+    whole image. Loss: ce = cross entropy, mse = squared error of P(fake).
 
     \b
     Example:
       patchscope models
     """
+    import torch
+
     from patchscope.forensics.models import build_model, count_parameters, model_names
     from patchscope.forensics.receptive import receptive_field
 
-    click.echo(f"{'model':<18} {'channels':>8} {'params':>9} {'receptive field':>16} {'map @299':>9}")
+    click.echo(f"{'model':<18} {'channels':>8} {'params':>9} {'receptive field':>16} {'map @299':>9} {'loss':>5}")
     for name in model_names():
-        model = build_model(name)
-        rf = receptive_field(model)
+        with torch.device("meta"):  # shapes and counts only: nothing allocated or initialised
+            model = build_model(name)
+        field = "whole image" if model.whole_image else f"{receptive_field(model).size} px"
         click.echo(f"{name:<18} {model.feature_channels:>8} {count_parameters(model) / 1e6:>8.3f}M "
-                   f"{rf.size:>13} px {model.output_size(299):>6}x{model.output_size(299)}")
+                   f"{field:>16} {model.output_size(299):>6}x{model.output_size(299)} {model.loss:>5}")
 
 
 @main.command()

@@ -8,7 +8,7 @@ from typing import Any
 
 import click
 
-from patchscope.cli.common import config_layers, dry_run_option, exit_if_dry_run, overrides, user_errors
+from patchscope.cli.common import VIEW_OPTION, config_layers, dry_run_option, exit_if_dry_run, overrides, user_errors
 from patchscope.cli.group import main
 from patchscope.common import config as configs
 
@@ -26,6 +26,7 @@ from patchscope.common import config as configs
                               "with a split column.  [default: every image]")
 @click.option("--load-size", type=click.IntRange(1), help="[default: as trained]")
 @click.option("--crop-size", type=click.IntRange(1), help="[default: as trained]")
+@VIEW_OPTION
 @click.option("--batch-size", type=click.IntRange(1), help="[default: 64]")
 @click.option("--device", help="auto | cpu | cuda | cuda:N.  [default: auto]")
 @click.option("--precision", type=click.Choice(["auto", "fp32", "bf16"]), help="[default: auto]")
@@ -41,7 +42,7 @@ def score(run: str, images: tuple[str, ...], config: str | None, csv_path: str |
     \b
     IMAGES are image files, folders (every image below them) and .txt/.csv
     manifests. Each image goes through what eval does to a test set (the run's
-    load and crop sizes, the centre crop), so it gets the score eval gives it,
+    load and crop sizes, the same --view), so it gets the score eval gives it,
     under every aggregation: after_softmax (mean patch P(fake), the paper's),
     before_softmax and vote. Prints the first rows, the count and the mean;
     writes CSV and JSON with --out, --csv or --json. Unreadable files are

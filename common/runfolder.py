@@ -159,13 +159,18 @@ def changed_settings(saved: Mapping[str, Any], current: Any, resumable: Collecti
     """Names of the settings in `current` whose value differs from `saved`, those in `resumable` aside.
 
     A mapping on both sides is compared key by key under dotted names ("train.lr"), which `resumable` may
-    use. A top-level setting only the record has is not compared: a newer version may have dropped it.
+    use. A top-level setting only the record has is not compared: a newer version may have dropped it; nor
+    is one only `current` has at its default (a dataclass field a newer version added, as the run had it).
     """
+    added_defaults = _field_defaults(current)
+
     def walk(old: Mapping[str, Any], new: Mapping[str, Any], prefix: str, keys: list[str]) -> list[str]:
         changed = []
         for key in keys:
             name, before, after = prefix + key, old.get(key), new.get(key)
             if name in resumable:
+                continue
+            if not prefix and key not in old and key in added_defaults and _same(added_defaults[key], after):
                 continue
             if isinstance(before, Mapping) and isinstance(after, Mapping):
                 changed += walk(before, after, name + ".", [*after, *(k for k in before if k not in after)])
@@ -175,6 +180,22 @@ def changed_settings(saved: Mapping[str, Any], current: Any, resumable: Collecti
 
     new = plain(current)
     return walk(plain(saved), new, "", list(new))
+
+
+def _field_defaults(settings: Any) -> dict[str, Any]:
+    """Plain default values of a dataclass's fields (those with a default)."""
+    if not dataclasses.is_dataclass(settings):
+        return {}
+    defaults = {}
+    for f in dataclasses.fields(settings):
+        if f.default is not dataclasses.MISSING:
+            value = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            value = f.default_factory()
+        else:
+            continue
+        defaults[f.name] = json.loads(json.dumps(value, default=str))
+    return defaults
 
 
 def saved_values(saved: Mapping[str, Any], names: Collection[str]) -> str:

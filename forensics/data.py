@@ -22,6 +22,7 @@ from patchscope.common.errors import InputError
 from patchscope.common.images import BadImageError, IMAGE_SUFFIXES, read_image, walk_images  # noqa: F401 - re-exported
 from patchscope.common.labels import FAKE, REAL
 from patchscope.common.progress import progress_bar
+from patchscope.forensics.augment import Augmentation, degradation_rng, random_resized_crop
 from patchscope.forensics.batching import (BalancedBatchSampler, EpochBatches, SequentialBatches,  # noqa: F401 - re-exported
                                 make_loader, set_epoch)
 
@@ -242,15 +243,18 @@ class ImageSet:
 class RealFakeDataset(Dataset):
     """Real images (label REAL = 0, indices 0..n_real-1) then fake ones (label FAKE = 1), cropped, flipped, in [-1, 1].
 
-    Augmentation draws from a generator seeded by (seed, epoch, index) alone, so an item is
+    Training items also go through `augmentation` (blur, JPEG, random resized crop, flip: `forensics.augment`).
+    Augmentation draws from generators seeded by (seed, epoch, index) alone, so an item is
     the same whichever worker builds it and in whatever order. A key may be `index` (uses
     `self.epoch`) or `(epoch, index)`, which is what `make_loader` feeds it (see EpochBatches).
     """
 
-    def __init__(self, real: ImageSet, fake: ImageSet, crop_size: int | None, train: bool, seed: int = 0):
+    def __init__(self, real: ImageSet, fake: ImageSet, crop_size: int | None, train: bool, seed: int = 0,
+                 augmentation: Augmentation | None = None):
         if seed < 0:
             raise InputError(f"seed must be a non-negative integer, got {seed}")
         self.real, self.fake, self.crop_size, self.train, self.seed = real, fake, crop_size, train, seed
+        self.augmentation = augmentation if augmentation is not None else Augmentation()
         self.n_real, self.n_fake = len(real), len(fake)
         self.labels = np.concatenate([np.full(self.n_real, REAL, np.int64), np.full(self.n_fake, FAKE, np.int64)])
         self.epoch = 0
@@ -296,17 +300,22 @@ class RealFakeDataset(Dataset):
         if not 0 <= index < len(self):
             raise IndexError(f"index {index} out of range for {len(self)} images")
         pixels = self.real[index] if index < self.n_real else self.fake[index - self.n_real]
+        if self.train and self.augmentation.degrades:  # on the image as loaded, before the crop (Wang et al.)
+            pixels = self.augmentation.degrade(pixels, degradation_rng(self.seed, int(epoch), index))
         pixels = self._augment(pixels, np.random.default_rng([self.seed, int(epoch), index]))
         chw = np.ascontiguousarray(pixels.transpose(2, 0, 1), dtype=np.float32)  # always a fresh copy
         return torch.from_numpy(chw).div_(127.5).sub_(1.0), int(self.labels[index]), index
 
     def _augment(self, pixels: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-        """Train: a random crop_size window, then a coin-flip mirror. Eval: the centre crop_size window.
-        Without crop_size, both take the centred square of the shorter side (whole square images stay whole),
-        so images of any aspect ratio batch together; train still flips it."""
+        """Train: a random crop_size window (or a random resized crop), then a coin-flip mirror. Eval: the centre
+        crop_size window. Without crop_size, both take the centred square of the shorter side (whole square images
+        stay whole), so images of any aspect ratio batch together; train still flips it (and a random resized
+        crop is resized to that square)."""
         height, width = pixels.shape[:2]
         size = self.crop_size
-        if self.train and size is not None:
+        if self.train and self.augmentation.random_resized_crop:
+            pixels = random_resized_crop(pixels, size if size is not None else min(height, width), rng)
+        elif self.train and size is not None:
             top, left = int(rng.integers(0, height - size + 1)), int(rng.integers(0, width - size + 1))
             pixels = pixels[top:top + size, left:left + size]
         else:
@@ -314,7 +323,7 @@ class RealFakeDataset(Dataset):
             # torchvision CenterCrop's rounding, so eval crops match the public pipeline.
             top, left = int(round((height - size) / 2.0)), int(round((width - size) / 2.0))
             pixels = pixels[top:top + size, left:left + size]
-        if self.train:
+        if self.train and self.augmentation.flip:
             return pixels[:, ::-1] if rng.random() < 0.5 else pixels
         return pixels
 
@@ -322,9 +331,9 @@ class RealFakeDataset(Dataset):
 def load_split(real_source: str | os.PathLike, fake_source: str | os.PathLike, split: str | None = None,
                load_size: int | None = None, crop_size: int | None = None, min_size: int = 0,
                on_bad_image: str = "skip", cache: bool = True, workers: int = 0, train: bool = False,
-               seed: int = 0, progress: bool = False) -> RealFakeDataset:
+               seed: int = 0, progress: bool = False, augmentation: Augmentation | None = None) -> RealFakeDataset:
     """list_images + ImageSet for both classes + RealFakeDataset, in one call."""
     sets = [ImageSet(list_images(source, split), load_size=load_size, min_size=min_size,
                      on_bad_image=on_bad_image, cache=cache, workers=workers, progress=progress)
             for source in (real_source, fake_source)]
-    return RealFakeDataset(*sets, crop_size=crop_size, train=train, seed=seed)
+    return RealFakeDataset(*sets, crop_size=crop_size, train=train, seed=seed, augmentation=augmentation)

@@ -27,6 +27,27 @@ from patchscope.forensics.scoring import AGGREGATIONS, append_csv, compute_metri
 
 log = logging.getLogger("patchscope.eval")
 
+# What part of each (resized) image a classifier scores: see `view_crop_size`.
+VIEWS = ("auto", "full", "crop")
+
+
+def view_crop_size(view: str, model: Any, load_size: int | None, crop_size: int | None) -> tuple[str, int | None]:
+    """(view, crop size for `data.RealFakeDataset`) of eval, score, patches, heatmaps and robustness sweeps.
+
+    `crop`: the centre `crop_size` square of the image resized to `load_size`. `full`: the whole resized image,
+    i.e. its centred `load_size` square (crop size None: the square of each image's shorter side, the data
+    code's rule; that is the same square once `load_size` is set). `auto`, as the public patch-forensics code's
+    test transform: `full` for patch classifiers, whose patch scores average over the whole image, and `crop`
+    for whole-image models (`model.whole_image`: one output cell, the full-model baselines), which were trained
+    on `crop_size` inputs; `crop` too when no `load_size` is set (no resize: images may differ in size). Views
+    differ only where `crop_size` is set and differs from `load_size`.
+    """
+    if view not in VIEWS:
+        raise InputError(f"view={view!r}: expected one of {', '.join(VIEWS)}")
+    if view == "auto":
+        view = "crop" if getattr(model, "whole_image", False) or load_size is None else "full"
+    return view, (load_size if view == "full" else crop_size)
+
 
 @torch.no_grad()
 def predict(model: torch.nn.Module, loader, device: torch.device, precision: str = "fp32",
@@ -71,6 +92,7 @@ class EvalConfig:
     aggregation: str = "after_softmax"              # image score used for accuracy and the PR curve
     load_size: int | None = None                    # None: as the classifier was trained
     crop_size: int | None = None
+    view: str = "auto"                              # auto | full | crop: what of each image is scored (view_crop_size)
     batch_size: int = 64
     device: str = "auto"
     precision: str = "auto"
@@ -99,6 +121,7 @@ class EvalConfig:
         check_choice(self, "aggregation", AGGREGATIONS)
         check_int(self, "load_size", 1, optional=True)
         check_int(self, "crop_size", 1, optional=True)
+        check_choice(self, "view", VIEWS)
         check_int(self, "batch_size", 1)
         check_choice(self, "precision", PRECISIONS)
         check_int(self, "workers", 0)
@@ -130,17 +153,19 @@ def evaluate(config: EvalConfig) -> dict[str, Any]:
     trained = meta.get("config", {})
     load_size = config.load_size or trained.get("load_size")
     crop_size = config.crop_size or trained.get("crop_size")
+    warn_size_mismatch(trained, load_size, crop_size, log)
+    view, view_crop = view_crop_size(config.view, model, load_size, crop_size)
     out = Path(config.out) if config.out else _run_dir(config.run) / "eval"
     if (out / "metrics.json").exists() and not config.force:
         raise InputError(f"{out}/metrics.json exists; pass --force to replace it or choose another --out")
     rf_size = receptive_field(model).size
-    min_size = min(rf_size, crop_size or load_size or rf_size)
+    min_size = min(rf_size, view_crop or load_size or rf_size)
 
     results: dict[str, Any] = {}
     curves = {}
     rows = []
     for name, real, fake in specs:
-        dataset = data.load_split(real, fake, config.split, load_size=load_size, crop_size=crop_size,
+        dataset = data.load_split(real, fake, config.split, load_size=load_size, crop_size=view_crop,
                                   min_size=min_size, on_bad_image=config.on_bad_image, cache=False,
                                   workers=config.workers, train=False, seed=0)
         loader = data.make_loader(dataset, config.batch_size, train=False, workers=config.workers,
@@ -161,13 +186,33 @@ def evaluate(config: EvalConfig) -> dict[str, Any]:
                  name, m["ap"], m["acc"], m["acc_real"], m["acc_fake"], m["n"])
     summary = {"run": str(config.run), "checkpoint_epoch": meta.get("epoch"), "model": meta.get("model"),
                "aggregation": config.aggregation, "load_size": load_size, "crop_size": crop_size,
-               "split": config.split, "results": results}
+               "view": view, "input_size": view_crop, "split": config.split, "results": results}
     out.mkdir(parents=True, exist_ok=True)
     write_text(out / "config.yaml", configs.to_yaml(config))
     write_json(out / "metrics.json", summary)
     append_csv(out / "metrics.csv", rows)
     plot_pr_curves(curves, out / "pr_curve.png", title=f"{meta.get('model')} ({config.aggregation})")
     return {**summary, "out": str(out)}
+
+
+def warn_size_mismatch(trained: Any, load_size: int | None, crop_size: int | None,
+                       logger: logging.Logger = log) -> bool:
+    """One warning line, naming both, when the load/crop sizes images are scored at differ from those the
+    classifier was trained at (its checkpoint's `config`); silent when they agree or were not recorded."""
+    trained = trained if isinstance(trained, dict) else {}
+    if "load_size" not in trained and "crop_size" not in trained:
+        return False
+    was = (trained.get("load_size"), trained.get("crop_size"))
+    if (load_size, crop_size) == was:
+        return False
+
+    def sizes(load: int | None, crop: int | None) -> str:
+        return f"load size {load or 'none'}, crop size {crop or 'none'}"
+
+    logger.warning("classifier trained at %s but scored at %s (--load-size/--crop-size): its patches see the "
+                   "images at another scale, so scores may not match its accuracy at its own size",
+                   sizes(*was), sizes(load_size, crop_size))
+    return True
 
 
 def _run_dir(run: str) -> Path:

@@ -2,8 +2,9 @@
 
 `patchscope score` runs `analysis.score_images.run_score`, which calls `score_images` here. The images
 go through exactly what `forensics.evaluate.evaluate` does to a test set (the same decoding, bad-file
-check, load size, centre crop, normalisation, batching and memory format), so an image scores the
-same whether it is scored here or as part of an eval test set.
+check, load size, view (`forensics.evaluate.view_crop_size`: the centre crop or the whole resized image),
+normalisation, batching and memory format), so an image scores the same whether it is scored here or as
+part of an eval test set.
 """
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ from patchscope.common.device import PRECISIONS, configure_backends, resolve_dev
 from patchscope.common.errors import InputError
 from patchscope.common.labels import p_fake
 from patchscope.forensics import checkpoint, data
-from patchscope.forensics.evaluate import predict, printable_path
+from patchscope.forensics.evaluate import VIEWS, predict, printable_path, view_crop_size, warn_size_mismatch
 from patchscope.forensics.receptive import receptive_field
 from patchscope.forensics.scoring import AGGREGATIONS, image_scores
 
@@ -47,6 +48,7 @@ class ScoreConfig:
     split: str | None = None                         # only this split folder/manifest split (None: every image)
     load_size: int | None = None                     # None: as the classifier was trained
     crop_size: int | None = None
+    view: str = "auto"                               # auto | full | crop, as eval's (view_crop_size)
     batch_size: int = 64
     device: str = "auto"
     precision: str = "auto"
@@ -67,6 +69,7 @@ class ScoreConfig:
         check_choice(self, "which", checkpoint.CHECKPOINT_CHOICES)
         check_int(self, "load_size", 1, optional=True)
         check_int(self, "crop_size", 1, optional=True)
+        check_choice(self, "view", VIEWS)
         check_int(self, "batch_size", 1)
         check_choice(self, "precision", PRECISIONS)
         check_int(self, "workers", 0)
@@ -128,7 +131,7 @@ class ImageScores:
     scores: dict[str, np.ndarray]          # aggregation -> N float32 P(fake)
     patch_probs: torch.Tensor              # N x H' x W' patch P(fake), float32, CPU
     skipped: list[tuple[Path, str]]        # (file, reason) of every unreadable file
-    meta: dict[str, Any]                   # run, checkpoint, model, epoch, load/crop size, device, precision
+    meta: dict[str, Any]                   # run, checkpoint, model, epoch, load/crop size, view, device, precision
     dataset: UnlabelledImages              # the items scored (dataset[i][0] is image i's classifier input)
     model: torch.nn.Module
 
@@ -153,18 +156,21 @@ def score_images(config: ScoreConfig, progress: bool = False) -> ImageScores:
     trained = meta.get("config", {})
     load_size = config.load_size or trained.get("load_size")
     crop_size = config.crop_size or trained.get("crop_size")
+    warn_size_mismatch(trained, load_size, crop_size, log)
+    view, view_crop = view_crop_size(config.view, model, load_size, crop_size)
     rf_size = receptive_field(model).size
-    min_size = min(rf_size, crop_size or load_size or rf_size)  # eval's rule
+    min_size = min(rf_size, view_crop or load_size or rf_size)  # eval's rule
     images = data.ImageSet(paths, load_size=load_size, min_size=min_size, on_bad_image=config.on_bad_image,
                            cache=False, workers=config.workers, progress=progress)
-    dataset = UnlabelledImages(images, crop_size)
+    dataset = UnlabelledImages(images, view_crop)
     loader = data.make_loader(dataset, config.batch_size, train=False, workers=config.workers,
                               device_type=device.type)
     logits, _ = predict(model, loader, device, precision, keep_logits=True)
     scores = {mode: image_scores(logits, mode).numpy() for mode in AGGREGATIONS}
     info = {"run": str(config.run), "checkpoint": str(checkpoint.resolve_checkpoint(config.run, config.which)),
             "model": meta.get("model"), "checkpoint_epoch": meta.get("epoch"), "load_size": load_size,
-            "crop_size": crop_size, "device": str(device), "precision": precision}
+            "crop_size": crop_size, "view": view, "input_size": view_crop, "device": str(device),
+            "precision": precision}
     return ImageScores(list(images.paths), scores, p_fake(logits), list(images.skipped), info, dataset, model)
 
 

@@ -38,9 +38,9 @@ METRIC_COLUMNS = [
     "acc_real",
     "acc_fake",
     "patch_ap",
+    "patch_ap_real",
     "patch_acc",
 ]
-
 
 
 def _as_patch_map(logits: torch.Tensor) -> torch.Tensor:
@@ -120,10 +120,11 @@ def compute_metrics(scores: Any, labels: Any, patch_probs: Any = None) -> dict[s
     Returns plain Python numbers: `ap` (fake positive), `ap_real` (real positive,
     the public code's convention), `roc_auc`, `acc` (fake iff score > 0.5),
     `acc_real`, `acc_fake`, `n_real`, `n_fake`, `n`; with `patch_probs`
-    (N x H x W P(fake)) also `patch_ap` and `patch_acc`, every patch labelled
-    with its image's label. When only one class is present the ranking metrics
-    (ap, ap_real, roc_auc, patch_ap) are NaN instead of sklearn's warning and
-    degenerate value, and so is the accuracy of the missing class.
+    (N x H x W P(fake)) also `patch_ap` (fake positive), `patch_ap_real` (real
+    positive: every patch scored 1 - P(fake)) and `patch_acc`, every patch
+    labelled with its image's label. When only one class is present the ranking
+    metrics (ap, ap_real, roc_auc, patch_ap, patch_ap_real) are NaN instead of
+    sklearn's warning and degenerate value, and so is the accuracy of the missing class.
     """
     scores_np, labels_np = _to_numpy(scores).reshape(-1), _to_numpy(labels).reshape(-1)
     if scores_np.shape != labels_np.shape:
@@ -151,7 +152,7 @@ def compute_metrics(scores: Any, labels: Any, patch_probs: Any = None) -> dict[s
             raise ValueError(f"expected patch_probs N x H x W with N = {labels_np.size}, got shape {probs.shape}")
         patch_labels = np.broadcast_to(labels_np[:, None, None], probs.shape).reshape(-1)
         probs = probs.reshape(-1)
-        metrics["patch_ap"] = _ranking_metrics(probs, patch_labels)[0]
+        metrics["patch_ap"], metrics["patch_ap_real"], _ = _ranking_metrics(probs, patch_labels)
         metrics["patch_acc"] = _mean_or_nan((probs > 0.5) == (patch_labels == FAKE))
     return metrics
 
@@ -168,7 +169,9 @@ def append_csv(path: str | os.PathLike, rows: Sequence[Mapping[str, Any]],
     """Append `rows` to the CSV table at `path` (header written when the file is new), atomically.
 
     A row may leave columns out (empty cell); a key outside `columns` is a ValueError.
-    An existing file whose header is not `columns` is an InputError naming the file.
+    An existing table an older patchscope wrote (its header: some of `columns`, in their order) is rewritten under
+    `columns`, its rows keeping their values and leaving the new columns empty; an existing file with any other
+    header is an InputError naming the file.
     """
     path = Path(path)
     columns = list(columns)
@@ -182,6 +185,8 @@ def append_csv(path: str | os.PathLike, rows: Sequence[Mapping[str, Any]],
     except (OSError, UnicodeDecodeError) as err:
         raise InputError(f"{path}: cannot read the existing results table ({err})") from err
     header = _read_header(existing)
+    if header is not None and header != columns and _is_older_header(header, columns):
+        existing, header = _upgraded_table(existing, columns), columns
     if header is not None and header != columns:
         raise InputError(f"{path}: existing CSV header {','.join(header)} differs from the expected "
                          f"{','.join(columns)}; write to a new file")
@@ -196,6 +201,22 @@ def append_csv(path: str | os.PathLike, rows: Sequence[Mapping[str, Any]],
     writer.writerows(rows)
     # Rewrite the whole file under a temporary name so a crash never leaves half a row.
     write_text(path, existing + buffer.getvalue())
+
+
+def _is_older_header(header: list[str], columns: list[str]) -> bool:
+    """Whether `header` is `columns` less some of them, in the same order: an older version of the table."""
+    return bool(header) and len(set(header)) == len(header) and set(header) <= set(columns) and \
+        sorted(header, key=columns.index) == header
+
+
+def _upgraded_table(text: str, columns: list[str]) -> str:
+    """An older table's text under the header `columns`: every row's values kept, the new columns empty."""
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n")
+    writer.writeheader()
+    # A ragged row's surplus cells (DictReader's None key) are no column of the table: dropped.
+    writer.writerows({k: v for k, v in row.items() if k in columns} for row in csv.DictReader(io.StringIO(text)))
+    return buffer.getvalue()
 
 
 def _new_axes(title: str | None, xlabel: str, ylabel: str) -> tuple[Any, Any]:

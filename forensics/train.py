@@ -1,4 +1,4 @@
-"""The patch classifier training loop: patch-wise cross entropy, Adam, early stopping, resume.
+"""The classifier training loop: patch-wise cross entropy (or the model's own loss), Adam, early stopping, resume.
 
 `fit(TrainConfig)` is what `patchscope train` runs; the retrain stage of the attacks calls it too.
 """
@@ -22,8 +22,10 @@ from patchscope.common.errors import InputError
 from patchscope.common.labels import fake_wins
 from patchscope.common.progress import progress_bar
 from patchscope.common.runfolder import RunFolder
-from patchscope.forensics import checkpoint, data, epoch_commit
+from patchscope.forensics import checkpoint, data, epoch_commit, pretrained
+from patchscope.forensics.augment import PRESETS, Augmentation, preset_probability
 from patchscope.forensics.evaluate import predict
+from patchscope.forensics.losses import loss_for
 from patchscope.forensics.models import INITS, build_model, model_names
 from patchscope.forensics.receptive import receptive_field
 from patchscope.forensics.scoring import compute_metrics, patch_cross_entropy
@@ -33,8 +35,12 @@ log = logging.getLogger("patchscope.train")
 # Early-stopping patience of the public code, in epochs; other models use DEFAULT_PATIENCE.
 MODEL_PATIENCE = {"xception_block1": 50, "xception_block2": 20}
 DEFAULT_PATIENCE = 10
+# Early-stopping rules (TrainConfig.early_stopping); see `stop_reason`.
+EARLY_STOPPING = ("patience", "public")
+PUBLIC_PATIENCE_FACTOR = 5  # the public code stops once more than 5 x patience epochs passed since the best
 # Settings a resumed run may change; everything else must match the saved config.
-RESUMABLE_CHANGES = {"max_epochs", "patience", "device", "workers", "tensorboard", "eval_batch_size"}
+RESUMABLE_CHANGES = {"max_epochs", "patience", "early_stopping", "device", "workers", "tensorboard",
+                     "eval_batch_size"}
 RUN_FOLDER = RunFolder(holds="a run", resumable=RESUMABLE_CHANGES, force_to=None)
 RESUME_FILE = "resume.pt"
 
@@ -48,12 +54,19 @@ class TrainConfig:
     load_size: int | None = 299     # Lanczos-resize the shorter side to this, once, at load time
     crop_size: int | None = 299     # random crop when training, centre crop for validation
     init: str = "xavier"            # xavier (the paper's: gain 0.02) | kaiming (PyTorch default)
+    init_weights: str | None = None  # start the backbone from this file (torchvision .pth, .safetensors)
+    augment: str = "none"           # none | blur_jpeg_0.1 | blur_jpeg_0.5: Wang et al.'s Blur+JPEG (p)
+    blur_prob: float | None = None  # P(Gaussian blur, sigma ~ U[0, 3]) per training image (None: augment's p)
+    jpeg_prob: float | None = None  # P(JPEG, quality ~ U{30..100}) per training image (None: augment's p)
+    random_resized_crop: bool = False  # random area and aspect resized to crop_size, instead of a plain crop
+    flip: bool = True               # random horizontal flips of training images
     batch_size: int = 32            # images per step: half real, half fake
     lr: float = 1e-3                # Adam learning rate
     beta1: float = 0.9              # Adam betas
     beta2: float = 0.999
     max_epochs: int = 1000          # hard limit on epochs
     patience: int | None = None     # epochs without a new best val patch accuracy before stopping (None: per model)
+    early_stopping: str = "patience"  # patience | public (the public code's rule); see stop_reason
     seed: int = 0                   # initial weights, batch order and augmentation all derive from it
     device: str = "auto"            # auto | cpu | cuda | cuda:N
     precision: str = "auto"         # auto (bf16 on CUDA and on CPUs with native bf16, else fp32) | fp32 | bf16
@@ -74,45 +87,74 @@ class TrainConfig:
         check_int(self, "load_size", 1, checkpoint.MAX_SAVED_SIZE, optional=True)  # what a checkpoint may name
         check_int(self, "crop_size", 1, checkpoint.MAX_SAVED_SIZE, optional=True)
         check_choice(self, "init", INITS)
+        check_text(self, "init_weights", optional=True)
+        check_choice(self, "augment", tuple(PRESETS))
+        check_float(self, "blur_prob", 0, 1, optional=True)
+        check_float(self, "jpeg_prob", 0, 1, optional=True)
         check_int(self, "batch_size", 2, even=True)  # half real, half fake
         check_float(self, "lr", 0, low_open=True)
         check_float(self, "beta1", 0, 1, high_open=True)
         check_float(self, "beta2", 0, 1, high_open=True)
         check_int(self, "max_epochs", 1)
         check_int(self, "patience", 1, optional=True)
+        check_choice(self, "early_stopping", EARLY_STOPPING)
         check_int(self, "seed", 0)
         check_choice(self, "precision", PRECISIONS)
-        for name in ("channels_last", "compile", "tensorboard"):
+        for name in ("channels_last", "compile", "tensorboard", "random_resized_crop", "flip"):
             check_bool(self, name)
         check_int(self, "workers", 0, optional=True)
         check_bool(self, "cache", optional=True)
         check_choice(self, "on_bad_image", data.BAD_IMAGE_POLICIES)
         check_int(self, "eval_batch_size", 1)
 
+    def augmentation(self) -> Augmentation:
+        """What training images go through: the preset's p for blur and JPEG unless given on their own."""
+        p = preset_probability(self.augment)
+        return Augmentation(p if self.blur_prob is None else float(self.blur_prob),
+                            p if self.jpeg_prob is None else float(self.jpeg_prob), self.random_resized_crop, self.flip)
+
 
 def patience_for(config: TrainConfig) -> int:
-    if config.patience is not None:
-        return config.patience
-    return MODEL_PATIENCE.get(config.model, DEFAULT_PATIENCE)
+    return config.patience if config.patience is not None else MODEL_PATIENCE.get(config.model, DEFAULT_PATIENCE)
+
+
+def stop_reason(config: TrainConfig, epoch: int, since_best: int, best_acc: float) -> str | None:
+    """Why training stops after `epoch` (None: go on), given the epochs `since_best` the best validation patch
+    accuracy `best_acc`: the one decision of `Training.advance` and of `Training.restore`'s reopen check.
+    max_epochs is a hard limit; `patience`: stop after `patience` epochs without a strictly higher accuracy;
+    `public` (patch-forensics' train.py): after more than 5 x patience, or one epoch after the best reached 1.0."""
+    patience = patience_for(config)
+    if epoch >= config.max_epochs:
+        return f"reached max_epochs={config.max_epochs}"
+    if config.early_stopping == "patience":
+        return f"no improvement for {patience} epochs" if since_best >= patience else None
+    if since_best > PUBLIC_PATIENCE_FACTOR * patience:
+        return f"no improvement for {since_best} epochs, more than 5 x patience (early_stopping=public)"
+    if best_acc >= 1.0 and since_best >= 1:
+        return f"validation patch accuracy reached 1.0 at epoch {epoch - since_best} (early_stopping=public)"
+    return None
 
 
 def cache_fits(n_images: int, size: int | None, limit_bytes: float = 4 * 2**30) -> bool:
     return size is not None and n_images * size * size * 3 <= limit_bytes
 
 
-def _load_split(config: TrainConfig, split: str, train: bool,
-                min_size: int) -> tuple[data.RealFakeDataset, int]:
+def _load_split(config: TrainConfig, split: str, train: bool, min_size: int,
+                device_type: str = "cpu") -> tuple[data.RealFakeDataset, int]:
     """The dataset of one split and the DataLoader worker count that suits it."""
     cache = config.cache
     if cache is None:
         n = len(data.list_images(config.real, split)) + len(data.list_images(config.fake, split))
         cache = cache_fits(n, config.load_size)
-    # Cached images only need cropping and flipping: worker processes would cost more than they save.
-    workers = config.workers if config.workers is not None else (0 if cache else 8)
+    # Cached images only need cropping and flipping: worker processes would cost more than they save,
+    # unless blur and JPEG (CPU work per image) would hold up a GPU.
+    augmentation = config.augmentation() if train else None
+    light = cache and not (augmentation is not None and augmentation.degrades and device_type == "cuda")
+    workers = config.workers if config.workers is not None else (0 if light else 8)
     dataset = data.load_split(config.real, config.fake, split, load_size=config.load_size,
                               crop_size=config.crop_size, min_size=min_size,
                               on_bad_image=config.on_bad_image, cache=cache, workers=workers,
-                              train=train, seed=config.seed)
+                              train=train, seed=config.seed, augmentation=augmentation)
     return dataset, workers
 
 
@@ -123,7 +165,7 @@ def fit(config: TrainConfig, resume: bool = False,
     Early stopping: after every epoch the model scores the validation split (centre crops)
     and its patch accuracy is compared with the best so far. A strictly higher accuracy
     saves `best` and resets the count; otherwise the count of epochs without improvement
-    grows, and training stops once it reaches the patience, or after `max_epochs` epochs.
+    grows, and `stop_reason` decides by `config.early_stopping` whether training stops.
     `last`, the resume state, `best` when it improved and the epoch's metrics line are saved
     after every epoch as one commit (`forensics.epoch_commit`); a resume continues the last one.
     """
@@ -168,25 +210,42 @@ class Training:
                                       "finished": False}
         self.out: Path | None = None
         self.writer = None
+        self.init_tensors: dict[str, torch.Tensor] | None = None
 
     def claim(self, resume: bool) -> None:
         """Refuse or hold the run folder and record the settings (an existing run only with `resume`)."""
         if not self.config.out:
             raise InputError("no run directory given (--out)")
+        self.init_tensors = self._read_init_weights(resume)  # a file that does not fit leaves no folder behind
         self.out = RUN_FOLDER.claim(self.config.out, self.config, resume=resume)
+
+    def _read_init_weights(self, resume: bool) -> dict[str, torch.Tensor] | None:
+        """The --init-weights tensors, checked against the model; None without the option or when a resumed run
+        has a committed epoch, whose weights replace them."""
+        config, out = self.config, Path(self.config.out)
+        if not config.init_weights or (resume and ((out / epoch_commit.MANIFEST).exists()
+                                                   or (out / RESUME_FILE).exists())):
+            return None
+        with torch.device("meta"):  # shapes only
+            shapes = build_model(config.model)
+        return pretrained.load_init_weights(shapes, config.init_weights)
 
     def build(self) -> None:
         """The model (on the device), its optimizer, and the training and validation data."""
         config = self.config
         model = build_model(config.model, seed=config.seed, init=config.init)
+        if self.init_tensors:
+            pretrained.apply_init_weights(model, self.init_tensors)
+            self.init_tensors = None
+        self.loss = loss_for(model)
         rf = receptive_field(model)
         # An image smaller than one receptive field cannot be judged patch by patch (the crop caps
         # the check: deep blocks at small sizes see the whole input from every cell, as in the paper).
         min_size = min(rf.size, config.crop_size or config.load_size or rf.size)
-        if config.crop_size and config.crop_size < rf.size:
+        if config.crop_size and config.crop_size < rf.size and not model.whole_image:
             log.warning("%s sees %d px per output cell, more than its %d px input: every cell sees the "
                         "whole image", config.model, rf.size, config.crop_size)
-        self.train_set, self.train_workers = _load_split(config, config.train_split, True, min_size)
+        self.train_set, self.train_workers = _load_split(config, config.train_split, True, min_size, self.device.type)
         self.val_set, self.val_workers = _load_split(config, config.val_split, False, min_size)
         self.model = model.to(self.device, memory_format=self.memory_format)
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=config.lr, betas=(config.beta1, config.beta2))
@@ -204,11 +263,14 @@ class Training:
         self.optimizer.load_state_dict(saved["optimizer"])
         self.state = state = saved["state"]
         log.info("resuming %s after epoch %d", out, state["epoch"])
-        if state["finished"] and state["since_best"] < self.patience and state["epoch"] < self.config.max_epochs:
-            # the limit that stopped it was raised on resume (--max-epochs, --patience): go on
-            log.info("continuing past %s (now max_epochs=%d, patience=%d)", state.get("stop_reason"),
-                     self.config.max_epochs, self.patience)
+        if state["finished"] and self.stop_reason() is None:  # a limit raised or the rule changed on resume: go on
+            log.info("continuing past %s (now max_epochs=%d, patience=%d, early_stopping=%s)",
+                     state.get("stop_reason"), self.config.max_epochs, self.patience, self.config.early_stopping)
             state.update(finished=False, stop_reason=None)
+
+    def stop_reason(self) -> str | None:
+        """`stop_reason` of the settings after the epoch `state` is at; None to go on."""
+        return stop_reason(self.config, self.state["epoch"], self.state["since_best"], self.state["best_acc"])
 
     def start(self) -> None:
         """The compiled model (if asked), the data loaders and the TensorBoard writer."""
@@ -222,7 +284,7 @@ class Training:
 
     def train_epoch(self, epoch: int) -> dict[str, Any]:
         return _train_epoch(self.step_model, self.optimizer, self.train_loader, epoch, self.device,
-                            self.precision, self.memory_format)
+                            self.precision, self.memory_format, self.loss)
 
     def validate(self) -> dict[str, Any]:
         """Metrics of the validation split, scored on centre crops."""
@@ -231,15 +293,14 @@ class Training:
 
     def advance(self, epoch: int, record: dict[str, Any], val: dict[str, Any]) -> bool:
         """Count the epoch towards early stopping and complete its log record; returns whether it is the best."""
-        state, config = self.state, self.config
+        state = self.state
         improved = val["patch_acc"] > state["best_acc"]
         state.update(epoch=epoch, since_best=0 if improved else state["since_best"] + 1)
         if improved:
             state.update(best_acc=val["patch_acc"], best_epoch=epoch)
-        if state["since_best"] >= self.patience or epoch == config.max_epochs:
-            state.update(finished=True, stop_reason=(
-                f"no improvement for {self.patience} epochs" if state["since_best"] >= self.patience
-                else f"reached max_epochs={config.max_epochs}"))
+        reason = self.stop_reason()
+        if reason is not None:
+            state.update(finished=True, stop_reason=reason)
         record.update(val_patch_acc=val["patch_acc"], val_ap=val["ap"], val_acc=val["acc"],
                       best_val_patch_acc=state["best_acc"], best_epoch=state["best_epoch"],
                       epochs_since_best=state["since_best"])
@@ -301,7 +362,8 @@ def _saved_epoch(path: Path) -> int:
     return meta.get("epoch", -1) if isinstance(meta, dict) else -1
 
 
-def _train_epoch(model, optimizer, loader, epoch, device, precision, memory_format) -> dict[str, Any]:
+def _train_epoch(model, optimizer, loader, epoch, device, precision, memory_format,
+                 loss_function=patch_cross_entropy) -> dict[str, Any]:
     model.train()
     data.set_epoch(loader, epoch)
     total_loss = torch.zeros((), device=device)
@@ -313,7 +375,7 @@ def _train_epoch(model, optimizer, loader, epoch, device, precision, memory_form
         y = y.to(device, non_blocking=True)
         with autocast(device, precision):
             logits = model(x)
-        loss = patch_cross_entropy(logits, y)
+        loss = loss_function(logits, y)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

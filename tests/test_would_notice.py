@@ -249,10 +249,12 @@ def resized_run(small_dataset, tmp_path_factory) -> Path:
 
 def test_validation_scores_centre_crops_of_the_resized_images(resized_run, small_dataset, tmp_path) -> None:
     """Change: the validation split loaded with the training transforms (random crops and flips): its score then
-    differs from eval's of the same checkpoint on the same split at the trained sizes."""
+    differs from eval's of the same checkpoint on the same split at the trained sizes. Validation scores the
+    centre crop, which eval scores under view "crop" (its "auto" scores a patch model's whole resized image)."""
     last = _log(resized_run)[-1]
     summary = evaluate(EvalConfig(run=str(resized_run), which="last", split="val", out=str(tmp_path / "eval"),
-                                  load_size=40, crop_size=32, batch_size=64, device="cpu", precision="fp32",
+                                  load_size=40, crop_size=32, view="crop", batch_size=64, device="cpu",
+                                  precision="fp32",
                                   tests=[f"val={small_dataset / 'real'},{small_dataset / 'fake'}"]))
     scored = summary["results"]["val"]["after_softmax"]
     assert scored["patch_acc"] == pytest.approx(last["val_patch_acc"], abs=1e-12)

@@ -25,13 +25,13 @@ def run(*args) -> object:
 def metrics(ap: float, acc: float) -> dict[str, float | int]:
     """One aggregation's metrics with every key eval writes."""
     return {"n": 100, "n_real": 50, "n_fake": 50, "ap": ap, "ap_real": 0.5, "roc_auc": 0.5, "acc": acc,
-            "acc_real": acc, "acc_fake": acc, "patch_ap": 0.5, "patch_acc": 0.5}
+            "acc_real": acc, "acc_fake": acc, "patch_ap": 0.5, "patch_ap_real": 0.5, "patch_acc": 0.5}
 
 
 def summary(run_path: str, results: dict[str, tuple[float, float]]) -> dict:
     """metrics.json as eval writes it; before_softmax and vote get other values (AP - 0.1, accuracy 0.1)."""
     return {"run": run_path, "checkpoint_epoch": 3, "model": "xception_block2", "aggregation": "after_softmax",
-            "load_size": 128, "crop_size": 128, "split": "test",
+            "load_size": 128, "crop_size": 128, "view": "full", "input_size": 128, "split": "test",
             "results": {test: {"after_softmax": metrics(ap, acc), "before_softmax": metrics(ap - 0.1, 0.1),
                                "vote": metrics(ap - 0.1, 0.1)} for test, (ap, acc) in results.items()}}
 

@@ -295,3 +295,22 @@ def test_train_and_exaggerate_refuse_resume_and_accept_a_run_alike(builtin_datas
         f"pass --force to fit it again")
     assert cli(*exaggerate_args(exaggerate_case, exaggerated, "--force")).exit_code == 0
     assert read_yaml(exaggerated / RECORD)["lam"] == 0.0
+
+
+def test_a_setting_added_since_the_run_is_not_a_change_at_its_default():
+    """A run recorded before a field existed resumes when the field keeps its default (the behaviour it had)."""
+    from dataclasses import dataclass
+
+    from patchscope.common.runfolder import changed_settings
+
+    @dataclass
+    class Settings:
+        lr: float = 0.1
+        augment: str = "none"
+        sizes: list = None
+
+    saved = {"lr": 0.1}
+    assert changed_settings(saved, Settings()) == []
+    assert changed_settings(saved, Settings(augment="blur_jpeg_0.1")) == ["augment"]
+    assert changed_settings({"lr": 0.1, "augment": "none"}, Settings(augment="blur_jpeg_0.5")) == ["augment"]
+    assert changed_settings({"lr": 0.2}, Settings()) == ["lr"]

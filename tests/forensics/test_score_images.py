@@ -157,8 +157,11 @@ def test_user_errors_are_one_line_with_exit_code_2(classifier, folders, tmp_path
 
 def test_images_smaller_than_the_crop_name_the_option(classifier, tmp_path):
     Image.fromarray(np.zeros((40, 40, 3), np.uint8)).save(tmp_path / "a.png")
-    result = run("score", classifier, tmp_path / "a.png", "--load-size", "24", *CPU)
+    result = run("score", classifier, tmp_path / "a.png", "--load-size", "24", "--view", "crop", *CPU)
     assert result.exit_code == 2 and "--load-size" in result.stderr
+    # the default view scores a patch classifier's whole resized image, never the crop: 24 px are enough
+    result = run("score", classifier, tmp_path / "a.png", "--load-size", "24", *CPU)
+    assert result.exit_code == 0, result.output
 
 
 def test_split_folders_and_the_settings(tmp_path):

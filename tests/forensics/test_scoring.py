@@ -163,11 +163,37 @@ def test_patch_metrics_label_every_patch_with_its_image():
     assert metrics["patch_ap"] == pytest.approx(average_precision_score([1, 0, 1, 0], [0.9, 0.6, 0.4, 0.3]))
 
 
+def test_patch_ap_real_takes_real_patches_as_positive_and_differs_from_patch_ap():
+    # patches (1 x 2 per image): fake A [0.9, 0.7], fake B [0.6, 0.5], real C [0.8, 0.1]
+    probs = np.array([[[0.9, 0.7]], [[0.6, 0.5]], [[0.8, 0.1]]])
+    metrics = compute_metrics([0.8, 0.55, 0.45], [1, 1, 0], patch_probs=probs)
+    # fake positive, ranked by P(fake): f .9, r .8, f .7, f .6, f .5, r .1 -> (1 + 2/3 + 3/4 + 4/5) / 4
+    assert metrics["patch_ap"] == pytest.approx((1 + 2 / 3 + 3 / 4 + 4 / 5) / 4)
+    # real positive, ranked by 1 - P(fake): r .9, f .5, f .4, f .3, r .2, f .1 -> (1 + 2/5) / 2
+    assert metrics["patch_ap_real"] == pytest.approx(0.7)
+    # sklearn, on the patches listed by hand: real = 1 and score 1 - p
+    patch_real = [0, 0, 0, 0, 1, 1]
+    patch_p_real = [1 - 0.9, 1 - 0.7, 1 - 0.6, 1 - 0.5, 1 - 0.8, 1 - 0.1]
+    assert metrics["patch_ap_real"] == pytest.approx(average_precision_score(patch_real, patch_p_real))
+    assert metrics["patch_ap"] != pytest.approx(metrics["patch_ap_real"])
+
+
+def test_older_metrics_table_is_rewritten_under_the_new_header(tmp_path):
+    path = tmp_path / "metrics.csv"
+    old = [c for c in METRIC_COLUMNS if c != "patch_ap_real"]
+    path.write_text(",".join(old) + "\n" + ",".join("r" if c == "run" else "0.5" if c == "patch_ap" else ""
+                                                    for c in old) + "\n")
+    append_csv(path, [{"run": "new", "patch_ap": 0.25, "patch_ap_real": 0.75}])
+    assert path.read_text().splitlines()[0] == ",".join(METRIC_COLUMNS)
+    rows = read_table(path)
+    assert [(r["run"], r["patch_ap"], r["patch_ap_real"]) for r in rows] == [("r", "0.5", ""), ("new", "0.25", "0.75")]
+
+
 def test_single_class_gives_nan_ranking_metrics_without_warnings():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         metrics = compute_metrics([0.9, 0.3, 0.7], [1, 1, 1], patch_probs=np.full((3, 2, 2), 0.8))
-    for key in ("ap", "ap_real", "roc_auc", "patch_ap", "acc_real"):
+    for key in ("ap", "ap_real", "roc_auc", "patch_ap", "patch_ap_real", "acc_real"):
         assert math.isnan(metrics[key]), key
     assert metrics["acc_fake"] == pytest.approx(2 / 3)
     assert metrics["acc"] == pytest.approx(2 / 3)
