@@ -21,7 +21,8 @@ from patchscope.analysis.grids import image_grid, save_image, to_uint8
 from patchscope.analysis.shift_grid import LARGEST_TILE
 from patchscope.attacks.finetune import FinetuneSettings, GeneratorFinetuner
 from patchscope.attacks.finetune_eval import FINETUNED, ORIGINAL, Comparison
-from patchscope.attacks.finetune_files import (GENERATOR_FILE, MANIFEST_FILE, METRICS_FILE, RESUME_FILE,
+from patchscope.attacks.finetune_anchor import ANCHORS
+from patchscope.attacks.finetune_files import (GENERATOR_FILES, MANIFEST_FILE, METRICS_FILE, RESUME_FILE,
                                               STAGING_FOLDER, committed, forget)
 from patchscope.attacks.gan_objectives import objective_for
 from patchscope.attacks.perceptual import LPIPS_NETS, find_backbone_weights, load_lpips
@@ -35,9 +36,10 @@ from patchscope.common.runfolder import RunFolder
 from patchscope.forensics.checkpoint import CHECKPOINT_CHOICES, load_classifier, resolve_checkpoint
 from patchscope.forensics.data import BAD_IMAGE_POLICIES
 from patchscope.forensics.scoring import AGGREGATIONS
-from patchscope.generators import checkpoint_sha256, load_generator
+from patchscope.generators import checkpoint_sha256
 from patchscope.generators.base import Generator
-from patchscope.generators.io.writers import written_format
+from patchscope.generators.custom import generator_sha256, module_source, open_generator, provenance
+from patchscope.generators.io.writers import check_writable
 
 log = logging.getLogger("patchscope.finetune")
 
@@ -48,17 +50,20 @@ TABLE_FIELDS = ("generator", "n", "n_real", "n_fake", "acc", "acc_real", "acc_fa
 RESUMABLE_CHANGES = ("out", "steps", "device", "checkpoint_every", "compare_n", "grid_rows", "cache_real")
 GRID_TITLE = "original vs finetuned ({steps} steps), same latents; caption = P(fake)"
 SOURCES_FILE = "sources.json"  # SHA-256 of the generator and classifier files the run started from
-RESULT_FILES = (MANIFEST_FILE, STAGING_FOLDER, GENERATOR_FILE, RESUME_FILE, METRICS_FILE, SOURCES_FILE,
+RESULT_FILES = (MANIFEST_FILE, STAGING_FOLDER, *GENERATOR_FILES, RESUME_FILE, METRICS_FILE, SOURCES_FILE,
                 "before_after.json", "before_after.csv", "grid.png")
 RUN_FOLDER = RunFolder(holds="a finetuning run", resumable=RESUMABLE_CHANGES, writes=RESULT_FILES)
 
 
 @dataclass
 class FinetuneConfig:
-    generator: str = ""                 # checkpoint with its discriminator: PGAN (zoo, TF), StyleGAN (TF), StyleGAN2
+    generator: str = ""                 # PGAN (zoo, TF), StyleGAN (TF), StyleGAN2 checkpoint, or MODULE:CALLABLE
+    weights: str = ""                   # MODULE:CALLABLE only: safetensors state dict loaded into its network
+    latent_dim: int | None = None       # MODULE:CALLABLE only: for a module without a latent_dim attribute
+    resolution: int | None = None       # MODULE:CALLABLE only: for a module without a resolution attribute
     classifier: str = ""                # frozen classifier: run directory or .safetensors file
     real: str = ""                      # real images: folder, split folder (see real_split) or manifest
-    out: str = ""                       # generator.pt, resume.pt, metrics.jsonl, grid.png, before_after.*, config.yaml
+    out: str = ""                       # generator.pt (.safetensors), resume.pt, metrics.jsonl, grid.png, before_after.*, config.yaml
     which: str = "best"                 # best | last checkpoint of a classifier run directory
     real_split: str | None = None       # split folder of `real` (None: train/ when it has one)
     steps: int = 1000                   # finetuning steps (one D and one G update each, see n_critic)
@@ -68,7 +73,10 @@ class FinetuneConfig:
     beta1: float = 0.0                  # Adam betas (Karras et al.; StyleGAN2 alike)
     beta2: float = 0.99
     n_critic: int = 1                   # discriminator updates per generator update
-    ema_beta: float = 0.999             # moving average of the generator: what is saved and shown
+    ema_beta: float | None = None       # moving average of the generator, what is saved and shown (None: its
+    #                                     half-life is 10% of the steps: 0.5 ** (1 / (0.1 steps)) within [0.9, 0.999])
+    anchor: str = "lpips"               # no discriminator: lpips | l2 | lpips+l2 between G(z) and the original's G0(z)
+    anchor_weight: float = 1.0          # weight of that anchor beside the classifier loss
     lambda_gp: float = 10.0             # PGAN: WGAN-GP gradient penalty weight
     drift: float = 0.001                # PGAN: weight of D(real)^2
     r1_gamma: float = 10.0              # StyleGAN2: R1 weight γ
@@ -94,8 +102,10 @@ class FinetuneConfig:
     precision: str = "auto"             # auto (bf16 on CUDA and CPUs with native bf16) | fp32 | bf16
 
     def __post_init__(self) -> None:
-        for name in ("generator", "classifier", "real", "out", "device"):
+        for name in ("generator", "weights", "classifier", "real", "out", "device"):
             check_text(self, name)
+        check_int(self, "latent_dim", 1, optional=True)
+        check_int(self, "resolution", 1, optional=True)
         check_text(self, "real_split", optional=True)
         check_choice(self, "which", CHECKPOINT_CHOICES)
         check_int(self, "steps", 0)
@@ -103,8 +113,9 @@ class FinetuneConfig:
         check_float(self, "lr", 0, low_open=True, optional=True)
         check_float(self, "beta1", 0, 1, high_open=True)
         check_float(self, "beta2", 0, 1, high_open=True)
-        check_float(self, "ema_beta", 0, 1, high_open=True)
-        for name in ("classifier_weight", "lambda_gp", "drift", "r1_gamma"):
+        check_float(self, "ema_beta", 0, 1, high_open=True, optional=True)
+        check_choice(self, "anchor", ANCHORS)
+        for name in ("classifier_weight", "lambda_gp", "drift", "r1_gamma", "anchor_weight"):
             check_float(self, name, 0)
         check_float(self, "max_loss", 0, low_open=True)
         for name in ("n_critic", "r1_every", "eval_n", "compare_n"):
@@ -162,15 +173,12 @@ def _lpips_for(config: FinetuneConfig, device: torch.device) -> nn.Module | None
     return load_lpips(config.lpips_net, config.lpips_weights, device, allow_random=config.lpips_random)
 
 
-def _load_generator(path: str) -> Generator:
-    generator = load_generator(path)
+def _load_generator(config: FinetuneConfig) -> Generator:
+    generator = open_generator(config.generator, config.weights or None, config.latent_dim, config.resolution)
     try:
-        written_format(generator)
+        check_writable(generator)
     except InputError as err:
-        raise InputError(f"{path}: {err}") from None
-    if generator.discriminator is None:
-        raise InputError(f"{path}: holds no discriminator (zoo netD, TF D, rosinality d, NVlabs D); finetuning continues "
-                         f"GAN training and needs it")
+        raise InputError(f"{config.generator}: {err}") from None
     return generator
 
 
@@ -225,7 +233,8 @@ def run_finetune(config: FinetuneConfig, resume: bool = False, force: bool = Fal
     """Finetune the generator against the frozen classifier (eq. 4), then compare it with the original.
 
     OUT receives config.yaml, metrics.jsonl, generator.pt (the source's format: pytorch_GAN_zoo for PGAN,
-    rosinality for StyleGAN2; `load_generator` reads it) and resume.pt, then before_after.json/.csv (the
+    rosinality for StyleGAN2; `load_generator` reads it; for MODULE:CALLABLE generator.safetensors, its state
+    dict for --weights) and resume.pt, then before_after.json/.csv (the
     classifier's accuracy, acc_fake, AP and mean P(fake) on original vs finetuned samples of the same
     held-out latents against the same reals, LPIPS between them) and grid.png. An existing OUT is
     refused unless `resume` (continues from resume.pt; a finished run is only re-scored, more steps
@@ -242,17 +251,18 @@ def run_finetune(config: FinetuneConfig, resume: bool = False, force: bool = Fal
     classifier_file = resolve_checkpoint(config.classifier, config.which)
     classifier, classifier_meta = load_classifier(classifier_file, device=device)
     lpips_model = _lpips_for(config, device)
-    generator = _load_generator(config.generator)
+    generator = _load_generator(config)
     real = RealImages.from_source(config.real, generator.resolution, _real_split(config), config.on_bad_image,
                                   config.cache_real)
     trained = ClassifierInput.from_meta(classifier_meta)
     view = ClassifierInput(config.load_size or trained.load_size, config.crop_size or trained.crop_size)
-    objective = objective_for(generator.discriminator, lambda_gp=config.lambda_gp, drift=config.drift,
-                              r1_gamma=config.r1_gamma, r1_every=config.r1_every)
+    objective = None if generator.discriminator is None else objective_for(
+        generator.discriminator, lambda_gp=config.lambda_gp, drift=config.drift, r1_gamma=config.r1_gamma,
+        r1_every=config.r1_every, generic=module_source(generator) is not None)
     settings = FinetuneSettings(classifier_weight=config.classifier_weight, lr=config.lr,
                                 betas=(config.beta1, config.beta2), n_critic=config.n_critic, ema_beta=config.ema_beta,
                                 mirror=config.mirror, max_loss=config.max_loss, aggregation=config.aggregation,
-                                precision=precision)
+                                precision=precision, anchor=config.anchor, anchor_weight=config.anchor_weight)
     finetuner = GeneratorFinetuner(generator, classifier, real, settings, objective=objective, classifier_input=view,
                                    lpips=lpips_model, device=device)
     out.mkdir(parents=True, exist_ok=True)
@@ -260,7 +270,7 @@ def run_finetune(config: FinetuneConfig, resume: bool = False, force: bool = Fal
         forget(out)  # the commit first: from then on nothing of the older run counts
         for name in RESULT_FILES:
             (out / name).unlink(missing_ok=True)
-    sources = {"generator_sha256": checkpoint_sha256(config.generator),
+    sources = {"generator_sha256": generator_sha256(config.generator, generator),
                "classifier_sha256": checkpoint_sha256(classifier_file)}
     _check_sources(out, sources)
     RUN_FOLDER.save(out, config)
@@ -281,6 +291,7 @@ def run_finetune(config: FinetuneConfig, resume: bool = False, force: bool = Fal
             "n_real": len(comparison.p_fake_real),
             "aggregation": config.aggregation, "classifier": str(classifier_file),
             "generator": str(config.generator), **sources, "finetuned_sha256": checkpoint_sha256(result.checkpoint),
+            **({"generator_source": provenance(generator)} if module_source(generator) else {}),
             "lpips": None if lpips_model is None else f"{config.lpips_net}: {lpips_model.source}",
             "settings": result.settings}
     _write_table(out, rows, info)

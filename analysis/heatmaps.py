@@ -29,7 +29,7 @@ from patchscope.common.device import resolve_device, resolve_precision
 from patchscope.common.errors import InputError
 from patchscope.common.labels import LABEL_NAMES, LABELS, REAL
 from patchscope.forensics import checkpoint, data
-from patchscope.forensics.evaluate import EvalConfig, parse_test_spec, predict, printable_path
+from patchscope.forensics.evaluate import EvalConfig, parse_test_spec, predict, printable_path, view_crop_size
 from patchscope.forensics.figures import figure_format, render_figure
 from patchscope.forensics.receptive import ModelLike, Size, output_size, receptive_field
 
@@ -163,7 +163,8 @@ def render_card(image: np.ndarray, heat: np.ndarray, title: str, label: str, sco
 
 def plot_average_heatmaps(averages: dict[str, np.ndarray | None], counts: dict[str, int],
                           path: str | os.PathLike, title: str, cmap: str = DEFAULT_CMAP) -> Path:
-    """One figure, a panel per group with a shared [0, 1] colour bar; written atomically as PNG/PDF/SVG."""
+    """One figure, a panel per group (two per row: real easiest | hardest, then fake) with a shared [0, 1] colour
+    bar, large enough to read each map; written atomically as PNG/PDF/SVG."""
     from matplotlib import colormaps
     from matplotlib.cm import ScalarMappable
     from matplotlib.colors import Normalize
@@ -171,8 +172,13 @@ def plot_average_heatmaps(averages: dict[str, np.ndarray | None], counts: dict[s
 
     path = Path(path)
     fmt = figure_format(path)
-    figure = Figure(figsize=(3.3 * len(averages) + 1.2, 4.0), layout="constrained")
-    axes = figure.subplots(1, len(averages), squeeze=False)[0]
+    cols = min(2, len(averages))
+    rows = -(-len(averages) // cols)
+    figure = Figure(figsize=(4.2 * cols + 1.3, 4.3 * rows + 0.5), layout="constrained")
+    axes = list(figure.subplots(rows, cols, squeeze=False).ravel())
+    for ax in axes[len(averages):]:
+        ax.set_axis_off()
+    axes = axes[:len(averages)]
     norm = Normalize(0.0, 1.0)
     for ax, (group, heat) in zip(axes, averages.items()):
         if heat is None:
@@ -183,7 +189,7 @@ def plot_average_heatmaps(averages: dict[str, np.ndarray | None], counts: dict[s
         ax.set_title(f"{GROUP_TITLES.get(group, group)}\nn={counts[group]}, mean P(fake) {heat.mean():.3f}")
         ax.set_xlabel("x (px)")
         ax.set_ylabel("y (px)")
-    figure.colorbar(ScalarMappable(norm=norm, cmap=colormaps[cmap]), ax=list(axes), label="P(fake)", shrink=0.85)
+    figure.colorbar(ScalarMappable(norm=norm, cmap=colormaps[cmap]), ax=axes, label="P(fake)", shrink=0.85)
     figure.suptitle(title)
     write_bytes(path, render_figure(figure, fmt, dpi=110, tight=False))
     return path
@@ -276,8 +282,9 @@ def _read_scores(path: Path) -> tuple[list[str], np.ndarray, np.ndarray]:
 def write_eval_heatmaps(config: EvalConfig, n: int) -> dict[str, dict[str, Any]]:
     """Heatmap pages for every test set of a finished `forensics.evaluate.evaluate(config)` run.
 
-    Ranks images by the `scores_<name>.csv` that evaluation wrote, re-scores only the chosen ones
-    on the same centre crops, and writes `<eval out>/heatmaps/<name>/heatmaps.html` per test set.
+    Ranks images by the `scores_<name>.csv` that evaluation wrote, re-scores only the chosen ones on the
+    same view (centre crop or whole resized image), and writes `<eval out>/heatmaps/<name>/heatmaps.html`
+    per test set.
     """
     if n < 1:
         raise ValueError(f"n must be at least 1 image per group, got {n}")
@@ -290,14 +297,15 @@ def write_eval_heatmaps(config: EvalConfig, n: int) -> dict[str, dict[str, Any]]
     run = Path(config.run)
     out = Path(config.out) if config.out else (run if run.is_dir() else run.parent) / "eval"
     # The same dataset settings as evaluate(), so item i is the image that row i of the scores scored.
+    _, view_crop = view_crop_size(config.view, model, load_size, crop_size)
     rf_size = receptive_field(model).size
-    min_size = min(rf_size, crop_size or load_size or rf_size)
+    min_size = min(rf_size, view_crop or load_size or rf_size)
     results = {}
     for spec in config.tests:
         name, real, fake = parse_test_spec(spec)
         table = out / f"scores_{name}.csv"
         paths, labels, scores = _read_scores(table)
-        dataset = data.load_split(real, fake, config.split, load_size=load_size, crop_size=crop_size,
+        dataset = data.load_split(real, fake, config.split, load_size=load_size, crop_size=view_crop,
                                   min_size=min_size, on_bad_image=config.on_bad_image, cache=False, train=False)
         if [printable_path(p) for p in dataset.paths] != paths:
             raise InputError(f"{table}: lists other images than test set {name!r} holds now; re-run eval")

@@ -25,7 +25,7 @@ from patchscope.common.errors import InputError
 from patchscope.common.labels import FAKE, LABEL_NAMES, LABELS, REAL, p_fake
 from patchscope.common.progress import progress_bar
 from patchscope.forensics import checkpoint, data
-from patchscope.forensics.evaluate import predict
+from patchscope.forensics.evaluate import VIEWS, predict, view_crop_size, warn_size_mismatch
 from patchscope.forensics.receptive import ModelLike, ReceptiveField, Size, patch_boxes, receptive_field
 
 log = logging.getLogger("patchscope.patches")
@@ -161,7 +161,7 @@ def contact_sheet(path: str | Path, tiles: Sequence[np.ndarray], captions: Seque
 
 
 def model_input_pixels(dataset: data.RealFakeDataset, index: int) -> np.ndarray:
-    """uint8 H x W x 3 of exactly what the classifier was fed for item `index` (after the eval crop)."""
+    """uint8 H x W x 3 of exactly what the classifier was fed for item `index` (after eval's view)."""
     x = dataset[index][0]
     return x.add(1.0).mul(127.5).round().clamp(0, 255).to(torch.uint8).permute(1, 2, 0).numpy()
 
@@ -182,6 +182,7 @@ class PatchesConfig:
     which: str = "best"
     load_size: int | None = None    # None: as the classifier was trained
     crop_size: int | None = None
+    view: str = "auto"              # auto | full | crop, as eval's (forensics.evaluate.view_crop_size)
     batch_size: int = 64
     device: str = "auto"
     precision: str = "auto"
@@ -202,6 +203,7 @@ class PatchesConfig:
         check_choice(self, "which", checkpoint.CHECKPOINT_CHOICES)
         check_int(self, "load_size", 1, optional=True)
         check_int(self, "crop_size", 1, optional=True)
+        check_choice(self, "view", VIEWS)
         check_choice(self, "precision", PRECISIONS)
         check_int(self, "workers", 0)
         check_choice(self, "on_bad_image", data.BAD_IMAGE_POLICIES)
@@ -223,14 +225,16 @@ def score_images(cfg: PatchesConfig, device: torch.device) -> dict[str, Any]:
     model = model.to(memory_format=torch.channels_last)
     trained = meta.get("config", {})
     load_size, crop_size = cfg.load_size or trained.get("load_size"), cfg.crop_size or trained.get("crop_size")
+    warn_size_mismatch(trained, load_size, crop_size, log)
+    view, view_crop = view_crop_size(cfg.view, model, load_size, crop_size)
     rf = receptive_field(model)
     # Not cached: each image is decoded when checked at load and when scored; only the n chosen ones once more.
-    dataset = data.load_split(cfg.real, cfg.fake, cfg.split, load_size=load_size, crop_size=crop_size,
-                              min_size=min(rf.size, crop_size or load_size or rf.size),
+    dataset = data.load_split(cfg.real, cfg.fake, cfg.split, load_size=load_size, crop_size=view_crop,
+                              min_size=min(rf.size, view_crop or load_size or rf.size),
                               on_bad_image=cfg.on_bad_image, cache=False, workers=cfg.workers, train=False)
     loader = data.make_loader(dataset, cfg.batch_size, train=False, workers=cfg.workers, device_type=device.type)
     logits, labels = predict(model, loader, device, resolve_precision(cfg.precision, device), keep_logits=True)
-    return {"model": model, "meta": meta, "rf": rf, "dataset": dataset, "labels": labels,
+    return {"model": model, "meta": meta, "rf": rf, "dataset": dataset, "labels": labels, "view": view,
             "probs": p_fake(logits), "input_size": tuple(dataset[0][0].shape[-2:])}
 
 
@@ -238,7 +242,8 @@ def run_patches(run: str, real: str, fake: str, out: str | None = None, split: s
                 segmenter: Segmenter | None = None, **settings: Any) -> dict[str, Any]:
     """Score images, keep the top-n most predictive patches and random baselines, label them semantically.
 
-    Writes OUT/patches.json (records, receptive field, histograms), crops/<label>/*.png,
+    Writes OUT/patches.json (records with their output cell and pixel box, input size, output grid size,
+    receptive field, histograms), crops/<label>/*.png,
     sheet_<label>.png, histogram_<label>.png/.json and config.yaml. `settings` are the other
     `PatchesConfig` fields; `segmenter` overrides the one `face_parser` selects.
     """
@@ -275,7 +280,8 @@ def run_patches(run: str, real: str, fake: str, out: str | None = None, split: s
     ranks = class_ranks(top)
     meta = scored["meta"]
     summary = {"run": str(cfg.run), "model": meta.get("model"), "checkpoint_epoch": meta.get("epoch"),
-               "split": cfg.split, "input_size": list(input_size),
+               "split": cfg.split, "view": scored["view"], "input_size": list(input_size),
+               "output_size": list(scored["probs"].shape[1:]),
                "receptive_field": dataclasses.asdict(rf), "segmenter": segmenter.name,
                "classes": list(segmenter.classes), "n": cfg.n, "per_class": cfg.per_class, "seed": cfg.seed,
                "histograms": histograms,

@@ -44,7 +44,11 @@ RUN_FOLDER = RunFolder(holds="a retrain study", resumable=RESUMABLE_CHANGES, for
 @dataclass
 class RetrainStudyConfig:
     classifier: str = ""                # the old classifier: run directory or .safetensors file
-    generator: str = ""                 # the finetuned generator checkpoint (any format load_generator reads)
+    generator: str = ""                 # the finetuned generator checkpoint (any format load_generator reads), or
+    #                                     MODULE:CALLABLE with weights = its finetuned generator.safetensors
+    weights: str = ""
+    latent_dim: int | None = None       # MODULE:CALLABLE without latent_dim / resolution attributes
+    resolution: int | None = None
     out: str = ""                       # study folder: retrain/, patches/{old,new}/, comparison.*, summary.txt
     real: str | None = None             # reals (None: the old classifier's training reals)
     original_fakes: str | None = None   # the original generator's fakes (None: the old classifier's training fakes)
@@ -63,8 +67,10 @@ class RetrainStudyConfig:
     on_bad_image: str = "skip"
 
     def __post_init__(self) -> None:
-        for name in ("classifier", "generator", "out", "device"):
+        for name in ("classifier", "generator", "weights", "out", "device"):
             check_text(self, name)
+        check_int(self, "latent_dim", 1, optional=True)
+        check_int(self, "resolution", 1, optional=True)
         for name in ("real", "original_fakes", "face_parser"):
             check_text(self, name, optional=True)
         check_counts(self, "counts", optional=True)
@@ -256,7 +262,8 @@ def run_retrain_study(config: RetrainStudyConfig, resume: bool = False, force: b
     out.mkdir(parents=True, exist_ok=True)
     RUN_FOLDER.save(out, config)
     try:
-        settings = RetrainConfig(classifier=config.classifier, generator=config.generator, out=str(out / "retrain"),
+        settings = RetrainConfig(classifier=config.classifier, generator=config.generator, weights=config.weights,
+                                 latent_dim=config.latent_dim, resolution=config.resolution, out=str(out / "retrain"),
                                  real=config.real, original_fakes=config.original_fakes, counts=config.counts,
                                  seed=config.seed, which=config.which, aggregation=config.aggregation,
                                  device=config.device, precision=config.precision,

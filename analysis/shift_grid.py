@@ -26,14 +26,19 @@ from patchscope.common.device import PRECISIONS, configure_backends, resolve_dev
 from patchscope.common.errors import InputError
 from patchscope.common.runfolder import RunFolder
 from patchscope.forensics.checkpoint import CHECKPOINT_CHOICES, load_classifier, resolve_checkpoint
+from patchscope.forensics.evaluate import warn_size_mismatch
 from patchscope.forensics.scoring import AGGREGATIONS
-from patchscope.generators import checkpoint_sha256, load_generator
+from patchscope.generators import checkpoint_sha256
+from patchscope.generators.custom import generator_sha256, open_generator, provenance
 from patchscope.generators.base import Generator
 
 log = logging.getLogger("patchscope.exaggerate")
 
 LARGEST_TILE = 256  # px; larger generator outputs are shown downsized so a grid stays a few MB
-METRIC_FIELDS = ("k", "n", "p_fake", "p_fake_std", "lpips", "lpips_std")
+METRIC_FIELDS = ("k", "n", "p_fake", "p_fake_std", "logit", "logit_std", "lpips", "lpips_std")
+LOGIT_MEANING = ("mean over the samples of log(p / (1 - p)), p the image P(fake) of the aggregation, "
+                 "p clamped to [2^-24, 1 - 2^-24] (float32 precision: |logit| <= 16.6)")
+SATURATED = 0.01  # k = 0 mean P(fake) above 1 - this or below it: warn that P(fake) hardly moves
 # Settings a resumed study may change: they only decide how the fitted shift is scored and shown.
 # What shift.json records about the fit; a reused shift must agree on all of it.
 FIT_KEYS = ("space", "load_size", "crop_size", "lam", "steps", "batch_size", "lr", "seed", "precision", "lpips")
@@ -91,7 +96,10 @@ def shift_grid(generator: Generator, classifier: nn.Module, shift: torch.Tensor,
 
 @dataclass
 class ExaggerateConfig:
-    generator: str = ""                 # generator checkpoint, any format `load_generator` reads
+    generator: str = ""                 # generator checkpoint, any format `load_generator` reads, or MODULE:CALLABLE
+    weights: str = ""                   # MODULE:CALLABLE only: safetensors state dict loaded into its network
+    latent_dim: int | None = None       # MODULE:CALLABLE only: for a module without a latent_dim attribute
+    resolution: int | None = None       # MODULE:CALLABLE only: for a module without a resolution attribute
     classifier: str = ""                # classifier run directory or .safetensors file
     out: str = ""                       # shift.pt/.json, metrics.json/.csv/.jsonl, grid.png, config.yaml
     which: str = "best"                 # best | last checkpoint of a run directory
@@ -116,8 +124,10 @@ class ExaggerateConfig:
     precision: str = "auto"             # auto (bf16 on CUDA and CPUs with native bf16) | fp32 | bf16
 
     def __post_init__(self) -> None:
-        for name in ("generator", "classifier", "out", "device"):
+        for name in ("generator", "weights", "classifier", "out", "device"):
             check_text(self, name)
+        check_int(self, "latent_dim", 1, optional=True)
+        check_int(self, "resolution", 1, optional=True)
         check_choice(self, "which", CHECKPOINT_CHOICES)
         check_choice(self, "space", ("auto", *SPACES))
         check_float(self, "lam", 0)
@@ -186,6 +196,28 @@ def _fitted_shift(out: Path, meta: dict[str, Any], dim: int) -> torch.Tensor | N
     return shift
 
 
+def rows_with_logits(sweep: ShiftSweep) -> list[dict[str, float]]:
+    """`sweep.rows()` with the mean and std of each sample's log-odds of P(fake) (LOGIT_MEANING) after
+    P(fake)'s: they still spread out where a saturated classifier's P(fake) is pinned near 0 or 1."""
+    tiny = 2.0 ** -24
+    rows = []
+    for j, row in enumerate(sweep.rows()):
+        p = sweep.p_fake[:, j].double().clamp(tiny, 1 - tiny)
+        logit = torch.log(p) - torch.log1p(-p)
+        head = {key: row[key] for key in ("k", "n", "p_fake", "p_fake_std")}
+        rows.append({**head, "logit": float(logit.mean()), "logit_std": float(logit.std()), **row})
+    return rows
+
+
+def warn_if_saturated(rows: list[dict[str, float]]) -> None:
+    """One log line when the k = 0 (original) mean P(fake) is within SATURATED of 0 or 1."""
+    original = next((row for row in rows if row["k"] == 0), None)
+    if original is not None and not SATURATED <= original["p_fake"] <= 1 - SATURATED:
+        log.warning("classifier saturated at the original samples (P(fake) %.4f): P(fake) barely moves along the "
+                    "shift; compare logits (mean log-odds of P(fake), logit %.2f at k=0) instead",
+                    original["p_fake"], original["logit"])
+
+
 def _write_metrics(out: Path, rows: list[dict[str, float]], info: dict[str, Any]) -> None:
     write_json(out / "metrics.json", {**info, "sign_convention": SIGN_CONVENTION, "rows": rows})
     buffer = io.StringIO()
@@ -214,17 +246,20 @@ def run_exaggerate(config: ExaggerateConfig, resume: bool = False, force: bool =
     classifier_file = resolve_checkpoint(config.classifier, config.which)
     classifier, classifier_meta = load_classifier(classifier_file, device=device)
     lpips_model = _lpips_for(config, device)  # before the generator: a missing file fails fast
-    generator = load_generator(config.generator)
+    generator = open_generator(config.generator, config.weights or None, config.latent_dim, config.resolution)
     try:
         space = resolve_space(generator, config.space)
     except ValueError as err:
         raise InputError(f"--space {config.space}: {err}") from None
     trained = ClassifierInput.from_meta(classifier_meta)
     view = ClassifierInput(config.load_size or trained.load_size, config.crop_size or trained.crop_size)
+    warn_size_mismatch(classifier_meta.get("config"), view.load_size, view.crop_size, log)
     attack = ShiftExaggeration(generator, classifier, lpips_model, lam=config.lam, space=space,
                                classifier_input=view, aggregation=config.aggregation, device=device,
                                precision=precision)
-    meta = {"space": space, "generator": str(config.generator), "generator_sha256": checkpoint_sha256(config.generator),
+    meta = {"space": space, "generator": str(config.generator),
+            "generator_sha256": generator_sha256(config.generator, generator),
+            **({"generator_source": provenance(generator)} if provenance(generator) else {}),
             "classifier": str(classifier_file), "classifier_sha256": checkpoint_sha256(classifier_file),
             "classifier_model": classifier_meta.get("model"), "load_size": view.load_size,
             "crop_size": view.crop_size, "lam": config.lam, "steps": config.steps,
@@ -246,8 +281,10 @@ def run_exaggerate(config: ExaggerateConfig, resume: bool = False, force: bool =
         log.info("%s: reusing the fitted shift (resume); re-scoring it", out)
         meta["final"] = load_shift(out)[1].get("final")
     sweep = attack.sweep(shift, config.ks, config.eval_n, eval_seed, config.eval_batch_size)
-    rows = sweep.rows()
-    info = {"space": space, "eval_seed": eval_seed, "eval_n": config.eval_n, "aggregation": config.aggregation}
+    rows = rows_with_logits(sweep)
+    warn_if_saturated(rows)
+    info = {"space": space, "eval_seed": eval_seed, "eval_n": config.eval_n, "aggregation": config.aggregation,
+            "logit": LOGIT_MEANING}
     _write_metrics(out, rows, info)
     save_shift(out, shift, {**meta, **info, "k_metrics": rows})
     grid = out / "grid.png"

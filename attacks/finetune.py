@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -12,26 +13,30 @@ from typing import Any
 import torch
 from torch import nn
 
+from patchscope.attacks.finetune_anchor import (ANCHOR_ADAM, Anchor, FinetuneSettings, default_ema_beta, divergence,
+                                               warn_slow_average)
 from patchscope.attacks.finetune_eval import FINETUNED, Comparison, SampleJudge, compare_generators
-from patchscope.attacks.finetune_files import (GENERATOR_FILE, METRICS_FILE, RESUME_FILE, commit_checkpoint, committed,
-                                              forget, load_network_state, load_resume, network_state, recover,
-                                              truncate_log)
+from patchscope.attacks.finetune_files import (METRICS_FILE, RESUME_FILE, commit_checkpoint, committed, forget,
+                                              load_network_state, load_resume, network_state, recover, truncate_log)
 from patchscope.attacks.gan_objectives import GANObjective, objective_for
 from patchscope.attacks.latent_optim import frozen
 from patchscope.attacks.real_batches import RealImages
 from patchscope.attacks.shift import ClassifierInput
 from patchscope.common.atomic import append_line
-from patchscope.common.checks import check_bool, check_choice, check_float, check_int
 from patchscope.common.device import autocast
 from patchscope.common.errors import InputError
 from patchscope.common.labels import REAL, targets
 from patchscope.common.progress import ProgressBar, progress_bar
 from patchscope.common.runfolder import refuse_changes
-from patchscope.forensics.scoring import AGGREGATIONS, patch_cross_entropy
+from patchscope.forensics.scoring import patch_cross_entropy
 from patchscope.generators.base import Generator, StyleGenerator
-from patchscope.generators.io.writers import written_format
+from patchscope.generators.custom import module_source
+from patchscope.generators.io.writers import check_writable, file_name, written_format
 from patchscope.generators.stylegan2.model import StyleGAN2Discriminator
 from patchscope.generators.training.schedule import batch_indices, derive_seed
+
+__all__ = ["FinetuneResult", "FinetuneSettings", "GeneratorFinetuner"]  # FinetuneSettings: finetune_anchor's
+log = logging.getLogger("patchscope.finetune")
 
 # Purposes of derived seeds (generators.training.schedule uses 0-2 for its own streams).
 STEP_DRAWS, NOISE_DRAWS, REAL_ORDER, EVAL_REALS = 20, 21, 22, 23
@@ -45,11 +50,11 @@ RESUMABLE_CHANGES = ("max_loss", "precision", "format")
 class FinetuneResult:
     generator: Generator              # the averaged (EMA) generator, eval mode: what the checkpoint holds
     trained: Generator                # the generator Adam trained; `generator` is its moving average
-    discriminator: nn.Module          # the finetuned discriminator
+    discriminator: nn.Module | None   # the finetuned discriminator (None: finetuned with the anchor)
     steps: int                        # steps done (with `stopped`: the step of the last good state)
     stopped: str | None               # why the divergence guard stopped the run; None when it finished
     history: list[dict[str, Any]]     # the metrics.jsonl records
-    checkpoint: Path | None           # OUT/generator.pt holding `generator`, when one was written
+    checkpoint: Path | None           # OUT/generator.pt (.safetensors) holding `generator`, when one was written
     settings: dict[str, Any] = field(default_factory=dict)
 
 
@@ -83,39 +88,6 @@ def _copy_without_discriminator(generator: Generator) -> Generator:
         generator.discriminator = discriminator
 
 
-@dataclass
-class FinetuneSettings:
-    """The numbers of eq. 4's finetuning; `GeneratorFinetuner` takes the networks and data beside them."""
-
-    classifier_weight: float = 1.0      # weight w of L_real(G, C) beside the GAN loss
-    lr: float | None = None             # Adam lr of G and D (None: the objective's: 1e-3 PGAN, 2e-3 StyleGAN2)
-    betas: tuple[float, float] | None = None  # Adam betas (None: the objective's)
-    n_critic: int = 1                   # discriminator updates per generator update
-    ema_beta: float = 0.999             # moving average of the generator: what is saved and shown
-    mirror: bool = True                 # flip half the real images left-right
-    max_loss: float = 1e4               # divergence guard: a D or G loss above this stops the run
-    aggregation: str = "after_softmax"  # image P(fake) in the log and comparisons
-    precision: str = "fp32"             # fp32 | bf16 autocast (resolve auto with common.device first)
-    eval_batch: int = 16                # samples per classifier call when judging
-
-    def __post_init__(self) -> None:
-        check_float(self, "classifier_weight", 0)
-        check_float(self, "lr", 0, low_open=True, optional=True)
-        if self.betas is not None:
-            if (not isinstance(self.betas, (tuple, list)) or len(self.betas) != 2
-                    or not all(isinstance(b, (int, float)) and not isinstance(b, bool) and 0 <= b < 1
-                               for b in self.betas)):
-                raise InputError(f"setting betas={self.betas!r}: expected two numbers >= 0 and < 1, or null")
-            self.betas = (float(self.betas[0]), float(self.betas[1]))
-        check_int(self, "n_critic", 1)
-        check_float(self, "ema_beta", 0, 1, high_open=True)
-        check_bool(self, "mirror")
-        check_float(self, "max_loss", 0, low_open=True)
-        check_choice(self, "aggregation", AGGREGATIONS)
-        check_choice(self, "precision", ("fp32", "bf16"))
-        check_int(self, "eval_batch", 1)
-
-
 class GeneratorFinetuner:
     """Eq. 4: min_G max_D [ L_GAN(G, D) + w · L_real(G, C) ], C frozen.
 
@@ -123,7 +95,8 @@ class GeneratorFinetuner:
     WGAN-GP + drift for PGAN, logistic + R1 for StyleGAN2) on `real_images`, and its samples must
     look real to the classifier: patch cross entropy towards real (0) on `ClassifierInput`-prepared
     samples, weighted by `classifier_weight`. A moving average (EMA) of the generator is what the run
-    outputs. `generator` is left as it is and serves as the original; it must carry `.discriminator`.
+    outputs. `generator` is left as it is and serves as the original G0. Without a `.discriminator`, an
+    `Anchor` (LPIPS and/or L2 between G(z) and G0(z), `settings.anchor`) keeps G near G0 instead of the GAN loss.
     """
 
     def __init__(self, generator: Generator, classifier: nn.Module, real_images: RealImages | torch.Tensor,
@@ -132,28 +105,37 @@ class GeneratorFinetuner:
                  device: str | torch.device = "cpu") -> None:
         settings = settings or FinetuneSettings()
         precision = settings.precision
-        written_format(generator)
+        check_writable(generator)
+        self.anchor: Anchor | None = None
+        self.objective: GANObjective | None = None
         if generator.discriminator is None:
-            raise InputError(f"the {type(generator).__name__} has no discriminator; finetuning continues GAN "
-                             f"training and needs the checkpoint's discriminator (zoo netD, rosinality d)")
-        self.objective = objective or objective_for(generator.discriminator)
+            self.anchor = Anchor(settings.anchor, settings.anchor_weight, lpips)
+            log.info("no discriminator: keeping G near the original with %s", self.anchor.describe())
+        else:  # a discriminator of the user's own (MODULE:CALLABLE) trains with the logistic loss + R1
+            self.objective = objective or objective_for(generator.discriminator,
+                                                        generic=module_source(generator) is not None)
         self.device = torch.device(device)
         self.precision = precision
         self.classifier_weight, self.n_critic = float(settings.classifier_weight), settings.n_critic
-        self.ema_beta, self.mirror, self.max_loss = float(settings.ema_beta), settings.mirror, float(settings.max_loss)
+        self.ema_auto = settings.ema_beta is None  # resolved from the steps by `run` (default_ema_beta)
+        self.ema_beta = 0.0 if self.ema_auto else float(settings.ema_beta)
+        self.mirror, self.max_loss = settings.mirror, float(settings.max_loss)
         self.original = generator.to(self.device)
         self.generator = _copy_without_discriminator(generator).train().requires_grad_(True)
         self.average = _copy_without_discriminator(generator).eval().requires_grad_(False)
-        self.discriminator = copy.deepcopy(generator.discriminator).to(self.device).train().requires_grad_(True)
+        self.discriminator = None if generator.discriminator is None else copy.deepcopy(
+            generator.discriminator).to(self.device).train().requires_grad_(True)
         self.real = real_images if isinstance(real_images, RealImages) else RealImages(real_images,
                                                                                        generator.resolution)
         if self.real.resolution != generator.resolution:
             raise ValueError(f"real images are {self.real.resolution} px, the generator makes "
                              f"{generator.resolution} px")
-        self.lr = float(settings.lr if settings.lr is not None else self.objective.lr)
-        self.betas = tuple(float(b) for b in (settings.betas if settings.betas is not None else self.objective.betas))
+        own = self.objective or ANCHOR_ADAM
+        self.lr = float(settings.lr if settings.lr is not None else own.lr)
+        self.betas = tuple(float(b) for b in (settings.betas if settings.betas is not None else own.betas))
         self.optimizer_g = torch.optim.Adam(self.generator.parameters(), lr=self.lr, betas=self.betas)
-        self.optimizer_d = self.objective.discriminator_optimizer(self.discriminator.parameters(), self.lr, self.betas)
+        self.optimizer_d = None if self.objective is None else self.objective.discriminator_optimizer(
+            self.discriminator.parameters(), self.lr, self.betas)
         self.classifier = classifier.to(self.device, memory_format=torch.channels_last)
         self.judge = SampleJudge(self.classifier, classifier_input, settings.aggregation, lpips, self.device, precision,
                                  settings.eval_batch)
@@ -164,12 +146,13 @@ class GeneratorFinetuner:
 
     # ------------------------------------------------------------------------- one step
 
-    def _generate(self, z: torch.Tensor) -> torch.Tensor:
+    def _generate(self, z: torch.Tensor, network: Generator | None = None, noise_mode: str = "random") -> torch.Tensor:
+        network = self.generator if network is None else network
         with autocast(self.device, self.precision):
-            if isinstance(self.generator, StyleGenerator):
+            if isinstance(network, StyleGenerator):
                 # trained as StyleGAN2 trains: no truncation, fresh noise (seeded per step)
-                return self.generator(z, psi=1, noise_mode="random").float()
-            return self.generator(z).float()
+                return network(z, psi=1, noise_mode=noise_mode).float()
+            return network(z).float()
 
     def _critic(self, images: torch.Tensor) -> torch.Tensor:
         with autocast(self.device, self.precision):
@@ -182,6 +165,8 @@ class GeneratorFinetuner:
         """One step: `n_critic` discriminator updates, one generator update, the average; detached losses."""
         draws = torch.Generator().manual_seed(derive_seed(seed, STEP_DRAWS, self.step))
         latent_dim = self.generator.latent_dim
+        if self.anchor is not None:
+            return self._anchored_step(torch.randn(batch, latent_dim, generator=draws).to(self.device))
         parts: dict[str, torch.Tensor] = {}
         for i in range(self.n_critic):
             d_step = self.step * self.n_critic + i
@@ -216,6 +201,27 @@ class GeneratorFinetuner:
         return {**parts, "loss_g_gan": loss_gan.detach(), "loss_classifier": loss_classifier.detach(),
                 "loss_g": loss_g.detach()}
 
+    def _anchored_step(self, z: torch.Tensor) -> dict[str, torch.Tensor]:
+        """One G update without D: anchor to G0(z) + classifier loss, then the average (constant style noise)."""
+        with torch.no_grad():
+            target = self._generate(z, self.original, "const")
+        fake = self._generate(z, noise_mode="const")
+        with autocast(self.device, self.precision):
+            loss_anchor, parts = self.anchor.loss(fake, target)
+        loss_g = self.anchor.weight * loss_anchor
+        if self.classifier_weight > 0:
+            loss_classifier = self._classifier_loss(fake)
+            loss_g = loss_g + self.classifier_weight * loss_classifier
+        else:
+            with torch.no_grad():
+                loss_classifier = self._classifier_loss(fake.detach())
+        self.optimizer_g.zero_grad(set_to_none=True)
+        loss_g.backward()
+        self.optimizer_g.step()
+        self._update_average(z)
+        return {**parts, "loss_anchor": loss_anchor.detach(), "loss_classifier": loss_classifier.detach(),
+                "loss_g": loss_g.detach()}
+
     @torch.no_grad()
     def _update_average(self, z: torch.Tensor) -> None:
         if isinstance(self.generator, StyleGenerator) and hasattr(self.generator, "w_avg"):
@@ -225,19 +231,6 @@ class GeneratorFinetuner:
             average.lerp_(current, 1.0 - self.ema_beta)
         for average, current in zip(self.average.buffers(), self.generator.buffers()):
             average.copy_(current)
-
-    def _divergence(self, losses: dict[str, torch.Tensor]) -> str | None:
-        """Why this step's losses are unusable (non-finite, or a total above max_loss), or None."""
-        names = list(losses)
-        values = torch.stack([losses[k].float().reshape(()) for k in names])
-        bounded = torch.tensor([k in ("loss_d", "loss_g") for k in names], device=values.device)
-        bad = ~torch.isfinite(values) | (bounded & (values.abs() > self.max_loss))
-        if not bool(bad.any()):  # the step's one host sync
-            return None
-        name = names[int(bad.nonzero()[0])]
-        value = float(values[names.index(name)])
-        kind = "is not finite" if not torch.isfinite(torch.tensor(value)) else f"exceeds max_loss {self.max_loss:g}"
-        return f"{name} = {value:g} {kind} at step {self.step + 1}"
 
     # ------------------------------------------------------------------------- state
 
@@ -252,7 +245,9 @@ class GeneratorFinetuner:
         load_network_state(self.discriminator, snapshot["discriminator"])
 
     def settings(self, batch: int, seed: int) -> dict[str, Any]:
-        return {**self.objective.settings(), "batch": batch, "seed": seed, "n_critic": self.n_critic,
+        own = self.objective.settings() if self.objective is not None else self.anchor.settings()
+        auto = {"ema_beta_auto": True} if self.ema_auto else {}  # the default rule's value, kept by a resume
+        return {**own, **auto, "batch": batch, "seed": seed, "n_critic": self.n_critic,
                 "classifier_weight": self.classifier_weight, "ema_beta": self.ema_beta, "mirror": self.mirror,
                 "lr": self.lr, "betas": list(self.betas), "generator_class": type(self.generator).__name__,
                 "format": written_format(self.generator), "max_loss": self.max_loss, "precision": self.precision}
@@ -265,16 +260,20 @@ class GeneratorFinetuner:
             return
         commit_checkpoint(out, self.step, self.average, self.generator, self.discriminator,
                           {**self._good, "settings": settings, "optimizer_g": self.optimizer_g.state_dict(),
-                           "optimizer_d": self.optimizer_d.state_dict(), "counts": dict(self._counts),
+                           "optimizer_d": None if self.optimizer_d is None else self.optimizer_d.state_dict(),
+                           "counts": dict(self._counts),
                            "sums": {k: v.detach().cpu() for k, v in self._sums.items()}})
 
     def _resume(self, out: Path, settings: dict[str, Any]) -> list[dict[str, Any]]:
         saved = load_resume(out)
         before = saved["settings"]
+        if self.ema_auto and before.get("ema_beta_auto"):  # resolved from the first run's steps: kept
+            self.ema_beta = settings["ema_beta"] = before["ema_beta"]
         refuse_changes(out / RESUME_FILE, before, settings, RESUMABLE_CHANGES)
         self._restore(saved)
         self.optimizer_g.load_state_dict(saved["optimizer_g"])
-        self.optimizer_d.load_state_dict(saved["optimizer_d"])
+        if self.optimizer_d is not None:
+            self.optimizer_d.load_state_dict(saved["optimizer_d"])
         self._sums = {k: v.to(self.device) for k, v in saved["sums"].items()}
         self._counts = {k: int(v) for k, v in saved["counts"].items()}
         self._good = self._snapshot()
@@ -342,8 +341,12 @@ class GeneratorFinetuner:
         group = getattr(self.discriminator, "stddev_group", 1) or batch  # None (NVlabs): the whole batch
         if isinstance(self.discriminator, StyleGAN2Discriminator) and batch % min(group, batch):
             raise ValueError(f"a StyleGAN2 discriminator needs a batch that is a multiple of {group}, not {batch}")
-        return _Run(steps, batch, seed, Path(out) if out is not None else None, checkpoint_every, log_every, eval_n,
-                    seed + 1 if eval_seed is None else eval_seed, self.settings(batch, seed))
+        if self.ema_auto:
+            self.ema_beta = default_ema_beta(steps)
+        else:
+            warn_slow_average(self.ema_beta, steps)
+        return _Run(steps, batch, seed, Path(out) if out is not None else None, checkpoint_every, log_every,
+                           eval_n, seed + 1 if eval_seed is None else eval_seed, self.settings(batch, seed))
 
     def _open(self, run: _Run, resume: bool) -> None:
         """Continue from OUT's last committed checkpoint when asked (its log lines kept), else start OUT afresh."""
@@ -367,7 +370,7 @@ class GeneratorFinetuner:
         with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
             torch.manual_seed(derive_seed(run.seed, NOISE_DRAWS, self.step))
             losses = self._train_step(run.batch, run.seed)
-        stopped = self._divergence(losses)
+        stopped = divergence(losses, self.max_loss, self.step)
         if stopped is not None:
             run.log({"step": self.step + 1, "stopped": stopped, "restored_step": self._good["step"]})
             self._restore(self._good)
@@ -392,6 +395,6 @@ class GeneratorFinetuner:
         out = run.out
         if stopped is None and out is not None and not committed(out):
             self._checkpoint(out, run.settings)  # zero steps asked for: the file still holds the (unchanged) networks
-        checkpoint = out / GENERATOR_FILE if out is not None and committed(out) else None
+        checkpoint = out / file_name(self.average) if out is not None and committed(out) else None
         return FinetuneResult(self.average, self.generator, self.discriminator, self.step, stopped, run.history,
                               checkpoint, run.settings)

@@ -18,9 +18,11 @@ from torch import nn
 from patchscope.common.errors import InputError
 from patchscope.forensics import epoch_commit
 from patchscope.forensics.checkpoint import load_resume_state, resume_state_bytes
-from patchscope.generators.io.writers import plain_tensors, save_generator_checkpoint
+from patchscope.generators.io.writers import file_name, plain_tensors, save_generator_checkpoint
 
 GENERATOR_FILE = "generator.pt"  # written by generators.io.writers.save_generator_checkpoint
+MODULE_GENERATOR_FILE = "generator.safetensors"  # the same, for a MODULE:CALLABLE generator (`file_name`)
+GENERATOR_FILES = (GENERATOR_FILE, MODULE_GENERATOR_FILE)
 RESUME_FILE = "resume.pt"
 METRICS_FILE = epoch_commit.LOG
 MANIFEST_FILE = epoch_commit.MANIFEST  # the commit point of the last checkpoint
@@ -29,15 +31,19 @@ COUNTER = "step"                       # what the commits count
 RESUME_KIND = "patchscope-finetune-resume"
 
 
-def network_state(module: nn.Module) -> dict[str, dict[str, torch.Tensor]]:
-    """The state dict plus the buffers it leaves out (StyleGAN2's `w_avg` is not persistent)."""
+def network_state(module: nn.Module | None) -> dict[str, dict[str, torch.Tensor]] | None:
+    """The state dict plus the buffers it leaves out (StyleGAN2's `w_avg` is not persistent); None for no module."""
+    if module is None:
+        return None
     state = plain_tensors(module)
     extra = {k: v.detach().cpu().clone() for k, v in module.named_buffers()
              if k not in state and not k.startswith("discriminator.")}
     return {"state": state, "buffers": extra}
 
 
-def load_network_state(module: nn.Module, saved: dict[str, dict[str, torch.Tensor]]) -> None:
+def load_network_state(module: nn.Module | None, saved: dict[str, dict[str, torch.Tensor]] | None) -> None:
+    if module is None or saved is None:
+        return
     module.load_state_dict(saved["state"], strict=True)
     buffers = dict(module.named_buffers())
     with torch.no_grad():
@@ -45,10 +51,11 @@ def load_network_state(module: nn.Module, saved: dict[str, dict[str, torch.Tenso
             buffers[name].copy_(value)
 
 
-def commit_checkpoint(out: Path, step: int, average: nn.Module, trained: nn.Module, discriminator: nn.Module,
+def commit_checkpoint(out: Path, step: int, average: nn.Module, trained: nn.Module, discriminator: nn.Module | None,
                       state: dict[str, Any]) -> None:
-    """Save generator.pt (the generator's own format) and resume.pt (`state`) of step `step` as one commit."""
-    files = {GENERATOR_FILE: lambda path: save_generator_checkpoint(path, average, trained, discriminator),
+    """Save generator.pt (the generator's own format; generator.safetensors for MODULE:CALLABLE) and resume.pt
+    (`state`) of step `step` as one commit."""
+    files = {file_name(average): lambda path: save_generator_checkpoint(path, average, trained, discriminator),
              RESUME_FILE: resume_state_bytes({"kind": RESUME_KIND, **state})}
     epoch_commit.commit(out, step, files, None, counter=COUNTER)
 
@@ -70,7 +77,7 @@ def forget(out: Path) -> None:
     (out / MANIFEST_FILE).unlink(missing_ok=True)
     if (out / STAGING_FOLDER).is_dir():
         epoch_commit.remove_tree(out / STAGING_FOLDER)
-    for name in (RESUME_FILE, GENERATOR_FILE, METRICS_FILE):
+    for name in (RESUME_FILE, *GENERATOR_FILES, METRICS_FILE):
         (out / name).unlink(missing_ok=True)
 
 

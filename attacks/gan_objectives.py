@@ -122,13 +122,15 @@ class LogisticR1:
 
 
 def objective_for(discriminator: nn.Module | None, *, lambda_gp: float = LAMBDA_GP, drift: float = DRIFT,
-                  r1_gamma: float = 10.0, r1_every: int = 1) -> GANObjective:
+                  r1_gamma: float = 10.0, r1_every: int = 1, generic: bool = False) -> GANObjective:
     """The loss the discriminator's GAN was trained with: WGAN-GP for a PGAN critic (zoo or official TF),
-    logistic + R1 for a StyleGAN (v1, whose D_basic trained with it too) or StyleGAN2 discriminator; other
-    discriminators are refused."""
+    logistic + R1 for a StyleGAN (v1, whose D_basic trained with it too) or StyleGAN2 discriminator. Another
+    discriminator module is refused unless `generic` (one of the user's own, MODULE:CALLABLE): it then trains
+    with the logistic loss + R1, which asks of it only a real-vs-fake score per image."""
     if isinstance(discriminator, (PGANZooDiscriminator, PGANTFDiscriminator)):
         return WassersteinGP(lambda_gp=lambda_gp, drift=drift)
-    if isinstance(discriminator, (StyleGAN2Discriminator, StyleGANDiscriminator)):
+    if isinstance(discriminator, (StyleGAN2Discriminator, StyleGANDiscriminator)) or (
+            generic and isinstance(discriminator, nn.Module)):
         return LogisticR1(r1_gamma=r1_gamma, r1_every=r1_every)
     found = "no discriminator" if discriminator is None else f"a {type(discriminator).__name__}"
     raise InputError(f"finetuning continues GAN training, which needs the discriminator of a PGAN (zoo or "

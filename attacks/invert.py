@@ -28,7 +28,7 @@ from patchscope.common.images import BadImageError, read_image
 from patchscope.common.progress import ProgressBar, progress_bar
 from patchscope.common.runfolder import RunFolder
 from patchscope.forensics.data import BAD_IMAGE_POLICIES, list_images, resize_image
-from patchscope.generators import checkpoint_sha256, load_generator
+from patchscope.generators.custom import generator_sha256, open_generator
 from patchscope.generators.base import Generator, StyleGenerator
 
 log = logging.getLogger("patchscope.invert")
@@ -212,7 +212,10 @@ RUN_FOLDER = RunFolder(holds="an inversion", resumable=RESUMABLE_CHANGES, force_
 
 @dataclass
 class InvertConfig:
-    generator: str = ""                 # generator checkpoint, any format `load_generator` reads
+    generator: str = ""                 # generator checkpoint, any format `load_generator` reads, or MODULE:CALLABLE
+    weights: str = ""                   # MODULE:CALLABLE only: safetensors state dict loaded into its network
+    latent_dim: int | None = None       # MODULE:CALLABLE only: for a module without a latent_dim attribute
+    resolution: int | None = None       # MODULE:CALLABLE only: for a module without a resolution attribute
     images: str = ""                    # folder (or .txt/.csv manifest) of images to invert
     out: str = ""                       # reprojected PNGs, latents.pt, metrics.json, config.yaml
     split: str | None = None            # split folder when `images` has train/val/test
@@ -230,8 +233,10 @@ class InvertConfig:
     on_bad_image: str = "skip"          # skip | error for unreadable images
 
     def __post_init__(self) -> None:
-        for name in ("generator", "images", "out", "device", "lpips_net"):
+        for name in ("generator", "weights", "images", "out", "device", "lpips_net"):
             check_text(self, name)
+        check_int(self, "latent_dim", 1, optional=True)
+        check_int(self, "resolution", 1, optional=True)
         check_text(self, "split", optional=True)
         check_text(self, "lpips_weights", optional=True)
         check_choice(self, "space", ("auto", *SPACES))
@@ -348,13 +353,13 @@ def invert_folder(config: InvertConfig, resume: bool = False) -> dict[str, Any]:
     _check_out(config, root, resume)
     device = resolve_device(config.device)
     lpips_model = _lpips_for(config, device)  # before the generator: a missing file fails fast
-    generator = load_generator(config.generator)
+    generator = open_generator(config.generator, config.weights or None, config.latent_dim, config.resolution)
     space = default_space(generator) if config.space == "auto" else config.space
     try:
         check_space(generator, space)
     except ValueError as err:
         raise InputError(f"--space {config.space}: {err}") from None
-    sha256 = checkpoint_sha256(config.generator)
+    sha256 = generator_sha256(config.generator, generator)
     done, latents = _load_progress(out, sha256)
     out.mkdir(parents=True, exist_ok=True)
     RUN_FOLDER.save(out, config)

@@ -66,9 +66,16 @@ def find_backbone_weights(net: str, weights: str | os.PathLike | None = None) ->
 
 
 def missing_weights_message(net: str) -> str:
+    """Where the backbone file comes from and where it is looked for (the linear layers need nothing)."""
     name = backbone_file_name(net)
     return (f"LPIPS ({net}) needs the torchvision {LPIPS_BACKBONES[net][0]} weights {name}: download "
-            f"{backbone_url(net)} and pass --lpips-weights PATH, or put it in {cached_backbone_path(net).parent}")
+            f"{backbone_url(net)} and pass --lpips-weights PATH, or put it in {cached_backbone_path(net).parent} "
+            f"(LPIPS's own linear layers, v0.1/{net}.pth, come with the lpips package)")
+
+
+RANDOM_COST = ("--lpips-random (lpips_random: true in a YAML config) runs without it on a random backbone, but its "
+               "distances are no longer perceptual: LPIPS values, and the loss terms weighted on them, then only "
+               "roughly track how much an image changed, and compare with no other run or the paper")
 
 
 def read_backbone_state(path: Path, net: str) -> dict[str, torch.Tensor]:
@@ -159,7 +166,7 @@ def load_lpips(net: str = "alex", weights: str | os.PathLike | None = None, devi
     """
     path = find_backbone_weights(net, weights)
     if path is None and not allow_random:
-        raise InputError(missing_weights_message(net))
+        raise InputError(f"{missing_weights_message(net)}; or {RANDOM_COST}")
     # A fixed seed makes the random backbone the same in every run (so resumed runs agree),
     # without touching the caller's random stream.
     with warnings.catch_warnings(), torch.random.fork_rng(devices=[]):

@@ -20,14 +20,16 @@ from patchscope.common.checks import (check_choice, check_counts, check_int, che
 from patchscope.common.device import PRECISIONS
 from patchscope.common.errors import InputError
 from patchscope.common.runfolder import RunFolder
+from patchscope.common.userfiles import read_json
 from patchscope.forensics import data
 from patchscope.forensics.checkpoint import CHECKPOINT_CHOICES, load_classifier, load_resume_state, resolve_checkpoint
 from patchscope.forensics.evaluate import EvalConfig, evaluate
 from patchscope.forensics.scoring import AGGREGATIONS
 from patchscope.forensics.train import RESUMABLE_CHANGES as TRAIN_RESUMABLE_CHANGES
 from patchscope.forensics.train import TrainConfig, fit
-from patchscope.generators import checkpoint_sha256, load_generator
+from patchscope.generators import checkpoint_sha256
 from patchscope.generators.base import Generator
+from patchscope.generators.custom import generator_sha256, open_generator
 from patchscope.generators.dataset_folder import MANIFEST
 from patchscope.generators.sampling import SampleConfig, sample_dataset, weights_sha256
 
@@ -120,10 +122,7 @@ def read_samples_manifest(folder: Path) -> dict[str, Any] | None:
     path = folder / MANIFEST
     if not path.is_file():
         return None
-    try:
-        manifest = json.loads(path.read_text())
-    except (OSError, ValueError) as error:
-        raise InputError(f"{path}: unreadable manifest ({error}); fix or remove it") from None
+    manifest = read_json(path, "a sampled set's manifest.json (fix or remove it)")  # regular files only, bounded
     if not isinstance(manifest, dict) or manifest.get("kind") != "samples":
         log.info("%s: not a sampled set's manifest; using the classifier's input size instead", path)
         return None
@@ -170,15 +169,17 @@ def _base_train_config(checkpoint: Path, meta: Mapping[str, Any]) -> TrainConfig
     return configs.resolve(TrainConfig, {k: v for k, v in saved.items() if k in known}, source=str(checkpoint))
 
 
-def _as_generator(generator: Generator | str | os.PathLike) -> tuple[Generator, Path | None, str]:
-    """The generator, its file (None when given as an object) and a digest that identifies it."""
+def _as_generator(generator: Generator | str | os.PathLike,
+                  config: RetrainConfig | None = None) -> tuple[Generator, str | None, str]:
+    """The generator, its file or MODULE:CALLABLE (None when given as an object) and a digest that identifies it."""
     if isinstance(generator, Generator):
         return generator, None, weights_sha256(generator)
     if not generator:
         raise InputError("no finetuned generator given (--generator)")
-    path = Path(generator)
-    loaded = load_generator(path)  # CheckpointError, naming the file, for anything that is not a generator
-    return loaded, path, checkpoint_sha256(path)
+    spec = str(generator)
+    # CheckpointError, naming the file, for anything that is not a generator
+    loaded = open_generator(spec, *((config.weights or None, config.latent_dim, config.resolution) if config else ()))
+    return loaded, spec, generator_sha256(spec, loaded)
 
 
 def _claim(out: Path, record: dict[str, Any], resume: bool, force: bool) -> None:
@@ -232,7 +233,10 @@ def _write_table(out: Path, result: RetrainResult) -> None:
 @dataclass
 class RetrainConfig:
     classifier: str = ""                # the old classifier: run directory or .safetensors file
-    generator: str = ""                 # the finetuned generator's checkpoint ("" with an in-memory one)
+    generator: str = ""                 # the finetuned generator's checkpoint or MODULE:CALLABLE ("" with an in-memory one)
+    weights: str = ""                   # MODULE:CALLABLE only: its finetuned generator.safetensors
+    latent_dim: int | None = None       # MODULE:CALLABLE only: for a module without a latent_dim attribute
+    resolution: int | None = None       # MODULE:CALLABLE only: for a module without a resolution attribute
     out: str = ""                       # fakes/, classifier/, eval/{old,new}/, config.yaml, metrics.json/.csv
     real: str | None = None             # reals (None: the old classifier's training reals)
     original_fakes: str | None = None   # the original generator's fakes (None: the old classifier's training fakes)
@@ -249,8 +253,10 @@ class RetrainConfig:
     train: dict[str, Any] = field(default_factory=dict)  # TrainConfig fields to change (default: none)
 
     def __post_init__(self) -> None:
-        for name in ("classifier", "generator", "out", "device"):
+        for name in ("classifier", "generator", "weights", "out", "device"):
             check_text(self, name)
+        check_int(self, "latent_dim", 1, optional=True)
+        check_int(self, "resolution", 1, optional=True)
         for name in ("real", "original_fakes"):
             check_text(self, name, optional=True)
         check_counts(self, "counts", optional=True)
@@ -285,7 +291,8 @@ def retrain(config: RetrainConfig, generator: Generator | None = None, *, resume
     if not reals or not original_fakes:
         raise InputError(f"{base_checkpoint}: records no training reals/fakes; give reals and original_fakes")
     reals, original_fakes, out = Path(reals), Path(original_fakes), Path(config.out)
-    generator, generator_file, generator_sha = _as_generator(generator if generator is not None else config.generator)
+    generator, generator_file, generator_sha = _as_generator(generator if generator is not None else config.generator,
+                                                             config)
     plan = plan_sampling(original_fakes, base_config, config.counts, config.seed)
     if plan.options and plan.made_by and plan.made_by != type(generator).__name__:
         # Forward options are per architecture (PGAN's alpha, StyleGAN's psi): they do not carry over.
@@ -300,13 +307,15 @@ def retrain(config: RetrainConfig, generator: Generator | None = None, *, resume
     record = {"kind": KIND, "base_checkpoint": str(base_checkpoint),
               "base_checkpoint_sha256": checkpoint_sha256(base_checkpoint),
               "generator": str(generator_file) if generator_file else "(in memory)", "generator_sha256": generator_sha,
+              **({"weights": config.weights} if config.weights else {}),
               "reals": str(reals), "original_fakes": str(original_fakes), "sampling": asdict(plan),
               **{name: getattr(config, name) for name in RECORDED_SETTINGS}, "train": configs.to_dict(train_config)}
     _claim(out, record, resume, force)
     stages = {}
 
     log.info("sampling %s into %s (settings of %s)", generator_file or "the finetuned generator", fakes, plan.source)
-    sampling = SampleConfig(generator=str(generator_file or ""), out=str(fakes), counts=plan.counts, seed=plan.seed,
+    sampling = SampleConfig(generator=str(generator_file or ""), weights=config.weights if generator_file else "",
+                            out=str(fakes), counts=plan.counts, seed=plan.seed,
                             size=plan.size, opts=plan.options, batch_size=config.sample_batch_size, chunk=plan.chunk,
                             device=config.device, precision=plan.precision)
     sampled = sample_dataset(sampling, generator, progress=progress)

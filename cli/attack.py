@@ -8,14 +8,16 @@ from typing import Any
 
 import click
 
-from patchscope.cli.common import config_layers, dry_run_option, exit_if_dry_run, lpips_options, overrides, user_errors
+from patchscope.cli.common import (GENERATOR_HELP, config_layers, dry_run_option, exit_if_dry_run, lpips_options,
+                                   overrides, own_generator_options, user_errors)
 from patchscope.cli.group import main
 from patchscope.common import config as configs
 
 
 @main.command("exaggerate")
 @click.option("--config", type=click.Path(dir_okay=False), help="YAML settings (its `exaggerate:` section, or the whole file).")
-@click.option("--generator", help="Generator checkpoint (PGAN, StyleGAN, StyleGAN2 or Glow; any format load_generator reads).")
+@click.option("--generator", help=f"Generator: {GENERATOR_HELP}; files: PGAN, StyleGAN, StyleGAN2 or Glow checkpoints.")
+@own_generator_options
 @click.option("--classifier", help="Classifier run directory or .safetensors file (see --which).")
 @click.option("--out", help="Output folder; an existing one is refused unless --resume or --force.")
 @click.option("--which", type=click.Choice(["best", "last"]), help="Checkpoint of a run directory.  [default: best]")
@@ -71,20 +73,22 @@ def exaggerate(config: str | None, ks: str | None, resume: bool, force: bool, **
 
 
 def _shift_table(summary: dict[str, Any]) -> str:
-    lines = [f"{'k':>6} {'P(fake)':>8} {'LPIPS':>8}   (G(z - k*w), {summary['space']} space, "
-             f"held-out seed {summary['eval_seed']})"]
+    lines = [f"{'k':>6} {'P(fake)':>8} {'logit':>8} {'LPIPS':>8}   (G(z - k*w), {summary['space']} space, "
+             f"held-out seed {summary['eval_seed']}; logit = mean log-odds of the samples' P(fake))"]
     for row in summary["rows"]:
         lpips = f"{row['lpips']:>8.4f}" if "lpips" in row else f"{'-':>8}"
+        logit = f"{row['logit']:>8.3f}" if "logit" in row else f"{'-':>8}"
         k = f"{row['k']:+g}" if row["k"] else "0"
-        lines.append(f"{k:>6} {row['p_fake']:>8.4f} {lpips}")
+        lines.append(f"{k:>6} {row['p_fake']:>8.4f} {logit} {lpips}")
     return "\n".join(lines)
 
 
 @main.command("finetune")
 @click.option("--config", type=click.Path(dir_okay=False), help="YAML settings (its `finetune:` section, or the whole file).")
-@click.option("--generator", help="Generator checkpoint WITH its discriminator: pytorch_GAN_zoo PGAN .pt, official TF "
-                                  "PGAN or StyleGAN pickle (written back as their TF variables), or StyleGAN2 "
-                                  "(rosinality .pt with d, NVlabs pickle with D).")
+@click.option("--generator", help=f"Generator: {GENERATOR_HELP}; files: pytorch_GAN_zoo PGAN .pt, official TF PGAN or "
+                                  "StyleGAN pickle (written back as their TF variables), or StyleGAN2 (rosinality .pt, "
+                                  "NVlabs pickle). With a discriminator it keeps its GAN loss; without one, --anchor.")
+@own_generator_options
 @click.option("--classifier", help="Frozen classifier: run directory or .safetensors file (see --which).")
 @click.option("--real", help="Real images the GAN keeps training on: a folder (train/ is used when present), or a manifest.")
 @click.option("--out", help="Output folder; an existing one is refused unless --resume or --force.")
@@ -94,12 +98,17 @@ def _shift_table(summary: dict[str, Any]) -> str:
 @click.option("--batch-size", type=click.IntRange(2), help="Fakes and reals per step.  [default: 8]")
 @click.option("--classifier-weight", type=click.FloatRange(0),
               help="Weight of L_real(G, C), the frozen classifier's loss towards 'real'; 0 = GAN loss only.  [default: 1.0]")
-@click.option("--lr", type=click.FloatRange(0, min_open=True), help="Adam learning rate of G and D.  [default: 1e-3 PGAN, 2e-3 StyleGAN2]")
+@click.option("--lr", type=click.FloatRange(0, min_open=True), help="Adam learning rate of G and D.  [default: 1e-3 PGAN and without a discriminator, 2e-3 StyleGAN2]")
 @click.option("--beta1", type=click.FloatRange(0, 1, max_open=True), help="Adam beta1.  [default: 0.0]")
 @click.option("--beta2", type=click.FloatRange(0, 1, max_open=True), help="Adam beta2.  [default: 0.99]")
 @click.option("--n-critic", type=click.IntRange(1), help="Discriminator updates per generator update.  [default: 1]")
 @click.option("--ema-beta", type=click.FloatRange(0, 1, max_open=True),
-              help="Per-step decay of the generator's moving average, which is what is saved.  [default: 0.999]")
+              help="Per-step decay of the generator's moving average, which is what is saved.  [default: half-life "
+                   "10% of --steps: 0.5 ** (1 / (0.1 * steps)), clamped to [0.9, 0.999]]")
+@click.option("--anchor", type=click.Choice(["lpips", "l2", "lpips+l2"]),
+              help="Generators without a discriminator: keep G near the original G0 by LPIPS and/or L2 between G(z) "
+                   "and G0(z).  [default: lpips]")
+@click.option("--anchor-weight", type=click.FloatRange(0), help="Weight of --anchor beside the classifier loss.  [default: 1.0]")
 @click.option("--lambda-gp", type=click.FloatRange(0), help="PGAN: WGAN-GP gradient penalty weight.  [default: 10]")
 @click.option("--drift", type=click.FloatRange(0), help="PGAN: weight of D(real)^2.  [default: 0.001]")
 @click.option("--r1-gamma", type=click.FloatRange(0), help="StyleGAN2: R1 penalty weight gamma.  [default: 10]")
@@ -134,9 +143,11 @@ def finetune(config: str | None, resume: bool, force: bool, **options: Any) -> N
     \b
     The generator keeps training with its discriminator and its own GAN loss on the real
     images (PGAN: WGAN-GP + drift; StyleGAN2: logistic + R1), while the classifier's patch
-    loss towards "real" on its samples is added with --classifier-weight. The moving
-    average of the generator is saved in the source's own format (OUT/generator.pt, readable
-    wherever a generator is asked for), with resume.pt every --checkpoint-every steps; a
+    loss towards "real" on its samples is added with --classifier-weight; without a
+    discriminator, --anchor keeps it near the original instead. The moving average of the
+    generator is saved in the source's own format (OUT/generator.pt, readable wherever a
+    generator is asked for; MODULE:CALLABLE: OUT/generator.safetensors, for --weights),
+    with resume.pt every --checkpoint-every steps; a
     non-finite or exploding loss stops the run and keeps the last good checkpoint. OUT also
     receives metrics.jsonl, before_after.json/.csv (classifier accuracy, acc_fake, AP and
     P(fake) on original vs finetuned samples of the same held-out latents, LPIPS between
@@ -173,7 +184,8 @@ def _finetune_table(summary: dict[str, Any]) -> str:
 @main.command("retrain")
 @click.option("--config", type=click.Path(dir_okay=False), help="YAML settings (its `retrain:` section, or the whole file).")
 @click.option("--classifier", help="The old classifier: run directory or .safetensors file (see --which).")
-@click.option("--generator", help="The finetuned generator checkpoint (any format load_generator reads).")
+@click.option("--generator", help=f"The finetuned generator: {GENERATOR_HELP} with --weights generator.safetensors.")
+@own_generator_options
 @click.option("--out", help="Study folder; an existing one is refused unless --resume or --force.")
 @click.option("--real", help="Real images with train/val/test.  [default: the old classifier's training reals]")
 @click.option("--original-fakes",

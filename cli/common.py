@@ -87,12 +87,22 @@ def scoring_options(command: Callable) -> Callable:
     return _stacked(command, [
         click.option("--load-size", type=click.IntRange(1), help="[default: as trained]"),
         click.option("--crop-size", type=click.IntRange(1), help="[default: as trained]"),
+        VIEW_OPTION,
         click.option("--batch-size", type=click.IntRange(1), help="[default: 64]"),
         click.option("--device", help="auto | cpu | cuda | cuda:N.  [default: auto]"),
         click.option("--precision", type=click.Choice(["auto", "fp32", "bf16"]), help="[default: auto]"),
         click.option("--workers", type=click.IntRange(0), help="DataLoader workers.  [default: 0]"),
         click.option("--on-bad-image", type=click.Choice(["skip", "error"]), help="[default: skip]"),
     ])
+
+
+# What of each resized image a classifier scores (forensics.evaluate.view_crop_size); eval, patches and score.
+VIEW_OPTION = click.option(
+    "--view", type=click.Choice(["auto", "full", "crop"]),
+    help="What of each image (resized to the load size) is scored. crop: the centre crop-size square; full: the "
+         "whole resized image (its centred load-size square); auto: full for patch classifiers, as the public "
+         "code scores them, crop for full-image baselines (one output for the whole input) and when no load "
+         "size is set.  [default: auto]")
 
 
 def _stacked(command: Callable, options: list[Callable]) -> Callable:

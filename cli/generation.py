@@ -9,7 +9,8 @@ from typing import Any
 
 import click
 
-from patchscope.cli.common import config_layers, dry_run_option, exit_if_dry_run, lpips_options, overrides, user_errors
+from patchscope.cli.common import (GENERATOR_HELP, config_layers, dry_run_option, exit_if_dry_run, lpips_options,
+                                   overrides, own_generator_options, user_errors)
 from patchscope.cli.group import main
 from patchscope.common import config as configs
 
@@ -22,6 +23,7 @@ def _split_counts(train: int | None, val: int | None, test: int | None) -> dict[
 @click.argument("generator", type=click.Path(dir_okay=False))
 @click.option("--out", required=True, type=click.Path(file_okay=False),
               help="Dataset folder: OUT/{train,val,test}/NNNNNN.png and OUT/manifest.json.")
+@own_generator_options
 @click.option("--train", type=click.IntRange(0), help="Images in train/ (seed SEED).")
 @click.option("--val", type=click.IntRange(0), help="Images in val/ (seed SEED + 2).")
 @click.option("--test", type=click.IntRange(0), help="Images in test/ (seed SEED + 1).")
@@ -50,7 +52,7 @@ def _split_counts(train: int | None, val: int | None, test: int | None) -> dict[
 def sample(generator: str, out: str, train: int | None, val: int | None, test: int | None, psi: float | None,
            truncation_cutoff: int | None, noise_mode: str | None, temperature: float | None,
            **options: Any) -> None:
-    """Sample a generator checkpoint into PNG train/val/test folders, as the paper did.
+    """Sample a generator (file, or MODULE:CALLABLE) into PNG train/val/test folders, as the paper did.
 
     \b
     Pixels are clip(rint((x + 1) / 2 * 255)), then Lanczos to --size. Image n of a split
@@ -81,24 +83,34 @@ def sample(generator: str, out: str, train: int | None, val: int | None, test: i
 @click.argument("sources", nargs=-1, required=True, type=click.Path())
 @click.option("--out", required=True, type=click.Path(file_okay=False),
               help="Folder for the prepared reals, with manifest.json.")
-@click.option("--generator", type=click.Path(dir_okay=False),
-              help="Checkpoint whose output resolution the reals are resized to.")
+@click.option("--generator", help=f"Generator whose output resolution the reals are resized to: {GENERATOR_HELP}.")
 @click.option("--resolution", type=click.IntRange(1), help="That resolution, without loading a checkpoint.")
 @click.option("--size", type=click.IntRange(1), help="Working size, as given to `sample --size`.  "
                                                      "[default: the resolution]")
 @click.option("--crop", type=click.Choice(["center", "none"]), default="center", show_default=True,
               help="center: the largest centred square; none: squash the whole image.")
-@click.option("--train", type=click.IntRange(0), help="Cap train/ of split folders, or deal this many flat images.")
+@click.option("--random-crops", type=click.IntRange(1),
+              help="Instead of one image per photo, N random crops of each (the demo's recipe); "
+                   "photos, not crops, are dealt to the splits.")
+@click.option("--crop-size", type=click.IntRange(1),
+              help="With --random-crops: crop side before the resizes.  [default: the resolution]")
+@click.option("--crop-scale", "max_scale", type=click.FloatRange(1),
+              help="With --random-crops: each crop takes a random side from S to this x S px (S = --crop-size), "
+                   "then is resized to S; 1 = exactly S px.  [default: 3, the demo's]")
+@click.option("--train", type=click.IntRange(0), help="Cap train/ of split folders, or deal this many flat images "
+                                                      "(photos with --random-crops).")
 @click.option("--val", type=click.IntRange(0), help="Same for val/.")
 @click.option("--test", type=click.IntRange(0), help="Same for test/.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Shuffles flat images before they are dealt.")
+@click.option("--seed", type=int, default=0, show_default=True,
+              help="Shuffles flat images before they are dealt; draws the random crops.")
 @click.option("--on-bad-image", type=click.Choice(["skip", "error"]), default="skip", show_default=True,
               help="skip: count and name unreadable files in the log.")
 @click.option("--workers", type=click.IntRange(1), default=4, show_default=True, help="Threads decoding and encoding.")
 @dry_run_option
 @user_errors
 def prepare(sources: tuple[str, ...], generator: str | None, resolution: int | None, train: int | None,
-            val: int | None, test: int | None, **options: Any) -> None:
+            val: int | None, test: int | None, random_crops: int | None, crop_size: int | None,
+            max_scale: float | None, **options: Any) -> None:
     """Pass real images through a generator's pre-processing, saved like its samples.
 
     \b
@@ -108,24 +120,46 @@ def prepare(sources: tuple[str, ...], generator: str | None, resolution: int | N
     subfolders are kept. 16-bit, grey, palette and RGBA inputs become 8-bit RGB.
 
     \b
+    --random-crops N makes many images from a few photos: N random squares of each
+    (side S to --crop-scale x S, Lanczos to S = --crop-size), mirrored half the time, then
+    the same resizes; --train/--val/--test then deal photos, so no photo is in two splits.
+    manifest.json records each crop's photo and box.
+
+    \b
     Example:
       patchscope prepare celebahq/ --generator pgan_celebahq_1024.pkl --size 128 --out data/real
+      patchscope prepare photos/ --resolution 32 --random-crops 400 --crop-size 32 \\
+          --train 9 --val 2 --test 2 --out data/crops
     """
     from patchscope.generators.prepare import generator_resolution, prepare_reals
+    from patchscope.common.crops import DEFAULT_MAX_SCALE
+    from patchscope.generators.random_crops import prepare_random_crops
 
     if (generator is None) == (resolution is None):
         raise click.UsageError("give exactly one of --generator and --resolution")
+    if random_crops is None and (crop_size is not None or max_scale is not None):
+        raise click.UsageError("--crop-size and --crop-scale go with --random-crops N")
+    if random_crops is not None and options["crop"] != "center":
+        raise click.UsageError("--crop does not apply with --random-crops (the crops are random squares)")
     resolution = resolution or generator_resolution(generator)
+    counts = _split_counts(train, val, test) or None
+    crops = {} if random_crops is None else {"random_crops": random_crops, "crop_size": crop_size or resolution,
+                                             "max_scale": max_scale or DEFAULT_MAX_SCALE}
+    if crops:
+        options.pop("crop")  # refused above unless left at its default
     exit_if_dry_run({"sources": list(sources), "generator": generator, "resolution": resolution,
-                     "counts": _split_counts(train, val, test) or None, **options})
-    summary = prepare_reals(list(sources), resolution=resolution, counts=_split_counts(train, val, test) or None,
-                            **options)
+                     "counts": counts, **crops, **options})
+    if random_crops is None:
+        summary = prepare_reals(list(sources), resolution=resolution, counts=counts, **options)
+    else:
+        summary = prepare_random_crops(list(sources), resolution=resolution, counts=counts, **crops, **options)
     click.echo(json.dumps(summary, indent=2))
 
 
 @main.command("invert")
 @click.option("--config", type=click.Path(dir_okay=False), help="YAML settings (its `invert:` section, or the whole file).")
-@click.option("--generator", help="Generator checkpoint (PGAN, StyleGAN, StyleGAN2 or Glow; any format load_generator reads).")
+@click.option("--generator", help=f"Generator: {GENERATOR_HELP}; files: PGAN, StyleGAN, StyleGAN2 or Glow checkpoints.")
+@own_generator_options
 @click.option("--images", help="Images to invert: a flat folder, a folder with splits (see --split), or a .txt/.csv manifest.")
 @click.option("--out", help="Output folder; an existing one is refused unless --resume.")
 @click.option("--split", help="Split folder of --images when it has train/val/test.")

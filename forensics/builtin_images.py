@@ -10,6 +10,7 @@ import numpy as np
 from PIL import Image
 
 from patchscope.common.atomic import write_json
+from patchscope.common.crops import cut_crop, draw_crop
 
 # Colour camera photographs bundled in the scikit-image wheel (no download needed).
 SKIMAGE_PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "hubble_deep_field",
@@ -34,16 +35,9 @@ def random_crops(photos: dict[str, np.ndarray], n: int, size: int, seed: int) ->
     rng = np.random.default_rng(seed)
     images = list(photos.values())
     crops = []
-    for _ in range(n):
+    for _ in range(n):  # each crop from a random photo, by the recipe `prepare --random-crops` shares
         photo = images[rng.integers(len(images))]
-        height, width = photo.shape[:2]
-        side = int(rng.integers(size, min(3 * size, height, width) + 1))
-        top, left = rng.integers(height - side + 1), rng.integers(width - side + 1)
-        crop = Image.fromarray(photo[top:top + side, left:left + side])
-        if side != size:
-            crop = crop.resize((size, size), Image.LANCZOS)
-        array = np.asarray(crop)
-        crops.append(array[:, ::-1] if rng.random() < 0.5 else array)
+        crops.append(cut_crop(photo, draw_crop(rng, *photo.shape[:2], size), size))
     return crops
 
 

@@ -21,7 +21,7 @@ from patchscope.common.images import BadImageError, read_image, walk_images
 from patchscope.common.runfolder import remove_leftovers
 from patchscope.generators.dataset_folder import (MANIFEST, check_same_settings, is_complete_png, read_manifest,
                                                  remove_stale_temps, resize_lanczos, write_manifest, write_png)
-from patchscope.generators.io.formats import load_generator
+from patchscope.generators.custom import open_generator
 from patchscope.generators.sampling import SPLIT_SEED_OFFSETS
 
 LOG = logging.getLogger("patchscope.prepare")
@@ -44,8 +44,8 @@ class RealImage:
 
 
 def generator_resolution(path: str | os.PathLike) -> int:
-    """The output resolution of the generator in a checkpoint (what its training images were)."""
-    return int(load_generator(path).resolution)
+    """The output resolution of the generator in a checkpoint or MODULE:CALLABLE (what its training images were)."""
+    return int(open_generator(path).resolution)
 
 
 # ----------------------------------------------------------------------------- reading
@@ -159,16 +159,13 @@ def prepare_reals(sources: Sequence[str | os.PathLike], out: str | os.PathLike, 
     files = {image.output: str(image.source.resolve()) for image in images}
     settings = {"kind": "reals", "sources": [str(Path(s).resolve()) for s in sources], "resolution": resolution,
                 "size": size, "crop": crop, "counts": counts, "seed": seed}
-    manifest = _claim_folder(out, settings, files)
+    manifest = claim_folder(out, settings, files)
     to_do = [image for image in images if not is_complete_png(out / image.output)]
     for folder in {(out / image.output).parent for image in images}:
         folder.mkdir(parents=True, exist_ok=True)
         remove_stale_temps(folder)
     written, unreadable, upsampled = _write_all(to_do, out, resolution, size, crop, on_bad_image, progress, workers)
-    if unreadable:
-        named = "; ".join(f"{path} ({reason})" for path, reason in unreadable[:LISTED_IN_LOG])
-        more = f"; and {len(unreadable) - LISTED_IN_LOG} more" if len(unreadable) > LISTED_IN_LOG else ""
-        LOG.warning("skipped %d unreadable image(s): %s%s", len(unreadable), named, more)
+    warn_skipped(unreadable, "unreadable image(s)")
     if upsampled:
         LOG.warning("%d image(s) were smaller than %d px and were upsampled; fakes never are", upsampled, resolution)
     write_manifest(out, {**manifest, "unreadable": dict(unreadable)})
@@ -187,7 +184,21 @@ def prepare_reals(sources: Sequence[str | os.PathLike], out: str | os.PathLike, 
             "unreadable": [path for path, _ in unreadable], "upsampled": upsampled}
 
 
-def _claim_folder(out: Path, settings: dict[str, Any], files: dict[str, str]) -> dict[str, Any]:
+def warn_skipped(skipped: Sequence[tuple[str, str]], what: str) -> None:
+    """One log line naming the first LISTED_IN_LOG skipped (path, reason) pairs; the manifest lists them all."""
+    if skipped:
+        named = "; ".join(f"{path} ({reason})" for path, reason in skipped[:LISTED_IN_LOG])
+        more = f"; and {len(skipped) - LISTED_IN_LOG} more" if len(skipped) > LISTED_IN_LOG else ""
+        LOG.warning("skipped %d %s: %s%s", len(skipped), what, named, more)
+
+
+PIPELINE = "crop, Pillow Lanczos to resolution, uint8, Pillow Lanczos to size, PNG"
+
+
+def claim_folder(out: Path, settings: dict[str, Any], files: dict[str, Any],
+                 pipeline: str = PIPELINE) -> dict[str, Any]:
+    """Check `out` may take these outputs (same settings; an output of another source is refused),
+    write the manifest with `files` merged in, and return it."""
     recorded = read_manifest(out, settings["kind"])
     old_files = recorded.get("files", {})
     if any(is_complete_png(out / name) for name in old_files):
@@ -196,8 +207,7 @@ def _claim_folder(out: Path, settings: dict[str, Any], files: dict[str, str]) ->
         if moved:
             raise DatasetError(f"{out}: {moved[0]} was made from {old_files[moved[0]]}, now it would come from "
                                f"{files[moved[0]]} (the sources changed); use a new --out folder")
-    manifest = {**settings, "pipeline": "crop, Pillow Lanczos to resolution, uint8, Pillow Lanczos to size, PNG",
-                "files": {**old_files, **files}}
+    manifest = {**settings, "pipeline": pipeline, "files": {**old_files, **files}}
     out.mkdir(parents=True, exist_ok=True)
     remove_leftovers(out)
     write_manifest(out, manifest)

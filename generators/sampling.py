@@ -14,7 +14,6 @@ same device kind and library versions; another device or precision may flip a fe
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import inspect
 import logging
 import os
@@ -34,11 +33,11 @@ from patchscope.common.device import resolve_device
 from patchscope.common.errors import DatasetError
 from patchscope.common.runfolder import remove_leftovers
 from patchscope.generators.base import Generator, StyleGenerator
+from patchscope.generators.custom import generator_sha256, open_generator, parameters_sha256, provenance
 from patchscope.generators.dataset_folder import (MANIFEST, check_same_settings, is_complete_png, plain_json,
                                                  read_manifest, remove_stale_temps, resize_lanczos, write_manifest,
                                                  write_png)
 from patchscope.generators.glow.model import GlowGenerator
-from patchscope.generators.io.formats import checkpoint_sha256, load_generator
 
 LOG = logging.getLogger("patchscope.sample")
 # The paper's seeds: train S, test S + 1, val S + 2 (seeds 0/1/2 for its PGAN sets).
@@ -61,7 +60,8 @@ class LatentSource:
 
     def __init__(self, generator: Generator, seed: int) -> None:
         self.generator, self.seed, self.start = generator, seed, 0
-        stock = type(generator).sample_latents is Generator.sample_latents
+        # MODULE:CALLABLE generators without a sampler of their own use the stock stream too (`stock_latents`)
+        stock = type(generator).sample_latents is Generator.sample_latents or getattr(generator, "stock_latents", False)
         self.latents = np.random.RandomState(seed) if stock else None
         self.glow = isinstance(generator, GlowGenerator)
         self.shapes = generator.split_shapes if self.glow else []
@@ -119,15 +119,7 @@ def resolve_options(generator: Generator, opts: Mapping[str, Any] | None) -> dic
 def weights_sha256(generator: Generator) -> str:
     """Digest of every parameter and buffer that shapes the images (the discriminator excluded),
     so a resumed run can tell the same weights even without the checkpoint file."""
-    digest = hashlib.sha256()
-    tensors = [*generator.named_parameters(), *generator.named_buffers()]
-    for name, tensor in sorted(tensors, key=lambda item: item[0]):
-        if name.startswith("discriminator."):
-            continue
-        data = tensor.detach().cpu().contiguous()
-        digest.update(f"{name}:{data.dtype}:{list(data.shape)};".encode())
-        digest.update(data.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
+    return parameters_sha256(generator)
 
 
 @contextlib.contextmanager
@@ -161,7 +153,11 @@ def to_pixels(images: torch.Tensor) -> np.ndarray:
 
 @dataclass
 class SampleConfig:
-    generator: str = ""                 # checkpoint file (any format load_generator reads); "" with an in-memory one
+    generator: str = ""                 # checkpoint file (any format load_generator reads), or MODULE:CALLABLE;
+    #                                     "" with an in-memory one
+    weights: str = ""                   # MODULE:CALLABLE only: safetensors state dict loaded into its network
+    latent_dim: int | None = None       # MODULE:CALLABLE only: for a module without a latent_dim attribute
+    resolution: int | None = None       # MODULE:CALLABLE only: for a module without a resolution attribute
     out: str = ""                       # dataset folder: OUT/<split>/<index:06d>.png and OUT/manifest.json
     counts: dict[str, int] = field(default_factory=dict)  # images per split, e.g. {"train": 10000, "val": 500}
     seed: int = 0                       # train uses seed, test seed + 1, val seed + 2 (the paper's seeds 0/1/2)
@@ -174,8 +170,10 @@ class SampleConfig:
     writers: int = 4                    # threads encoding PNGs
 
     def __post_init__(self) -> None:
-        for name in ("generator", "out", "device"):
+        for name in ("generator", "weights", "out", "device"):
             check_text(self, name)
+        check_int(self, "latent_dim", 1, optional=True)
+        check_int(self, "resolution", 1, optional=True)
         check_counts(self, "counts")
         check_int(self, "seed", 0)
         check_int(self, "size", 1, optional=True)
@@ -200,16 +198,17 @@ def sample_dataset(config: SampleConfig, generator: Generator | None = None, *,
     generator_file = config.generator or None
     if generator is None:
         require(config, "generator", "generator")
-        generator = load_generator(config.generator)
+        generator = open_generator(config.generator, config.weights or None, config.latent_dim, config.resolution)
     counts, seed, size, chunk, precision = config.counts, config.seed, config.size, config.chunk, config.precision
     out = Path(config.out)
-    settings = {"kind": "samples", "generator_sha256": checkpoint_sha256(generator_file) if generator_file else None,
+    settings = {"kind": "samples", "generator_sha256": generator_sha256(generator_file, generator) if generator_file
+                else None,
                 "weights_sha256": weights_sha256(generator), "generator": generator.describe(),
                 "options": resolve_options(generator, config.opts), "seed": seed,
                 "split_seeds": split_seeds(seed, list(counts)), "resolution": generator.resolution,
                 "size": size, "chunk": chunk, "precision": precision}
     target = resolve_device(config.device)
-    manifest, done = _claim_folder(out, settings, counts, target, generator_file)
+    manifest, done = _claim_folder(out, settings, counts, target, generator_file, provenance(generator))
     generator.to(target).eval()
     summary: dict[str, Any] = {"out": str(out), "manifest": str(out / MANIFEST), "splits": {}}
     began = time.perf_counter()
@@ -231,7 +230,8 @@ def sample_dataset(config: SampleConfig, generator: Generator | None = None, *,
 
 
 def _claim_folder(out: Path, settings: dict[str, Any], counts: dict[str, int], device: torch.device,
-                  generator_file: str | os.PathLike | None) -> tuple[dict[str, Any], dict[str, set[int]]]:
+                  generator_file: str | os.PathLike | None,
+                  source: dict[str, Any] | None = None) -> tuple[dict[str, Any], dict[str, set[int]]]:
     """Check the folder may take this request, write the merged manifest, list the finished images."""
     recorded = read_manifest(out, settings["kind"])
     splits = sorted(set(counts) | set(recorded.get("counts", {})))
@@ -252,7 +252,8 @@ def _claim_folder(out: Path, settings: dict[str, Any], counts: dict[str, int], d
                 "latents": "numpy RandomState(split seed).randn, row i = image i",
                 "pixels": "clip(rint((x + 1) / 2 * 255)) to uint8, then Pillow Lanczos to size",
                 "generator_file": str(generator_file) if generator_file else recorded.get("generator_file"),
-                "device": device.type, "torch": torch.__version__}
+                "device": device.type, "torch": torch.__version__,
+                **({"generator_source": source} if source else {})}
     out.mkdir(parents=True, exist_ok=True)
     remove_leftovers(out)
     write_manifest(out, manifest)

@@ -60,6 +60,13 @@ DRY_RUNS = {
     "score": (["score", "RUN", "img.png", "--config", "CONFIG", "--out", "OUT", "--batch-size", "4"],
               "score:\n  workers: 1\n  batch_size: 2\n",
               {"out": "OUT", "run": "RUN", "inputs": ["img.png"], "batch_size": 4, "workers": 1}),
+    "study": (["study", "CONFIG", "--out", "OUT"],
+              "study:\n  models: {xception_block1: {}}\n  train_sets: {a: {real: r, fake: f}}\n"
+              "  test_sets: {t: {real: r, fake: f}}\n",
+              {"out": "OUT", "todo": ["train xception_block1__a", "eval xception_block1__a on t"]}),
+    "import-checkpoint": (["import-checkpoint", "x.pth", "--config", "CONFIG", "--out", "OUT", "--crop-size", "128"],
+                          "import_checkpoint:\n  load_size: 150\n",
+                          {"out": "OUT", "file": "x.pth", "model": "auto", "load_size": 150, "crop_size": 128}),
     "table": (["table", "r1", "--out", "OUT", "--metric", "ap"], None,
               {"out": "OUT", "results": ["r1"], "metric": "ap", "aggregation": "after_softmax"}),
 }

@@ -17,6 +17,7 @@ from patchscope.analysis.report.sections import (ReportContext, Section, as_mapp
                                       build_robustness, build_spectra, build_training)
 from patchscope.analysis.report.studies import (build_demo_summary, build_exaggerate, build_finetune, build_retrain,
                                      build_retrain_study)
+from patchscope.analysis.report.summary import Found, render_summary
 from patchscope.common.atomic import write_text
 from patchscope.common.errors import InputError
 
@@ -106,7 +107,7 @@ def find_stages(root: Path, ctx: ReportContext) -> list[tuple[Stage, Path]]:
 
 
 def _build(stage: Stage, folder: Path, ctx: ReportContext) -> Section:
-    section = Section(stage.title, ctx.where(folder), caption="")
+    section = Section(stage.title, ctx.display(folder), caption="", path=ctx.where(folder))
     try:
         stage.build(folder, ctx, section)
     except (KeyError, TypeError, AttributeError, ValueError) as err:
@@ -115,10 +116,15 @@ def _build(stage: Stage, folder: Path, ctx: ReportContext) -> Section:
     return section
 
 
+def _name(section: Section) -> str:
+    return section.title if section.folder == "." else f"{section.title}: {section.folder}"
+
+
 def _render_section(section: Section, anchor: str) -> str:
-    title = section.title if section.folder == "." else f"{section.title}: {section.folder}"
-    parts = [f'<section id="{anchor}">', f"<h2>{escape(title)}</h2>"] + ([paragraph(section.caption)]
-                                                                        if section.caption else [])
+    # A name that writes a repeated folder once carries the folder as it is on disk in its tooltip.
+    where = f' title="folder {escape(section.path)}"' if section.path and section.path != section.folder else ""
+    parts = [f'<section id="{anchor}">', f"<h2{where}>{escape(_name(section))}</h2>"] + (
+        [paragraph(section.caption)] if section.caption else [])
     parts += [paragraph(note, "note") for note in section.notes]
     return "\n".join([*parts, *section.parts, "</section>"])
 
@@ -129,16 +135,25 @@ def render_report(run_dir: str | os.PathLike, title: str | None = None) -> str:
     if not root.is_dir():
         raise InputError(f"{root}: not a directory (expected a run directory holding patchscope results)")
     ctx = ReportContext(root)
-    sections = [_build(stage, folder, ctx) for stage, folder in find_stages(root, ctx)]
+    found = find_stages(root, ctx)
+    sections = [_build(stage, folder, ctx) for stage, folder in found]
     if not sections:
         raise InputError(f"{root}: nothing to report; looked for {'; '.join(s.looks_for for s in STAGES)} "
                          f"in it and its subfolders")
     anchors = [f"section-{i + 1}" for i in range(len(sections))]
-    toc = [(anchor, s.title if s.folder == "." else f"{s.title}: {s.folder}") for anchor, s in zip(anchors, sections)]
+    toc = [(anchor, _name(s)) for anchor, s in zip(anchors, sections)]
+    body = [_render_section(s, a) for s, a in zip(sections, anchors)]
+    # The key numbers first; a demo folder opens with its own summary instead.
+    summary = "" if any(stage.title == "Demo summary" for stage, _ in found) else render_summary(
+        [Found(stage.title, folder, anchor, _name(s)) for (stage, folder), s, anchor in zip(found, sections, anchors)],
+        ctx)
+    if summary:
+        toc.insert(0, ("section-summary", "Key numbers"))
+        body.insert(0, summary)
     title = title or f"patchscope report: {root.resolve().name}"
     subtitle = (f"{root.resolve()}: {len(sections)} section(s), {ctx.embedder.count} embedded image(s), "
                 f"{ctx.embedder.used_bytes / 2**20:.1f} MiB")
-    return page(title, subtitle, toc, [_render_section(s, a) for s, a in zip(sections, anchors)])
+    return page(title, subtitle, toc, body)
 
 
 def write_report(run_dir: str | os.PathLike, out: str | os.PathLike | None = None, title: str | None = None) -> Path:

@@ -1,15 +1,23 @@
-"""Curves of a `metrics.jsonl` log (training epochs, exaggeration or finetuning steps) rendered as one PNG.
+"""Curves of a `metrics.jsonl` log (training epochs, exaggeration or finetuning steps) rendered as one PNG, and the
+precision-recall curves of an evaluation's saved image scores.
 
+Every curve of a panel gets its own colour, dash pattern and marker, so curves that lie on top of each other stay
+visible; curves equal point for point are also named (`coinciding`), in the legend and in the report's text.
 Used by the run report (`analysis.report`); matplotlib Figure + Agg only, no pyplot state.
 """
 from __future__ import annotations
 
+import csv
 import fnmatch
 import json
 import math
+import textwrap
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
+import numpy as np
+
+from patchscope.common.userfiles import read_regular
 from patchscope.forensics.figures import render_figure
 
 Panel = tuple[str, tuple[str, ...]]  # (panel title, key patterns in fnmatch syntax)
@@ -36,17 +44,58 @@ LABELS = {"train_loss": "train loss", "train_patch_acc": "train", "val_patch_acc
           "val_ap": "val AP", "val_acc": "val accuracy", "fake_loss": "classifier term", "p_fake": "P(fake)",
           "acc": "accuracy", "acc_fake": "accuracy on fakes", "acc_real": "accuracy on reals", "ap": "AP"}
 MAX_GENERIC_SERIES = 8
+COLOURS = ("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown", "tab:pink", "tab:gray")
+DASHES = ("-", "--", "-.", ":", (0, (6, 2, 1, 2, 1, 2)), (0, (1, 1)))
+MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
+LEGEND_WIDTH = 34  # characters per legend line: a long test-set name wraps instead of widening the figure
+MAX_SCORES_BYTES = 64 << 20  # a scores CSV is ~100 bytes per image: ~600k images; larger is left out
+
+
+def curve_style(index: int) -> dict[str, Any]:
+    """Colour, dash pattern and marker of the index-th curve of a panel: no two of the first 8 share any."""
+    return {"color": COLOURS[index % len(COLOURS)], "linestyle": DASHES[index % len(DASHES)],
+            "marker": MARKERS[index % len(MARKERS)]}
+
+
+def coinciding(series: Mapping[str, tuple[Sequence[float], Sequence[float]]]) -> list[list[str]]:
+    """Groups (two or more names, in the given order) of curves equal point for point (NaN equal to NaN)."""
+    groups: list[list[str]] = []
+    keys: list[tuple[np.ndarray, np.ndarray]] = []
+    for name, (xs, ys) in series.items():
+        x, y = np.asarray(xs, float), np.asarray(ys, float)
+        for group, (gx, gy) in zip(groups, keys):
+            if x.shape == gx.shape and y.shape == gy.shape and np.allclose(x, gx, equal_nan=True) \
+                    and np.allclose(y, gy, equal_nan=True):
+                group.append(name)
+                break
+        else:
+            groups.append([name])
+            keys.append((x, y))
+    return [group for group in groups if len(group) > 1]
+
+
+def coincide_text(groups: Sequence[Sequence[str]], what: str = "curves") -> str:
+    """"curves A and B coincide (...)" for every group; empty when none."""
+    if not groups:
+        return ""
+    names = "; ".join(", ".join(group[:-1]) + " and " + group[-1] for group in groups)
+    return (f"{what.capitalize()} {names} coincide: equal at every point, drawn on top of each other "
+            f"(told apart by dash pattern and marker).")
+
+
+MAX_LOG_BYTES = 256 << 20  # a metrics log is a line per epoch or step; this is only a guard
 
 
 def read_log(path: Path) -> tuple[list[dict[str, Any]], int]:
     """The JSON object lines of a log and how many lines were skipped (torn, not JSON, not an object)."""
     records, skipped = [], 0
-    for line in path.read_text(errors="replace").splitlines():
+    data = read_regular(path, "a JSON-lines log", MAX_LOG_BYTES)  # regular files only, bounded: InputError
+    for line in data.decode(errors="replace").splitlines():
         if not line.strip():
             continue
         try:
             record = json.loads(line)
-        except ValueError:
+        except (ValueError, RecursionError):  # RecursionError: a line of lists nested thousands deep
             skipped += 1
             continue
         if isinstance(record, dict):
@@ -58,7 +107,10 @@ def read_log(path: Path) -> tuple[list[dict[str, Any]], int]:
 
 def _number(value: Any) -> float:
     if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
+        try:
+            return float(value)
+        except OverflowError:  # an integer beyond float range (10**400 in a hand-edited log): not plotted
+            return math.nan
     return math.nan
 
 
@@ -109,11 +161,16 @@ def plot_log(records: Sequence[dict[str, Any]], panels: Sequence[Panel], title: 
     axis, xs = x_axis(records)
     figure = Figure(figsize=(4.3 * len(series), 3.3), layout="constrained")
     axes = figure.subplots(1, len(series), squeeze=False)[0]
-    dots = "o" if len(records) <= 40 else None
     for ax, (panel, keys) in zip(axes, series):
-        for key in keys:
-            ax.plot(xs, [_number(r.get(key)) for r in records], marker=dots, markersize=3, linewidth=1.5,
-                    label=LABELS.get(key, key.replace("_", " ")))
+        values = {key: [_number(r.get(key)) for r in records] for key in keys}
+        same = {name: group[0] for group in coinciding({k: (xs, v) for k, v in values.items()})
+                for name in group[1:]}
+        for index, (key, ys) in enumerate(values.items()):
+            label = LABELS.get(key, key.replace("_", " "))
+            if key in same:
+                label += f" (= {LABELS.get(same[key], same[key].replace('_', ' '))})"
+            ax.plot(xs, ys, markersize=4, linewidth=1.5, label=label, markevery=_mark_every(len(records), index),
+                    **curve_style(index))
         if mark is not None:
             ax.axvline(mark[0], color="0.4", linestyle=":", linewidth=1, label=mark[1])
         ax.set(title=panel, xlabel=axis)
@@ -121,3 +178,67 @@ def plot_log(records: Sequence[dict[str, Any]], panels: Sequence[Panel], title: 
         ax.legend(fontsize="small", loc="best")
     figure.suptitle(title)
     return render_figure(figure, "png", dpi=100, tight=False)
+
+
+def _mark_every(points: int, index: int) -> Any:
+    """Every point of a short curve; on a long one about 10 markers, shifted per curve so equal curves show both."""
+    if points <= 40:
+        return None
+    return (0.02 + 0.035 * (index % len(MARKERS)), 0.1)
+
+
+# ----------------------------------------------------------------------------- precision-recall curves
+
+def read_scores(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """(scores, labels) of an evaluation's `scores_<test set>.csv` (path, label 0/1, score); ValueError when
+    the file is not of that form (InputError, a ValueError, when it is not a regular file or too large)."""
+    text = read_regular(path, "image scores (CSV)", MAX_SCORES_BYTES).decode("utf-8", errors="replace")
+    rows = list(csv.DictReader(text.splitlines()))
+    if not rows or not {"label", "score"} <= set(rows[0]):
+        raise ValueError(f"{path.name}: expected columns path, label, score")
+    labels = np.array([int(row["label"]) for row in rows])
+    if not np.isin(labels, (0, 1)).all():
+        raise ValueError(f"{path.name}: labels must be 0 (real) or 1 (fake)")
+    return np.array([float(row["score"]) for row in rows]), labels
+
+
+def pr_points(scores: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray, float] | None:
+    """(recall, precision, AP) with fake the positive class; None without both classes."""
+    from sklearn.metrics import average_precision_score, precision_recall_curve
+
+    if labels.size == 0 or labels.min() == labels.max():
+        return None
+    precision, recall, _ = precision_recall_curve(labels, scores)
+    return recall, precision, float(average_precision_score(labels, scores))
+
+
+def pr_figure(curves: Mapping[str, tuple[np.ndarray, np.ndarray]], title: str) -> tuple[Any, list[list[str]]]:
+    """The precision-recall figure of (scores, labels) per test set, each curve its own style, the legend below
+    the axes; and the groups of test sets whose curves coincide."""
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(6.4, 6.2), layout="constrained")
+    ax = figure.add_subplot()
+    ax.set(xlabel="recall (fake positive)", ylabel="precision", xlim=(-0.01, 1.01), ylim=(0.0, 1.03), title=title)
+    ax.grid(alpha=0.3)
+    points = {name: pr_points(*pair) for name, pair in curves.items()}
+    groups = coinciding({name: p[:2] for name, p in points.items() if p is not None})
+    same = {name: group[0] for group in groups for name in group[1:]}
+    for index, (name, found) in enumerate(points.items()):
+        label = textwrap.fill(name, LEGEND_WIDTH, break_long_words=True)
+        if found is None:
+            ax.plot([], [], label=f"{label} (one class only, no curve)", **curve_style(index))
+            continue
+        recall, precision, ap = found
+        extra = f", = {textwrap.shorten(same[name], LEGEND_WIDTH)}" if name in same else ""
+        ax.plot(recall, precision, drawstyle="steps-post", linewidth=1.8, markersize=6,
+                markevery=(0.02 + 0.045 * (index % len(MARKERS)), 0.12), label=f"{label} (AP {ap:.4f}{extra})",
+                **curve_style(index))
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.13), fontsize="medium", ncols=1, frameon=False)
+    return figure, groups
+
+
+def plot_pr(curves: Mapping[str, tuple[np.ndarray, np.ndarray]], title: str) -> tuple[bytes, list[list[str]]]:
+    """PNG bytes of `pr_figure` and its coinciding groups."""
+    figure, groups = pr_figure(curves, title)
+    return render_figure(figure, "png", dpi=100, tight=False), groups

@@ -15,8 +15,12 @@ from typing import Any, Callable, Mapping, Sequence
 
 from PIL import Image
 
+from patchscope.analysis.report.glossary import tip
+from patchscope.common.userfiles import read_regular
+
 MAX_SIDE = 1600                  # px; larger images are shrunk before embedding
 MAX_IMAGE_BYTES = 3 * 2**20      # one embedded image above this is re-encoded (shrunk PNG, else JPEG)
+MAX_FILE_BYTES = 256 * 2**20     # an image file larger than this is left out unread (a sparse multi-GiB file)
 MAX_TOTAL_BYTES = 48 * 2**20     # all embedded images of one page together
 JPEG_QUALITY = 88
 MIME = {"PNG": "image/png", "JPEG": "image/jpeg", "GIF": "image/gif"}
@@ -56,21 +60,29 @@ def format_short(value: Any) -> str:
 
 @dataclass(frozen=True)
 class Column:
-    """One table column: the row key it shows, its header, and how a value is written."""
+    """One table column: the row key it shows, its header, and how a value is written. A `name` column holds
+    free text such as a test set's name: it wraps within a bounded width, the full text in its title."""
 
     key: str
     header: str
     fmt: Callable[[Any], str] = format_value
+    name: bool = False
+
+
+def cell(column: Column, value: Any) -> str:
+    text = escape(column.fmt(value))
+    return f'<td class="name" title="{text}">{text}</td>' if column.name else f"<td>{text}</td>"
 
 
 def table(columns: Sequence[Column], rows: Sequence[Mapping[str, Any]],
           highlight: Callable[[Mapping[str, Any]], bool] | None = None) -> str:
-    """An HTML table; a missing value shows as "n/a"; rows `highlight` picks are set in bold."""
-    head = "".join(f"<th>{escape(c.header)}</th>" for c in columns)
+    """An HTML table; a missing value shows as "n/a"; rows `highlight` picks are set in bold; a header naming a
+    term of the glossary carries its definition as a tooltip."""
+    head = "".join(f"<th{tip(c.header)}>{escape(c.header)}</th>" for c in columns)
     body = []
     for row in rows:
         cls = ' class="chosen"' if highlight is not None and highlight(row) else ""
-        cells = "".join(f"<td>{escape(c.fmt(row.get(c.key)))}</td>" for c in columns)
+        cells = "".join(cell(c, row.get(c.key)) for c in columns)
         body.append(f"<tr{cls}>{cells}</tr>")
     return f'<table><thead><tr>{head}</tr></thead><tbody>{"".join(body)}</tbody></table>'
 
@@ -115,7 +127,7 @@ class ImageEmbedder:
     def file(self, path: Path) -> str:
         """The data URI of an image file; ImageSkipped when it is unreadable or the budget is spent."""
         try:
-            raw = path.read_bytes()
+            raw = read_regular(path, "an image", MAX_FILE_BYTES)  # InputError (a ValueError) past the bound
             with Image.open(io.BytesIO(raw)) as image:
                 image.load()
                 if image.format in MIME and max(image.size) <= self.max_side and len(raw) <= self.max_image_bytes:
@@ -146,10 +158,12 @@ class ImageEmbedder:
         return buffer.getvalue(), MIME["JPEG"]
 
 
-def figure(uri: str, caption: str, alt: str, pixels: bool = False) -> str:
-    """An embedded image with its caption; `pixels` keeps small images sharp when enlarged (grids, cards)."""
+def figure(uri: str, caption: str, alt: str, pixels: bool = False, wide: bool = False) -> str:
+    """An embedded image with its caption; `pixels` keeps small images sharp when enlarged (grids, cards);
+    `wide` gives it the page's whole width."""
     cls = ' class="pixels"' if pixels else ""
-    return (f'<figure><img{cls} src="{uri}" alt="{escape(alt)}">'
+    outer = ' class="wide"' if wide else ""
+    return (f'<figure{outer}><img{cls} src="{uri}" alt="{escape(alt)}">'
             f"<figcaption>{escape(caption)}</figcaption></figure>")
 
 
@@ -157,22 +171,31 @@ STYLE = """
 body { font-family: system-ui, -apple-system, "Segoe UI", sans-serif; margin: 0 auto; max-width: 1280px;
        padding: 1.5em 2em 4em; color: #1d1d1f; background: #fbfbfd; line-height: 1.45; }
 h1 { font-size: 1.6em; margin-bottom: 0.2em; }
-h2 { font-size: 1.3em; margin-top: 2.2em; padding-top: 0.6em; border-top: 2px solid #d0d4dc; }
+h2 { font-size: 1.3em; margin-top: 2.2em; padding-top: 0.6em; border-top: 2px solid #d0d4dc; overflow-wrap: anywhere; }
 h3 { font-size: 1.05em; margin: 1.4em 0 0.4em; color: #333; }
-.where { color: #666; font-size: 0.9em; overflow-wrap: anywhere; }
-.caption { color: #444; max-width: 70em; }
+.where { color: #555; font-size: 0.9em; overflow-wrap: anywhere; }
+.caption { color: #333; max-width: 70em; }
+.terms { color: #333; font-size: 0.92em; max-width: 75em; background: #f2f4f8; padding: 0.35em 0.7em;
+         border-left: 3px solid #9fb3d1; }
 .note { color: #8a4b00; background: #fff4e0; border-left: 3px solid #e0a040; padding: 0.3em 0.7em; }
-nav ol { columns: 2; padding-left: 1.4em; } nav a { color: #1f5fbf; text-decoration: none; }
+nav ol { columns: 2; column-gap: 2.5em; padding-left: 1.8em; }
+nav li { break-inside: avoid; overflow-wrap: anywhere; } nav a { color: #1f5fbf; text-decoration: none; }
 table { border-collapse: collapse; margin: 0.4em 0 1em; font-size: 0.9em; background: #fff; }
 th, td { border: 1px solid #d6d9e0; padding: 0.25em 0.6em; text-align: right; }
 th { background: #eef1f6; } td:first-child, th:first-child { text-align: left; }
 table.kv th { text-align: left; font-weight: 600; } table.kv td { text-align: left; overflow-wrap: anywhere; }
 tr.chosen td { font-weight: 600; }
+td.name { text-align: left; max-width: 18em; overflow-wrap: anywhere; }
+th[title] { text-decoration: underline dotted #889; cursor: help; }
+table.summary td, table.summary th { text-align: left; } table.summary td.num { text-align: right; }
+table.summary a { color: #1f5fbf; text-decoration: none; }
 figure { margin: 0.6em 0 1.2em; background: #fff; border: 1px solid #e0e3ea; padding: 8px; display: inline-block;
          max-width: calc(100% - 18px); vertical-align: top; }
 figure img { max-width: 100%; height: auto; display: block; }
+figure.wide { display: block; max-width: none; } figure.wide img { width: min(100%, 1100px); }
 img.pixels { image-rendering: pixelated; }
-figcaption { font-size: 0.85em; color: #555; margin-top: 4px; max-width: 60em; overflow-wrap: anywhere; }
+figcaption { font-size: 0.95em; color: #2a2a2e; margin-top: 6px; max-width: 60em; overflow-wrap: anywhere;
+             line-height: 1.4; }
 .cards { display: grid; grid-template-columns: repeat(auto-fill, minmax(440px, 1fr)); gap: 12px; }
 .cards figure { margin: 0; max-width: none; }
 pre { background: #f2f3f7; border: 1px solid #e0e3ea; padding: 0.6em; overflow-x: auto; font-size: 0.85em; }

@@ -3,16 +3,20 @@ and the context they share (where the run is, cached JSON, embedded images). Use
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
 from patchscope.analysis.heatmaps import GROUP_TITLES, GROUPS
-from patchscope.analysis.report.curves import TRAINING_PANELS, Panel, plot_log, read_log
+from patchscope.common.userfiles import read_json, read_regular
+from patchscope.analysis.report import locations
+from patchscope.analysis.report.curves import (TRAINING_PANELS, Panel, coincide_text, plot_log, plot_pr, read_log,
+                                               read_scores)
+from patchscope.analysis.report.glossary import terms_note
 from patchscope.analysis.report.html import (Column, ImageEmbedder, ImageSkipped, details, figure, format_short, format_value,
                                   heading, key_values, paragraph, preformatted, table)
 
+MAX_CONFIG_BYTES = 16 << 20  # a config.yaml is a few kB; a larger one is named in a note, unread
 MAX_CARDS = 16       # heatmap cards in one report: each is a wide PNG, the full sets stay on heatmaps.html
 CARDS_PER_GROUP = 1  # per heatmap folder and group (easiest/hardest real/fake)
 METRIC_COLUMNS = (Column("ap", "AP"), Column("ap_real", "AP (real+)"), Column("roc_auc", "ROC AUC"),
@@ -28,6 +32,7 @@ class Section:
     caption: str
     parts: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)  # plain text: files that could not be shown, and why
+    path: str = ""  # the folder relative to the root as on disk, when `folder` names it shorter
 
     def add(self, *parts: str) -> None:
         self.parts.extend(p for p in parts if p)
@@ -46,21 +51,26 @@ class ReportContext:
         """A path as the page names it: relative to the report's root."""
         return path.relative_to(self.root).as_posix()
 
+    def display(self, path: Path) -> str:
+        """A folder as a section's name shows it: relative to the root, a folder named like the one holding it
+        written once (a retrain study's retrain/retrain/classifier reads retrain/classifier)."""
+        parts = path.relative_to(self.root).parts
+        return "/".join(p for i, p in enumerate(parts) if i == 0 or p != parts[i - 1]) or "."
+
     def json(self, path: Path, section: Section | None = None) -> Any:
         """Parsed JSON (NaN allowed), cached; None when missing or unreadable (a note in `section` says so)."""
         if path not in self._json:
-            try:
-                self._json[path] = (json.loads(path.read_text(encoding="utf-8")), None)
-            except FileNotFoundError:
-                self._json[path] = (None, None)
+            try:  # regular files only, size- and depth-bounded: a FIFO, a sparse giant or 10^5 nested lists
+                self._json[path] = (read_json(path, "a JSON results file") if path.exists() else None, None)
             except (OSError, ValueError) as err:
-                self._json[path] = (None, f"{type(err).__name__}: {str(err).splitlines()[0][:120]}")
+                reason = str(err).replace(f"{path}: ", "", 1).splitlines()[0][:120]
+                self._json[path] = (None, f"{type(err).__name__}: {reason}")
         data, problem = self._json[path]
         if problem and section is not None:
             section.notes.append(f"{self.where(path)}: unreadable ({problem})")
         return data
 
-    def image(self, section: Section, path: Path, caption: str, pixels: bool = False) -> str:
+    def image(self, section: Section, path: Path, caption: str, pixels: bool = False, wide: bool = False) -> str:
         """The figure of an image file (empty when absent); a note when it cannot be shown."""
         if not path.is_file():
             return ""
@@ -69,7 +79,7 @@ class ReportContext:
         except ImageSkipped as err:
             section.notes.append(f"{self.where(path)}: not shown, {err}")
             return ""
-        return figure(uri, f"{caption} [{self.where(path)}]", alt=caption, pixels=pixels)
+        return figure(uri, f"{caption} [{self.where(path)}]", alt=caption, pixels=pixels, wide=wide)
 
     def png(self, section: Section, data: bytes | None, caption: str) -> str:
         if data is None:
@@ -86,7 +96,7 @@ class ReportContext:
         if not path.is_file():
             return ""
         try:
-            text = path.read_text(encoding="utf-8")
+            text = read_regular(path, "settings (config.yaml)", MAX_CONFIG_BYTES).decode("utf-8")
         except (OSError, ValueError) as err:
             section.notes.append(f"{self.where(path)}: unreadable ({type(err).__name__})")
             return ""
@@ -170,13 +180,36 @@ def build_eval(folder: Path, ctx: ReportContext, section: Section) -> None:
                 for name, per_mode in as_mapping(summary.get("results")).items()
                 for mode, metrics in as_mapping(per_mode).items()]
         section.add(heading(3, "Metrics"), table(
-            [Column("test_set", "test set"), Column("aggregation", "aggregation"), *METRIC_COLUMNS,
+            [Column("test_set", "test set", name=True), Column("aggregation", "aggregation"), *METRIC_COLUMNS,
              Column("patch_ap", "patch AP"), Column("patch_acc", "patch acc"), Column("n_real", "n real"),
-             Column("n_fake", "n fake")], rows, highlight=lambda row: row["aggregation"] == chosen))
-    curve = ctx.image(section, folder / "pr_curve.png", "Precision-recall curves, fake as the positive class")
+             Column("n_fake", "n fake")], rows, highlight=lambda row: row["aggregation"] == chosen),
+                    terms_note("AP", "AP (real+)", "ROC AUC", "acc", "acc real", "acc fake", "patch AP", "patch acc",
+                               "after_softmax", "before_softmax", "vote"))
+    curve = _pr_from_scores(folder, summary, ctx, section) or ctx.image(
+        section, folder / "pr_curve.png", "Precision-recall curves, fake as the positive class")
     if curve:
         section.add(heading(3, "Precision-recall curves"), curve)
     section.add(ctx.config(section, folder))
+
+
+def _pr_from_scores(folder: Path, summary: dict[str, Any], ctx: ReportContext, section: Section) -> str:
+    """The PR curves redrawn from the saved per-image scores (scores_<test set>.csv), every curve its own style,
+    with a note naming curves that coincide; empty when a scores file is missing (the saved pr_curve.png then)."""
+    names = list(as_mapping(summary.get("results")))
+    paths = [folder / f"scores_{name}.csv" for name in names]
+    if not names or not all(path.is_file() for path in paths):
+        return ""
+    try:
+        curves = {name: read_scores(path) for name, path in zip(names, paths)}
+    except (OSError, ValueError, TypeError) as err:
+        section.notes.append(f"PR curves not redrawn: a scores_<test set>.csv is not as expected "
+                             f"({type(err).__name__}: {str(err)[:120]}); the saved pr_curve.png, if any, is shown")
+        return ""
+    image, groups = plot_pr(curves, f"{summary.get('model')} ({summary.get('aggregation')})")
+    note = coincide_text(groups, "the curves of test sets")
+    files = "/".join(p for p in (ctx.where(folder), "scores_<test set>.csv") if p != ".")
+    return ctx.png(section, image, f"Precision-recall curves, fake as the positive class, from the image scores "
+                                   f"[{files}]") + (paragraph(note, "note") if note else "")
 
 
 def build_robustness(folder: Path, ctx: ReportContext, section: Section) -> None:
@@ -221,7 +254,9 @@ def build_heatmaps(folder: Path, ctx: ReportContext, section: Section) -> None:
     if data:
         section.add(key_values([("model", data.get("model")), ("images per group", data.get("n")),
                                 ("interpolation", data.get("mode"))]))
-    section.add(ctx.image(section, folder / "average_heatmaps.png", "Average P(fake) heatmap per group"))
+    average = ctx.image(section, folder / "average_heatmaps.png", "Average P(fake) heatmap per group", wide=True)
+    if average:
+        section.add(heading(3, "Average heatmaps"), average)
     cards = _cards(folder, data)
     shown = cards[:max(ctx.cards_left, 0)]
     ctx.cards_left -= len(shown)
@@ -263,6 +298,8 @@ def build_patches(folder: Path, ctx: ReportContext, section: Section) -> None:
                 [Column("class", "class")] + [Column(f"{label}_{who}", f"{label}: {name}") for label in labels
                                               for who, name in (("top", "most predictive"), ("baseline", "random"))],
                 rows))
+        _locations(data, ctx, section)
+        section.add(terms_note("most predictive", "random", "border", "corner", "expected from area", "P(fake)"))
     for path in _ordered_pngs(folder, "sheet"):
         label = path.stem.split("_", 1)[1]
         section.add(ctx.image(section, path, f"{label} images: most predictive patches, P({label}) and class",
@@ -271,6 +308,26 @@ def build_patches(folder: Path, ctx: ReportContext, section: Section) -> None:
         section.add(ctx.image(section, path, f"{path.stem.split('_', 1)[1]} images: classes of the most predictive "
                                              f"vs random patches"))
     section.add(ctx.config(section, folder))
+
+
+def _locations(data: dict[str, Any], ctx: ReportContext, section: Section) -> None:
+    """Where the top patches sit: border and corner shares against area and random patches, and their heatmap."""
+    if not data.get("top"):
+        return
+    try:
+        layout = locations.layout_of(data)
+        rows, image = locations.location_rows(data, layout), locations.location_figure(data, layout)
+    except (KeyError, TypeError, ValueError, IndexError) as err:
+        section.notes.append(f"Patch locations not shown: patches.json lacks their geometry ({type(err).__name__}: "
+                             f"{str(err)[:120]})")
+        return
+    section.add(heading(3, "Where the most predictive patches sit"), paragraph(locations.definition_text(layout)),
+                table([Column("patches", "patches"), Column("n", "n"),
+                       Column("border", "border", locations.percent), Column("corner", "corner", locations.percent),
+                       Column("densest", "densest position (share of the patches)", name=True)], rows),
+                ctx.png(section, image, "Share of the most predictive patches per output position, at the position's "
+                                        "receptive-field centre in the image; dashed: the inner edge of the border "
+                                        "band"))
 
 
 def build_spectra(folder: Path, ctx: ReportContext, section: Section) -> None:

@@ -7,9 +7,14 @@ from pathlib import Path
 from typing import Any
 
 from patchscope.analysis.report.curves import FINETUNE_PANELS, SHIFT_PANELS
+from patchscope.analysis.report.glossary import terms_note
 from patchscope.analysis.report.html import Column, format_short, format_value, heading, key_values, paragraph, preformatted, table
 from patchscope.analysis.report.sections import METRIC_COLUMNS, ReportContext, Section, as_mapping
 from patchscope.analysis.residual import SET_NAMES, WHO
+from patchscope.common.errors import InputError
+from patchscope.common.userfiles import read_regular
+
+MAX_SUMMARY_BYTES = 1 << 20  # a summary is a few lines; a huge or endless file is named, not read
 
 
 def build_exaggerate(folder: Path, ctx: ReportContext, section: Section) -> None:
@@ -29,7 +34,8 @@ def build_exaggerate(folder: Path, ctx: ReportContext, section: Section) -> None
         section.add(heading(3, "Per k, on held-out latents"), table(
             [Column("k", "k", format_short), Column("n", "n"), Column("p_fake", "mean P(fake)"),
              Column("p_fake_std", "std"), Column("lpips", "mean LPIPS to k = 0"), Column("lpips_std", "std")],
-            rows, highlight=lambda row: row.get("k") == 0))
+            rows, highlight=lambda row: row.get("k") == 0),
+                    terms_note("k", "n", "P(fake)", "LPIPS", "lambda (LPIPS weight)"))
     grid = ctx.image(section, folder / "grid.png", "Rows: held-out samples; columns: k; captions: P(fake)",
                      pixels=True)
     if grid:
@@ -53,7 +59,7 @@ def build_finetune(folder: Path, ctx: ReportContext, section: Section) -> None:
         section.add(heading(3, "Classifier before and after"), table(
             [Column("generator", "generator"), *METRIC_COLUMNS, Column("p_fake", "mean P(fake)"),
              Column("lpips_to_original", "LPIPS to original"), Column("n_fake", "n fake"), Column("n_real", "n real")],
-            rows))
+            rows), terms_note("AP", "AP (real+)", "ROC AUC", "acc", "acc real", "acc fake", "P(fake)", "LPIPS"))
         change = as_mapping(data.get("change"))
         if change:
             section.add(paragraph("Change, finetuned minus original: " +
@@ -91,12 +97,14 @@ def build_retrain_study(folder: Path, ctx: ReportContext, section: Section) -> N
                     table(COMPARISON_COLUMNS, _comparison_rows(as_mapping(comparison.get("metrics")))))
     section.add(ctx.image(section, folder / "comparison.png",
                           "Left: AP and accuracy of old vs retrained classifier; right: classes of their most "
-                          "predictive patches vs random patches"))
+                          "predictive patches vs random patches (n = patches counted: N old, N retrained, N random)"),
+                terms_note("AP", "AP (real+)", "ROC AUC", "acc", "acc real", "acc fake", "most predictive", "random"))
     summary = folder / "summary.txt"
     if summary.is_file():
         try:
-            section.add(heading(3, "Summary"), preformatted(summary.read_text(encoding="utf-8")))
-        except (OSError, ValueError) as err:
+            text = read_regular(summary, "a retrain study's summary.txt", MAX_SUMMARY_BYTES).decode("utf-8")
+            section.add(heading(3, "Summary"), preformatted(text))
+        except (OSError, ValueError, InputError) as err:
             section.notes.append(f"{ctx.where(summary)}: unreadable ({type(err).__name__})")
     section.add(ctx.config(section, folder))
 

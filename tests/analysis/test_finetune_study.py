@@ -18,7 +18,6 @@ from patchscope.common.errors import InputError
 from patchscope.forensics.checkpoint import save_classifier
 from patchscope.generators import checkpoint_sha256, load_generator
 from patchscope.generators.pgan.zoo import save_pgan_zoo
-from patchscope.generators.stylegan2.model import StyleGAN2Config, StyleGAN2Generator, export_rosinality
 from tests.attacks.test_finetune import detector
 from tests.attacks.test_shift import RESOLUTION, tiny_pgan
 
@@ -188,11 +187,10 @@ def test_user_mistakes_are_one_line_errors(sources, tmp_path: Path) -> None:
         make_config(sources, tmp_path / "a", ema_beta=1.0)
     with pytest.raises(InputError, match="lr=0: expected a finite number > 0 or null"):
         make_config(sources, tmp_path / "a", lr=0)
-    torch.manual_seed(0)
-    no_critic = StyleGAN2Generator(StyleGAN2Config(size=RESOLUTION, style_dim=8, n_mlp=1, channels=(8, 8, 8)))
-    torch.save(export_rosinality(no_critic), tmp_path / "sg2.pt")
-    with pytest.raises(InputError, match=r"sg2\.pt: holds no discriminator"):
-        run_finetune(make_config(sources, tmp_path / "b", generator=str(tmp_path / "sg2.pt")))
+    with pytest.raises(InputError, match=r"no-such-module:make: no such checkpoint file"):
+        run_finetune(make_config(sources, tmp_path / "b", generator="no-such-module:make"))
+    with pytest.raises(InputError, match=r"pgan\.pt: --weights only apply to a MODULE:CALLABLE generator"):
+        run_finetune(make_config(sources, tmp_path / "b", weights="w.safetensors"))
     (tmp_path / "c").mkdir()
     (tmp_path / "c" / "notes.txt").write_text("mine")
     with pytest.raises(InputError, match="not a finetuning run folder"):

@@ -109,7 +109,7 @@ def test_study_writes_shift_metrics_log_grid_and_config(case) -> None:
     with open(out / "metrics.csv", newline="") as handle:
         table = list(csv.DictReader(handle))
     assert [float(row["p_fake"]) for row in table] == pytest.approx(p_fake, rel=1e-12)
-    assert list(table[0]) == ["k", "n", "p_fake", "p_fake_std", "lpips", "lpips_std"]
+    assert list(table[0]) == ["k", "n", "p_fake", "p_fake_std", "logit", "logit_std", "lpips", "lpips_std"]
 
     shift, meta = load_shift(out)
     assert torch.equal(torch.load(out / "shift.pt", weights_only=True)["shift"], shift)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+import lpips
 import pytest
 import torch
 from torchvision import models as tv_models
@@ -72,6 +73,20 @@ def test_missing_weights_error_names_the_file_where_it_is_published_and_the_flag
     assert f"https://download.pytorch.org/models/{file_name}" in message
     assert "--lpips-weights" in message
     assert str(Path("hub") / "checkpoints") in message
+    # the way out without the file, and what it costs
+    assert "--lpips-random (lpips_random: true in a YAML config)" in message
+    assert "distances are no longer perceptual" in message
+    # the linear layers need no download: the file the message names ships inside the lpips package
+    assert f"v0.1/{net}.pth, come with the lpips package" in message
+    assert (Path(lpips.__file__).parent / "weights" / "v0.1" / f"{net}.pth").is_file()
+
+
+def test_the_options_the_message_names_exist_on_every_lpips_command() -> None:
+    from patchscope.cli import main
+
+    for command in ("exaggerate", "finetune", "invert"):
+        flags = {flag for param in main.commands[command].params for flag in param.opts}
+        assert {"--lpips-random", "--lpips-weights"} <= flags, command
 
 
 def test_a_weights_path_that_does_not_exist_is_named(tmp_path: Path) -> None:

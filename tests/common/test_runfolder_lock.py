@@ -133,7 +133,7 @@ def test_train_resume_is_refused_while_the_same_run_trains_and_accepted_once_it_
     third = CliRunner().invoke(main, ["train", *flags, "--resume", "--max-epochs=3"])
     assert third.exit_code == 0, third.output
     lines = [json.loads(line)["epoch"] for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert lines == [1, 2]  # the run finished at max_epochs=2 in the first process; the resume adds nothing
+    assert lines == [1, 2, 3]  # finished at max_epochs=2 in the first process; the resume adds epoch 3 once
 
 
 @pytest.mark.parametrize("force", [False, True])
