@@ -61,8 +61,10 @@ test-faults: install
 test-fast: install $(BROWSER_PREREQ)
 	$(VENV)/bin/python -m pytest $(PYTEST_ARGS) -m "not slow and not faults"
 
+# `make bench BENCH_ARGS="--device cuda --json bench.json"`: every workload, one table (benchmarks/run.py --help).
+BENCH_ARGS ?=
 bench: install
-	$(VENV)/bin/python benchmarks/bench_classifier.py
+	$(VENV)/bin/python benchmarks/run.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info

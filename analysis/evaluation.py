@@ -10,6 +10,7 @@ from typing import Any
 
 from patchscope.analysis.heatmaps import write_eval_heatmaps
 from patchscope.analysis.robustness import evaluate_robustness_tests
+from patchscope.common import distributed
 from patchscope.forensics.evaluate import EvalConfig, evaluate
 
 
@@ -21,9 +22,12 @@ def run_eval(config: EvalConfig) -> dict[str, Any]:
     """
     summary = evaluate(config)
     heatmaps: dict[str, Any] = {}
-    if config.heatmaps:
-        heatmaps = write_eval_heatmaps(config, config.heatmaps)
     robustness = None
-    if config.perturb:
-        robustness = evaluate_robustness_tests(config, config.perturb)
+    if not distributed.is_main():  # under torchrun the metrics are sharded; the pages and sweeps are rank 0's
+        return {**summary, "heatmaps": heatmaps, "robustness": robustness}
+    with distributed.alone():
+        if config.heatmaps:
+            heatmaps = write_eval_heatmaps(config, config.heatmaps)
+        if config.perturb:
+            robustness = evaluate_robustness_tests(config, config.perturb)
     return {**summary, "heatmaps": heatmaps, "robustness": robustness}

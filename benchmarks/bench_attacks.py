@@ -67,7 +67,8 @@ def _timed(run: Callable[[], object], device: torch.device) -> float:
     return time.perf_counter() - start
 
 
-def bench_exaggerate(setting: Setting, batch: int, precision: str, device: torch.device, iters: int) -> float:
+def bench_exaggerate(setting: Setting, batch: int, precision: str, device: torch.device, iters: int,
+                     warmup: int = 2) -> float:
     """Seconds per exaggerate step: G(z) and G(z − w), the classifier at its input size, LPIPS
     (alex), the backward pass to w and Adam — `ShiftExaggeration.fit` itself, set-up excluded."""
     torch.manual_seed(0)
@@ -81,12 +82,14 @@ def bench_exaggerate(setting: Setting, batch: int, precision: str, device: torch
     def fit(steps: int) -> None:
         attack.fit(steps=steps, batch=batch, lr=0.01, progress=False)
 
-    fit(2)  # warm-up: allocator, cuDNN autotuning
+    if warmup:
+        fit(warmup)  # warm-up: allocator, cuDNN autotuning
     # A fit also scores its final shift once; the difference of two fits leaves only the steps.
     return (_timed(lambda: fit(1 + iters), device) - _timed(lambda: fit(1), device)) / iters
 
 
-def bench_finetune(setting: Setting, batch: int, precision: str, device: torch.device, iters: int) -> float:
+def bench_finetune(setting: Setting, batch: int, precision: str, device: torch.device, iters: int,
+                   warmup: int = 1) -> float:
     """Seconds per finetune step (eq. 4): a WGAN-GP critic step with gradient penalty and drift, then a
     generator step with the GAN loss and the classifier's loss at its input size, and the average update —
     `GeneratorFinetuner.run` itself without logging or checkpoint files, set-up excluded."""
@@ -102,12 +105,13 @@ def bench_finetune(setting: Setting, batch: int, precision: str, device: torch.d
     def run(steps: int) -> None:
         attack.run(attack.step + steps, batch, progress=False)
 
-    run(1)  # warm-up: allocator, cuDNN autotuning
+    if warmup:
+        run(warmup)  # warm-up: allocator, cuDNN autotuning
     # A run ends by keeping its state as the last good one; the difference of two runs leaves only the steps.
     return (_timed(lambda: run(1 + iters), device) - _timed(lambda: run(1), device)) / iters
 
 
-WORKLOADS: dict[str, Callable[[Setting, int, str, torch.device, int], float]] = {
+WORKLOADS: dict[str, Callable[..., float]] = {
     "exaggerate": bench_exaggerate,
     "finetune": bench_finetune,
 }

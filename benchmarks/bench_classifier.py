@@ -63,13 +63,13 @@ def time_steps(step, device: torch.device, warmup: int, iters: int) -> float:
     return (time.perf_counter() - start) / iters
 
 
-def bench(name: str, size: int, batch: int, mode: str, variant: str, device: torch.device,
-          warmup: int, iters: int) -> float:
-    """Seconds per step (train: forward + backward + Adam; eval: forward)."""
+def make_step(name: str, size: int, batch: int, mode: str, variant: str, device: torch.device):
+    """One step of `mode` (train: forward + backward + Adam; eval: forward) on random tensors, as a callable."""
     memory_format, bf16, compile_ = VARIANTS[variant]
     model = build_model(name, seed=0).to(device, memory_format=memory_format)
     x = torch.randn(batch, 3, size, size, device=device).contiguous(memory_format=memory_format)
-    y = torch.cat([targets(batch // 2, REAL, device), targets(batch - batch // 2, FAKE, device)])  # half real, half fake
+    # half real, half fake
+    y = torch.cat([targets(batch // 2, REAL, device), targets(batch - batch // 2, FAKE, device)])
     net = torch.compile(model) if compile_ else model
     cast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if bf16 else contextlib.nullcontext
     if mode == "train":
@@ -90,7 +90,13 @@ def bench(name: str, size: int, batch: int, mode: str, variant: str, device: tor
         def step():
             with cast():
                 net(x)
-    return time_steps(step, device, warmup, iters)
+    return step
+
+
+def bench(name: str, size: int, batch: int, mode: str, variant: str, device: torch.device,
+          warmup: int, iters: int) -> float:
+    """Seconds per step (train: forward + backward + Adam; eval: forward)."""
+    return time_steps(make_step(name, size, batch, mode, variant, device), device, warmup, iters)
 
 
 def main() -> None:

@@ -14,6 +14,9 @@ from patchscope.cli.common import (config_layers, dry_run_option, exit_if_dry_ru
 from patchscope.cli.group import main
 from patchscope.common import config as configs
 
+STORE_HELP = ("Image store folder: images are decoded and resized once into memory-mapped files there and read "
+              "back by later runs; rebuilt when a file or the load size changes.  [default: none, decode each run]")
+
 
 @main.command()
 @click.option("--config", type=click.Path(dir_okay=False), help="YAML settings (its `train:` section, or the whole file).")
@@ -58,8 +61,12 @@ from patchscope.common import config as configs
 @click.option("--compile/--no-compile", default=None, help="torch.compile the model.  [default: off]")
 @click.option("--workers", type=click.IntRange(0), help="DataLoader workers.  [default: 0 when cached, else 8]")
 @click.option("--cache/--no-cache", default=None, help="Keep decoded images in memory.  [default: when they fit in 4 GiB]")
+@click.option("--store", type=click.Path(file_okay=False), help=STORE_HELP)
 @click.option("--on-bad-image", type=click.Choice(["skip", "error"]), help="Unreadable images.  [default: skip]")
 @click.option("--tensorboard/--no-tensorboard", default=None, help="Also log to TensorBoard.  [default: off]")
+@click.option("--sync-bn/--no-sync-bn", default=None,
+              help="Under torchrun: BatchNorm statistics of the whole global batch (SyncBatchNorm) rather than of "
+                   "each process's share; training then matches one process.  [default: off]")
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its last epoch.")
 @dry_run_option
 @user_errors
@@ -102,6 +109,7 @@ def train(config: str | None, resume: bool, **options: Any) -> None:
 @click.option("--aggregation", type=click.Choice(["after_softmax", "before_softmax", "vote"]),
               help="Image score for accuracy and the PR curve (metrics.json holds all three).  [default: after_softmax]")
 @scoring_options
+@click.option("--store", type=click.Path(file_okay=False), help=STORE_HELP)
 @click.option("--force", is_flag=True, default=None, help="Replace an existing metrics.json (and robustness results).")
 @click.option("--heatmaps", type=click.IntRange(0),
               help="Also write heatmap pages of the N easiest and N hardest test images per class "

@@ -28,7 +28,8 @@ def user_errors(fn: Callable) -> Callable:
         try:
             return fn(*args, **kwargs)
         except InputError as err:
-            click.echo(f"error: {err}", err=True)
+            if not getattr(err, "quiet", False):  # torchrun: rank 0 printed the error the other ranks met too
+                click.echo(f"error: {err}", err=True)
             sys.exit(2)
         except OSError as err:
             if err.errno not in _DISK_FULL:

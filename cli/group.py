@@ -5,6 +5,7 @@ Kept apart from `cli/__init__.py`, which imports the command modules, so no impo
 from __future__ import annotations
 
 import logging
+import os
 import sys
 
 import click
@@ -34,3 +35,26 @@ def main(verbose: bool, threads: int | None) -> None:
         from patchscope.common.device import set_threads  # torch only when asked: --help stays fast
 
         set_threads(threads)
+    if "RANK" in os.environ and os.environ.get("WORLD_SIZE", "1") not in ("", "0", "1"):
+        _under_torchrun(click.get_current_context())
+
+
+# Commands that share their work among the processes torchrun starts; any other runs on rank 0 alone.
+SHARDED = ("train", "eval", "sample")
+
+
+def _under_torchrun(ctx: click.Context) -> None:
+    """Ranks other than 0 log warnings only and print nothing; a command that is not sharded runs on rank 0 as a
+    single process while the others wait at a barrier, then exit 0."""
+    from patchscope.common import distributed
+
+    if not distributed.is_main():
+        logging.getLogger().setLevel(logging.WARNING)
+        sys.stdout = ctx.with_resource(open(os.devnull, "w"))
+    command = ctx.invoked_subcommand
+    if command is None or command in SHARDED:
+        return
+    if not distributed.wait_for_main(command):
+        ctx.exit(0)
+    ctx.call_on_close(distributed.release_others)
+    ctx.with_resource(distributed.alone())

@@ -27,6 +27,9 @@ class BalancedBatchSampler(Sampler[list[int]]):
     (the distributed sampler's sharding for torchrun DDP): the shards interleave back into the
     single-process epoch, and every rank gets the same number of batches, the last ones continuing
     the permutations to pad (as torch's DistributedSampler pads) so no rank waits on another.
+    Under DDP `batch_size` is the per-rank batch (global batch / W): step s then trains on batches
+    sW..sW+W-1, whose images are exactly batch s of one process with the global batch size, and the
+    epochs have the same number of steps (ceil(ceil(n / h) / W) = ceil(n / (h W))).
     """
 
     def __init__(self, n_real: int, n_fake: int, batch_size: int, seed: int = 0, *,
@@ -59,23 +62,25 @@ class BalancedBatchSampler(Sampler[list[int]]):
 class SequentialBatches(Sampler[list[int]]):
     """Evaluation batches in index order, the last one possibly short.
 
-    With world_size > 1 (the torchrun DDP sharding) rank r takes indices r, r+W, ...: the shards are
-    disjoint and together cover every index once, nothing padded, so a rank may hold one image (and
-    one batch) fewer than another; merge their outputs by the item index the loader yields.
+    With world_size > 1 (the torchrun DDP sharding) rank r takes whole batches r, r+W, ... of the
+    single-process sequence: the shards are disjoint and together cover every index once, nothing
+    padded, so a rank may hold a batch fewer than another (or none); merge their outputs by the item
+    index the loader yields. Each batch holds the same images as in one process, so kernels that round
+    differently for other batch shapes still give every image the single-process bits.
     """
 
     def __init__(self, n: int, batch_size: int, *, rank: int = 0, world_size: int = 1):
         super().__init__()
         if batch_size < 1:
             raise InputError(f"batch_size must be positive, got {batch_size}")
-        self.indices, self.batch_size = list(range(rank, n, world_size)), batch_size
+        starts = range(rank * batch_size, n, world_size * batch_size)
+        self.batches = [list(range(start, min(start + batch_size, n))) for start in starts]
 
     def __len__(self) -> int:
-        return math.ceil(len(self.indices) / self.batch_size)
+        return len(self.batches)
 
     def __iter__(self) -> Iterator[list[int]]:
-        for start in range(0, len(self.indices), self.batch_size):
-            yield self.indices[start:start + self.batch_size]
+        yield from (list(batch) for batch in self.batches)
 
 
 class EpochBatches(Sampler[list[tuple[int, int]]]):
@@ -110,8 +115,8 @@ def make_loader(dataset: Dataset, batch_size: int, train: bool, seed: int = 0, w
                 device_type: str = "cpu", *, rank: int = 0, world_size: int = 1) -> DataLoader:
     """Balanced shuffled batches for training, sequential unshuffled ones (nothing dropped) for eval.
 
-    `rank`/`world_size` shard the batches for a torchrun DDP process (see the samplers); a single
-    process, which is every caller today, keeps the defaults 0 and 1.
+    `rank`/`world_size` shard the batches for a torchrun DDP process (see the samplers; for training
+    `batch_size` is then the per-rank batch); a single process keeps the defaults 0 and 1.
     """
     if train:
         batches = BalancedBatchSampler(dataset.n_real, dataset.n_fake, batch_size, seed,

@@ -22,6 +22,7 @@ from patchscope.common.errors import InputError
 from patchscope.common.images import BadImageError, IMAGE_SUFFIXES, read_image, walk_images  # noqa: F401 - re-exported
 from patchscope.common.labels import FAKE, REAL
 from patchscope.common.progress import progress_bar
+from patchscope.forensics import store as stores
 from patchscope.forensics.augment import Augmentation, degradation_rng, random_resized_crop
 from patchscope.forensics.batching import (BalancedBatchSampler, EpochBatches, SequentialBatches,  # noqa: F401 - re-exported
                                 make_loader, set_epoch)
@@ -146,7 +147,8 @@ def resize_image(img: np.ndarray, load_size: int | None) -> np.ndarray:
 # dropped mid-epoch would unbalance its batch, shift every later item index (scores CSV, heatmaps, patches)
 # and be found at a different moment in each epoch and each worker count; a header check (Pillow's verify)
 # cannot see a truncated JPEG, which fails only when decoded. The price is one extra decode per image per
-# run for a lazy set (training decodes each image every epoch anyway; eval decodes twice).
+# run for a lazy set (training decodes each image every epoch anyway; eval decodes twice). With a store
+# (`forensics.store`), the check is the one decode that fills it: later sets and every item read its memory maps.
 
 # Outcome of one file in a (possibly worker) process: pixels or None, original (width, height), failure reason.
 _Outcome = tuple[np.ndarray | None, tuple[int, int] | None, str | None]
@@ -177,11 +179,13 @@ class ImageSet:
     """Images of one class, each decoded once at construction (the bad-file check); kept in memory when cached.
 
     Images keep their own aspect ratio: the cache holds one array per image, whatever its shape, and
-    `RealFakeDataset` crops them to one shape.
+    `RealFakeDataset` crops them to one shape. With `store` (a folder, `forensics.store`), images missing from
+    it are decoded and resized once into it, and items are read-only views of its memory maps, cached or not.
     """
 
     def __init__(self, paths: Sequence[str | os.PathLike], load_size: int | None = None, min_size: int = 0,
-                 on_bad_image: str = "skip", cache: bool = True, workers: int = 0, progress: bool = False):
+                 on_bad_image: str = "skip", cache: bool = True, workers: int = 0, progress: bool = False,
+                 store: str | os.PathLike | None = None):
         if on_bad_image not in BAD_IMAGE_POLICIES:
             raise InputError(f"on_bad_image must be one of {', '.join(BAD_IMAGE_POLICIES)}, got {on_bad_image!r}")
         candidates = [Path(path) for path in paths]
@@ -191,13 +195,19 @@ class ImageSet:
         self.paths: list[Path] = []  # the images kept, in input order
         self.sizes: list[tuple[int, int]] = []  # (height, width) of each kept image after resizing
         self.skipped: list[tuple[Path, str]] = []  # (path, reason) of each unreadable file
-        self._pixels: list[np.ndarray] | None = [] if cache else None
-        job = functools.partial(_decode_entry, load_size=load_size, keep=cache)
+        self._pixels: list[np.ndarray] | None = [] if cache and store is None else None
+        self._stored = stores.StoredPixels(stores.settings_folder(store, load_size)) if store is not None else None
+        job = functools.partial(_decode_entry, load_size=load_size, keep=cache or store is not None)
         with _job_runner(workers, len(candidates)) as run:
-            outcomes = progress_bar(run(job, candidates), total=len(candidates), disable=not progress,
-                                    desc="decoding" if cache else "checking", unit="img")
-            for path, outcome in zip(candidates, outcomes):
-                self._admit(path, *outcome)
+            if store is None:
+                outcomes = progress_bar(run(job, candidates), total=len(candidates), disable=not progress,
+                                        desc="decoding" if cache else "checking", unit="img")
+            else:  # decoded once into the store (only what it lacks), then read from its memory maps
+                outcomes = stores.fetch(store, candidates, load_size, run, job, progress=functools.partial(
+                    progress_bar, disable=not progress, desc="storing", unit="img"))
+            with contextlib.closing(iter(outcomes)):  # a bad file under "error" discards an unfinished segment
+                for outcome, path in zip(outcomes, candidates):  # outcomes first: a store commits at its end
+                    self._admit(path, *outcome)
         if not self.paths:
             path, reason = self.skipped[0]
             raise InputError(f"none of the {len(candidates)} images could be read (first: {path}: {reason})")
@@ -205,7 +215,7 @@ class ImageSet:
             log.warning("skipped %d of %d images that could not be read: %s", len(self.skipped), len(candidates),
                         "; ".join(f"{path} ({reason})" for path, reason in self.skipped))
 
-    def _admit(self, path: Path, pixels: np.ndarray | None, original: tuple[int, int] | None,
+    def _admit(self, path: Path, pixels: np.ndarray | stores.Ref | None, original: tuple[int, int] | None,
                reason: str | None) -> None:
         if reason is not None:
             if self.on_bad_image == "error":
@@ -216,11 +226,13 @@ class ImageSet:
         if min(width, height) < self.min_size:
             raise InputError(f"{path}: {width}x{height} px is smaller than the classifier's "
                              f"receptive field/crop ({self.min_size} px)")
-        if pixels is not None:
+        if self._stored is not None:  # `pixels` is the stored image's ref
+            self._stored.append(pixels)
+        elif pixels is not None:
             pixels.flags.writeable = False  # items are the cached arrays themselves
             self._pixels.append(pixels)
         self.paths.append(path)
-        self.sizes.append(pixels.shape[:2] if pixels is not None else resized_shape(height, width, self.load_size))
+        self.sizes.append(resized_shape(height, width, self.load_size))
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -229,6 +241,8 @@ class ImageSet:
         """uint8 H x W x 3 (read-only when cached)."""
         if self._pixels is not None:
             return self._pixels[index]
+        if self._stored is not None:
+            return self._stored[index]
         path = self.paths[index]
         try:
             pixels = read_image(path)
@@ -304,7 +318,10 @@ class RealFakeDataset(Dataset):
             pixels = self.augmentation.degrade(pixels, degradation_rng(self.seed, int(epoch), index))
         pixels = self._augment(pixels, np.random.default_rng([self.seed, int(epoch), index]))
         chw = np.ascontiguousarray(pixels.transpose(2, 0, 1), dtype=np.float32)  # always a fresh copy
-        return torch.from_numpy(chw).div_(127.5).sub_(1.0), int(self.labels[index]), index
+        # In numpy, one thread: torch's intra-op threads cost ~10x per item on a busy CPU; the same float32 values.
+        chw /= np.float32(127.5)
+        chw -= np.float32(1.0)
+        return torch.from_numpy(chw), int(self.labels[index]), index
 
     def _augment(self, pixels: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         """Train: a random crop_size window (or a random resized crop), then a coin-flip mirror. Eval: the centre
@@ -331,9 +348,10 @@ class RealFakeDataset(Dataset):
 def load_split(real_source: str | os.PathLike, fake_source: str | os.PathLike, split: str | None = None,
                load_size: int | None = None, crop_size: int | None = None, min_size: int = 0,
                on_bad_image: str = "skip", cache: bool = True, workers: int = 0, train: bool = False,
-               seed: int = 0, progress: bool = False, augmentation: Augmentation | None = None) -> RealFakeDataset:
+               seed: int = 0, progress: bool = False, augmentation: Augmentation | None = None,
+               store: str | os.PathLike | None = None) -> RealFakeDataset:
     """list_images + ImageSet for both classes + RealFakeDataset, in one call."""
     sets = [ImageSet(list_images(source, split), load_size=load_size, min_size=min_size,
-                     on_bad_image=on_bad_image, cache=cache, workers=workers, progress=progress)
+                     on_bad_image=on_bad_image, cache=cache, workers=workers, progress=progress, store=store)
             for source in (real_source, fake_source)]
     return RealFakeDataset(*sets, crop_size=crop_size, train=train, seed=seed, augmentation=augmentation)

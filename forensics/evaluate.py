@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from patchscope.common import config as configs
+from patchscope.common import distributed
 from patchscope.common.atomic import write_json, write_text
 from patchscope.common.checks import check_bool, check_choice, check_int, check_text
 from patchscope.common.device import PRECISIONS, autocast, configure_backends, resolve_device, resolve_precision
@@ -52,19 +53,35 @@ def view_crop_size(view: str, model: Any, load_size: int | None, crop_size: int 
 @torch.no_grad()
 def predict(model: torch.nn.Module, loader, device: torch.device, precision: str = "fp32",
             memory_format: torch.memory_format = torch.channels_last,
-            keep_logits: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """Patch P(fake) maps (N x H' x W', float32, CPU) — or logits when `keep_logits` — and labels."""
+            keep_logits: bool = False, gather: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Patch P(fake) maps (N x H' x W', float32, CPU) — or logits when `keep_logits` — and labels.
+
+    `gather`: the loader holds this rank's share of the items (torchrun); every rank gets all of them back, in
+    item order, as one process scoring the whole set would (a rank whose share is empty included).
+    """
     model.eval()
-    outputs, labels = [], []
-    for x, y, _ in progress_bar(loader, desc="scoring", unit="batch", leave=False):
+    outputs, labels, index = [], [], []
+    for x, y, i in progress_bar(loader, desc="scoring", unit="batch", leave=False):
         x = x.to(device, non_blocking=True, memory_format=memory_format)
         with autocast(device, precision):
             logits = model(x)
         logits = logits.float()
         outputs.append((logits if keep_logits else p_fake(logits)).cpu())
         labels.append(y)
+        if gather:  # some callers' loaders carry no index
+            index.append(torch.as_tensor(i))
+    if gather and distributed.active():
+        parts = distributed.all_gather_object((torch.cat(index), torch.cat(outputs), torch.cat(labels))
+                                              if outputs else None)
+        parts = [part for part in parts if part is not None]
+        if not parts:
+            raise InputError("nothing to score: the test set is empty")
+        index, outputs, labels = ([torch.cat([part[k] for part in parts])] for k in range(3))
     if not outputs:
         raise InputError("nothing to score: the test set is empty")
+    if gather:
+        order = torch.argsort(torch.cat(index))
+        return torch.cat(outputs)[order], torch.cat(labels)[order]
     return torch.cat(outputs), torch.cat(labels)
 
 
@@ -98,6 +115,7 @@ class EvalConfig:
     precision: str = "auto"
     workers: int = 0
     on_bad_image: str = "skip"
+    store: str | None = None                        # prepared image store folder (forensics.store)
     force: bool = False                             # replace an existing metrics.json (and robustness results)
     # What analysis.evaluation.run_eval adds after the metrics; here so a YAML file can set them and
     # config.yaml records them. heatmaps: pages of the N easiest and hardest images per class (0 = none).
@@ -126,6 +144,7 @@ class EvalConfig:
         check_choice(self, "precision", PRECISIONS)
         check_int(self, "workers", 0)
         check_choice(self, "on_bad_image", data.BAD_IMAGE_POLICIES)
+        check_text(self, "store", optional=True)
         check_bool(self, "force")
         check_int(self, "heatmaps", 0)
         if isinstance(self.perturb, str):  # `perturb: jpeg:95,75` in YAML: one spec, as one --perturb
@@ -145,7 +164,7 @@ def evaluate(config: EvalConfig) -> dict[str, Any]:
     if not config.tests:
         raise InputError("no test set given (--test NAME=REAL_DIR,FAKE_DIR)")
     specs = [parse_test_spec(s) for s in config.tests]
-    device = resolve_device(config.device)
+    device = distributed.setup(resolve_device(config.device))
     precision = resolve_precision(config.precision, device)
     configure_backends(device)
     model, meta = checkpoint.load_classifier(config.run, config.which, device)
@@ -156,8 +175,7 @@ def evaluate(config: EvalConfig) -> dict[str, Any]:
     warn_size_mismatch(trained, load_size, crop_size, log)
     view, view_crop = view_crop_size(config.view, model, load_size, crop_size)
     out = Path(config.out) if config.out else _run_dir(config.run) / "eval"
-    if (out / "metrics.json").exists() and not config.force:
-        raise InputError(f"{out}/metrics.json exists; pass --force to replace it or choose another --out")
+    distributed.run_on_main(_check_out, out, config.force)
     rf_size = receptive_field(model).size
     min_size = min(rf_size, view_crop or load_size or rf_size)
 
@@ -167,10 +185,11 @@ def evaluate(config: EvalConfig) -> dict[str, Any]:
     for name, real, fake in specs:
         dataset = data.load_split(real, fake, config.split, load_size=load_size, crop_size=view_crop,
                                   min_size=min_size, on_bad_image=config.on_bad_image, cache=False,
-                                  workers=config.workers, train=False, seed=0)
+                                  workers=config.workers, train=False, seed=0, store=config.store)
         loader = data.make_loader(dataset, config.batch_size, train=False, workers=config.workers,
-                                  device_type=device.type)
-        logits, labels = predict(model, loader, device, precision, keep_logits=True)
+                                  device_type=device.type, rank=distributed.rank(),
+                                  world_size=distributed.world_size())
+        logits, labels = predict(model, loader, device, precision, keep_logits=True, gather=True)
         patch_probs = p_fake(logits)
         per_mode = {}
         for mode in AGGREGATIONS:
@@ -180,19 +199,31 @@ def evaluate(config: EvalConfig) -> dict[str, Any]:
         results[name] = per_mode
         chosen = image_scores(logits, config.aggregation)
         curves[name] = (chosen.numpy(), labels.numpy())
-        _write_scores(out / f"scores_{name}.csv", dataset, chosen, labels)
+        if distributed.is_main():
+            _write_scores(out / f"scores_{name}.csv", dataset, chosen, labels)
         m = per_mode[config.aggregation]
         log.info("%s: AP %.4f, accuracy %.4f (real %.4f, fake %.4f), n=%d",
                  name, m["ap"], m["acc"], m["acc_real"], m["acc_fake"], m["n"])
     summary = {"run": str(config.run), "checkpoint_epoch": meta.get("epoch"), "model": meta.get("model"),
                "aggregation": config.aggregation, "load_size": load_size, "crop_size": crop_size,
                "view": view, "input_size": view_crop, "split": config.split, "results": results}
+    distributed.run_on_main(_write_results, out, config, summary, rows, curves, meta)
+    return {**summary, "out": str(out)}
+
+
+def _check_out(out: Path, force: bool) -> None:
+    if (out / "metrics.json").exists() and not force:
+        raise InputError(f"{out}/metrics.json exists; pass --force to replace it or choose another --out")
+
+
+def _write_results(out: Path, config: EvalConfig, summary: dict[str, Any], rows: list[dict[str, Any]],
+                   curves: dict[str, Any], meta: dict[str, Any]) -> None:
+    """metrics.json, metrics.csv, config.yaml and the PR curves (rank 0 under torchrun; the others wait for it)."""
     out.mkdir(parents=True, exist_ok=True)
     write_text(out / "config.yaml", configs.to_yaml(config))
     write_json(out / "metrics.json", summary)
     append_csv(out / "metrics.csv", rows)
     plot_pr_curves(curves, out / "pr_curve.png", title=f"{meta.get('model')} ({config.aggregation})")
-    return {**summary, "out": str(out)}
 
 
 def warn_size_mismatch(trained: Any, load_size: int | None, crop_size: int | None,

@@ -4,10 +4,8 @@
 """
 from __future__ import annotations
 
-import json
 import logging
 import math
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -15,20 +13,20 @@ from typing import Any, Callable
 import torch
 
 from patchscope.common import config as configs
-from patchscope.common import runfolder
+from patchscope.common import distributed, runfolder
 from patchscope.common.checks import check_bool, check_choice, check_float, check_int, check_text
-from patchscope.common.device import PRECISIONS, autocast, configure_backends, resolve_device, resolve_precision
+from patchscope.common.device import PRECISIONS, configure_backends, resolve_device, resolve_precision
 from patchscope.common.errors import InputError
-from patchscope.common.labels import fake_wins
-from patchscope.common.progress import progress_bar
 from patchscope.common.runfolder import RunFolder
-from patchscope.forensics import checkpoint, data, epoch_commit, pretrained
+from patchscope.forensics import checkpoint, data, distributed_train, epoch_commit, pretrained
 from patchscope.forensics.augment import PRESETS, Augmentation, preset_probability
 from patchscope.forensics.evaluate import predict
 from patchscope.forensics.losses import loss_for
 from patchscope.forensics.models import INITS, build_model, model_names
 from patchscope.forensics.receptive import receptive_field
-from patchscope.forensics.scoring import compute_metrics, patch_cross_entropy
+from patchscope.forensics.scoring import compute_metrics
+from patchscope.forensics.train_loop import (RESUME_FILE, _adopt_earlier_run, _saved_epoch,  # noqa: F401 (moved)
+                                             _tensorboard, _train_epoch)
 
 log = logging.getLogger("patchscope.train")
 
@@ -40,9 +38,8 @@ EARLY_STOPPING = ("patience", "public")
 PUBLIC_PATIENCE_FACTOR = 5  # the public code stops once more than 5 x patience epochs passed since the best
 # Settings a resumed run may change; everything else must match the saved config.
 RESUMABLE_CHANGES = {"max_epochs", "patience", "early_stopping", "device", "workers", "tensorboard",
-                     "eval_batch_size"}
+                     "eval_batch_size", "store", "world_size"}
 RUN_FOLDER = RunFolder(holds="a run", resumable=RESUMABLE_CHANGES, force_to=None)
-RESUME_FILE = "resume.pt"
 
 
 @dataclass
@@ -60,7 +57,7 @@ class TrainConfig:
     jpeg_prob: float | None = None  # P(JPEG, quality ~ U{30..100}) per training image (None: augment's p)
     random_resized_crop: bool = False  # random area and aspect resized to crop_size, instead of a plain crop
     flip: bool = True               # random horizontal flips of training images
-    batch_size: int = 32            # images per step: half real, half fake
+    batch_size: int = 32            # images per step (the global batch under torchrun): half real, half fake
     lr: float = 1e-3                # Adam learning rate
     beta1: float = 0.9              # Adam betas
     beta2: float = 0.999
@@ -74,11 +71,14 @@ class TrainConfig:
     compile: bool = False           # torch.compile the model
     workers: int | None = None      # DataLoader worker processes (None: 0 when cached, else up to 8)
     cache: bool | None = None       # keep decoded images in memory (None: when they fit in 4 GiB)
+    store: str | None = None        # prepared image store folder (forensics.store): decode and resize once
     on_bad_image: str = "skip"      # skip | error for unreadable images
     train_split: str = "train"      # split folder names
     val_split: str = "val"
     eval_batch_size: int = 64       # batch size for validation
     tensorboard: bool = False       # also log to TensorBoard (needs the tensorboard extra)
+    sync_bn: bool = False           # torchrun: BatchNorm statistics over the global batch, not each rank's share
+    world_size: int | None = None   # processes (torchrun); set by fit from the launch and recorded, not a choice
 
     def __post_init__(self) -> None:
         for name in ("real", "fake", "out", "train_split", "val_split", "device"):
@@ -100,12 +100,14 @@ class TrainConfig:
         check_choice(self, "early_stopping", EARLY_STOPPING)
         check_int(self, "seed", 0)
         check_choice(self, "precision", PRECISIONS)
-        for name in ("channels_last", "compile", "tensorboard", "random_resized_crop", "flip"):
+        for name in ("channels_last", "compile", "tensorboard", "random_resized_crop", "flip", "sync_bn"):
             check_bool(self, name)
         check_int(self, "workers", 0, optional=True)
         check_bool(self, "cache", optional=True)
+        check_text(self, "store", optional=True)
         check_choice(self, "on_bad_image", data.BAD_IMAGE_POLICIES)
         check_int(self, "eval_batch_size", 1)
+        check_int(self, "world_size", 1, optional=True)
 
     def augmentation(self) -> Augmentation:
         """What training images go through: the preset's p for blur and JPEG unless given on their own."""
@@ -154,7 +156,7 @@ def _load_split(config: TrainConfig, split: str, train: bool, min_size: int,
     dataset = data.load_split(config.real, config.fake, split, load_size=config.load_size,
                               crop_size=config.crop_size, min_size=min_size,
                               on_bad_image=config.on_bad_image, cache=cache, workers=workers,
-                              train=train, seed=config.seed, augmentation=augmentation)
+                              train=train, seed=config.seed, augmentation=augmentation, store=config.store)
     return dataset, workers
 
 
@@ -168,8 +170,10 @@ def fit(config: TrainConfig, resume: bool = False,
     grows, and `stop_reason` decides by `config.early_stopping` whether training stops.
     `last`, the resume state, `best` when it improved and the epoch's metrics line are saved
     after every epoch as one commit (`forensics.epoch_commit`); a resume continues the last one.
+    Under torchrun every rank calls it: each trains on its share of the global batch (DistributedDataParallel),
+    validation is sharded and gathered, and rank 0 alone writes the run folder (`forensics.distributed_train`).
     """
-    run = Training(config)
+    run = Training(distributed_train.with_world_size(config))
     run.claim(resume)
     try:
         run.build()
@@ -189,6 +193,7 @@ def fit(config: TrainConfig, resume: bool = False,
             if run.state["finished"]:
                 log.info("stopped after epoch %d: %s", epoch, run.state["stop_reason"])
                 break
+        distributed.barrier()  # every rank returns once rank 0 has saved the last epoch
         return run.summary()
     finally:
         run.finish()
@@ -201,7 +206,7 @@ class Training:
 
     def __init__(self, config: TrainConfig) -> None:
         self.config = config
-        self.device = resolve_device(config.device)
+        self.device = distributed.setup(resolve_device(config.device))
         self.precision = resolve_precision(config.precision, self.device)
         configure_backends(self.device)
         self.patience = patience_for(config)
@@ -217,7 +222,8 @@ class Training:
         if not self.config.out:
             raise InputError("no run directory given (--out)")
         self.init_tensors = self._read_init_weights(resume)  # a file that does not fit leaves no folder behind
-        self.out = RUN_FOLDER.claim(self.config.out, self.config, resume=resume)
+        # rank 0 alone claims and writes the folder; its refusal reaches every rank, so none waits for it
+        self.out = distributed.run_on_main(RUN_FOLDER.claim, self.config.out, self.config, resume=resume)
 
     def _read_init_weights(self, resume: bool) -> dict[str, torch.Tensor] | None:
         """The --init-weights tensors, checked against the model; None without the option or when a resumed run
@@ -237,6 +243,8 @@ class Training:
         if self.init_tensors:
             pretrained.apply_init_weights(model, self.init_tensors)
             self.init_tensors = None
+        if config.sync_bn:
+            model = distributed_train.sync_batchnorm(model, self.device)
         self.loss = loss_for(model)
         rf = receptive_field(model)
         # An image smaller than one receptive field cannot be judged patch by patch (the crop caps
@@ -253,9 +261,7 @@ class Training:
     def restore(self) -> None:
         """Continue from the last committed epoch, if any: a half-saved one is rolled back or forward first."""
         out = self.out
-        if epoch_commit.read_manifest(out) is None and (out / RESUME_FILE).exists():
-            _adopt_earlier_run(out)
-        if epoch_commit.recover(out) is None:
+        if distributed.run_on_main(_recover, out) is None:  # rank 0 settles the folder; then every rank loads it
             return
         saved = checkpoint.load_resume_state(out / RESUME_FILE)
         last, _ = checkpoint.load_classifier(out, "last")
@@ -275,12 +281,18 @@ class Training:
     def start(self) -> None:
         """The compiled model (if asked), the data loaders and the TensorBoard writer."""
         config, device_type = self.config, self.device.type
-        self.step_model = torch.compile(self.model) if config.compile else self.model
-        self.train_loader = data.make_loader(self.train_set, config.batch_size, train=True, seed=config.seed,
-                                             workers=self.train_workers, device_type=device_type)
+        step_model = distributed_train.wrap(self.model, self.device)
+        self.step_model = torch.compile(step_model) if config.compile else step_model
+        # validation calls the module itself: DDP's forward would wait for a backward that never comes
+        self.eval_model = self.step_model if step_model is self.model else (
+            torch.compile(self.model) if config.compile else self.model)
+        shard = {"rank": distributed.rank(), "world_size": distributed.world_size()}
+        self.train_loader = data.make_loader(self.train_set, distributed_train.per_rank_batch(config), train=True,
+                                             seed=config.seed, workers=self.train_workers, device_type=device_type,
+                                             **shard)
         self.val_loader = data.make_loader(self.val_set, config.eval_batch_size, train=False, seed=config.seed,
-                                           workers=self.val_workers, device_type=device_type)
-        self.writer = _tensorboard(self.out) if config.tensorboard else None
+                                           workers=self.val_workers, device_type=device_type, **shard)
+        self.writer = _tensorboard(self.out) if config.tensorboard and distributed.is_main() else None
 
     def train_epoch(self, epoch: int) -> dict[str, Any]:
         return _train_epoch(self.step_model, self.optimizer, self.train_loader, epoch, self.device,
@@ -288,7 +300,9 @@ class Training:
 
     def validate(self) -> dict[str, Any]:
         """Metrics of the validation split, scored on centre crops."""
-        probs, labels = predict(self.step_model, self.val_loader, self.device, self.precision, self.memory_format)
+        distributed_train.sync_buffers(self.model)
+        probs, labels = predict(self.eval_model, self.val_loader, self.device, self.precision, self.memory_format,
+                                gather=True)
         return compute_metrics(probs.mean(dim=(1, 2)), labels, patch_probs=probs)
 
     def advance(self, epoch: int, record: dict[str, Any], val: dict[str, Any]) -> bool:
@@ -307,8 +321,11 @@ class Training:
         return improved
 
     def commit(self, epoch: int, record: dict[str, Any], val: dict[str, Any], improved: bool) -> None:
-        """Save the epoch's `last`, resume state, `best` (when improved) and log line as one commit."""
-        meta = {"epoch": epoch, "config": configs.to_dict(self.config), "val": val}
+        """Save the epoch's `last`, resume state, `best` (when improved) and log line as one commit (rank 0)."""
+        if not distributed.is_main():
+            return
+        meta = {"epoch": epoch, "config": configs.to_dict(self.config), "world_size": self.config.world_size,
+                "val": val}
         files = checkpoint.classifier_files("best", self.model, meta) if improved else {}
         files.update(checkpoint.classifier_files("last", self.model, meta))
         files[RESUME_FILE] = checkpoint.resume_state_bytes({"optimizer": self.optimizer.state_dict(),
@@ -316,6 +333,8 @@ class Training:
         epoch_commit.commit(self.out, epoch, files, record)
 
     def report(self, epoch: int, record: dict[str, Any], val: dict[str, Any], improved: bool) -> None:
+        if not distributed.is_main():
+            return
         log.info("epoch %d: loss %.4f, train patch acc %.4f, val patch acc %.4f, val AP %.4f%s",
                  epoch, record["train_loss"], record["train_patch_acc"], val["patch_acc"], val["ap"],
                  " (best)" if improved else "")
@@ -328,7 +347,7 @@ class Training:
         """Close the TensorBoard writer and let another process have the run folder."""
         if self.writer is not None:
             self.writer.close()
-        if self.out is not None:
+        if self.out is not None and distributed.is_main():
             runfolder.release(self.out)
 
     def summary(self) -> dict[str, Any]:
@@ -338,62 +357,8 @@ class Training:
                 "stop_reason": state.get("stop_reason")}
 
 
-def _adopt_earlier_run(out: Path) -> None:
-    """A run saved before epoch commits existed: commit its files as they are when `last`, `best` and the resume
-    state agree on the epochs, else refuse it (it was stopped between two of them)."""
-    state = checkpoint.load_resume_state(out / RESUME_FILE)["state"]
-    found = {"last.json": _saved_epoch(out / "last.json"), "best.json": _saved_epoch(out / "best.json")}
-    if found != {"last.json": state["epoch"], "best.json": state["best_epoch"]}:
-        raise InputError(f"{out}: an epoch was cut short while being saved ({RESUME_FILE} is at epoch {state['epoch']}"
-                         f", best {state['best_epoch']}; last.json at {found['last.json']}, best.json at "
-                         f"{found['best.json']}); it cannot be continued: start a new run in another --out")
-    epoch_commit.adopt(out, state["epoch"], ["best.safetensors", "best.json", "last.safetensors", "last.json",
-                                             RESUME_FILE])
-
-
-def _saved_epoch(path: Path) -> int:
-    """The epoch a checkpoint's metadata names; 0 when there is no such file (a `best` never saved)."""
-    try:
-        meta = json.loads(path.read_text())
-    except FileNotFoundError:
-        return 0
-    except (OSError, ValueError):
-        return -1
-    return meta.get("epoch", -1) if isinstance(meta, dict) else -1
-
-
-def _train_epoch(model, optimizer, loader, epoch, device, precision, memory_format,
-                 loss_function=patch_cross_entropy) -> dict[str, Any]:
-    model.train()
-    data.set_epoch(loader, epoch)
-    total_loss = torch.zeros((), device=device)
-    correct = torch.zeros((), device=device, dtype=torch.long)
-    patches = images = 0
-    start = time.perf_counter()
-    for x, y, _ in progress_bar(loader, desc=f"train epoch {epoch}", unit="batch", leave=False):
-        x = x.to(device, non_blocking=True, memory_format=memory_format)
-        y = y.to(device, non_blocking=True)
-        with autocast(device, precision):
-            logits = model(x)
-        loss = loss_function(logits, y)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        # Accumulate on the device: no host sync per step.
-        total_loss += loss.detach() * len(y)
-        correct += (fake_wins(logits).long() == y[:, None, None]).sum()
-        patches += logits[:, 0].numel()
-        images += len(y)
-    seconds = time.perf_counter() - start
-    return {"epoch": epoch, "train_loss": total_loss.item() / max(images, 1),
-            "train_patch_acc": correct.item() / max(patches, 1), "images": images,
-            "seconds": round(seconds, 3), "images_per_s": round(images / max(seconds, 1e-9), 2),
-            "lr": optimizer.param_groups[0]["lr"]}
-
-
-def _tensorboard(out: Path):
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:
-        raise InputError("--tensorboard needs the tensorboard package: pip install 'patchscope[tensorboard]'") from None
-    return SummaryWriter(str(out / "tensorboard"))
+def _recover(out: Path) -> dict[str, Any] | None:
+    """The folder as its last commit says (a run saved before epoch commits adopted first); its manifest or None."""
+    if epoch_commit.read_manifest(out) is None and (out / RESUME_FILE).exists():
+        _adopt_earlier_run(out)
+    return epoch_commit.recover(out)

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from patchscope.common import distributed
 from patchscope.common.checks import check_choice, check_counts, check_int, check_mapping, check_text, require
 from patchscope.common.device import resolve_device
 from patchscope.common.errors import DatasetError
@@ -193,6 +194,10 @@ def sample_dataset(config: SampleConfig, generator: Generator | None = None, *,
 
     Re-running into the same folder resumes: existing whole images are kept untouched, missing
     ones are made, counts may grow; other settings are refused with a DatasetError.
+
+    Under torchrun rank r renders the chunks k with k % W == r (each chunk as one process renders it, so the
+    union of the ranks' PNGs is byte-identical to one process's); rank 0 alone checks the folder and writes the
+    manifest, and every rank returns once all images are written.
     """
     require(config, "out")
     generator_file = config.generator or None
@@ -207,19 +212,19 @@ def sample_dataset(config: SampleConfig, generator: Generator | None = None, *,
                 "options": resolve_options(generator, config.opts), "seed": seed,
                 "split_seeds": split_seeds(seed, list(counts)), "resolution": generator.resolution,
                 "size": size, "chunk": chunk, "precision": precision}
-    target = resolve_device(config.device)
-    manifest, done = _claim_folder(out, settings, counts, target, generator_file, provenance(generator))
+    target = distributed.setup(resolve_device(config.device))
+    manifest, done = distributed.run_on_main(_claim_and_prepare, out, settings, counts, target, generator_file,
+                                             provenance(generator))
     generator.to(target).eval()
     summary: dict[str, Any] = {"out": str(out), "manifest": str(out / MANIFEST), "splits": {}}
     began = time.perf_counter()
     with ThreadPoolExecutor(config.writers) as pool, sampling_arithmetic(target, precision):
         for split, count in counts.items():
             folder = out / split
-            folder.mkdir(parents=True, exist_ok=True)
-            remove_stale_temps(folder)
             written = _sample_split(generator, folder, count, done[split], manifest["split_seeds"][split],
                                     settings["options"], size, -(-config.batch_size // chunk), chunk, target, pool,
                                     _progress_for(progress, split, count - len(done[split])))
+            written = sum(distributed.all_gather_object(written))  # also: every rank waits for the split
             summary["splits"][split] = {"seed": manifest["split_seeds"][split], "count": count,
                                         "existing": len(done[split]), "written": written}
     seconds = time.perf_counter() - began
@@ -227,6 +232,17 @@ def sample_dataset(config: SampleConfig, generator: Generator | None = None, *,
     summary.update(seconds=round(seconds, 3), images_per_s=round(made / seconds, 3) if made else 0.0)
     LOG.info("sampled %d new images into %s (%.1f images/s)", made, out, summary["images_per_s"])
     return summary
+
+
+def _claim_and_prepare(out: Path, settings: dict[str, Any], counts: dict[str, int], device: torch.device,
+                       generator_file: str | os.PathLike | None,
+                       source: dict[str, Any] | None = None) -> tuple[dict[str, Any], dict[str, set[int]]]:
+    """`_claim_folder`, then each split's folder made and cleared of temporary files (before any rank writes)."""
+    claimed = _claim_folder(out, settings, counts, device, generator_file, source)
+    for split in counts:
+        (out / split).mkdir(parents=True, exist_ok=True)
+        remove_stale_temps(out / split)
+    return claimed
 
 
 def _claim_folder(out: Path, settings: dict[str, Any], counts: dict[str, int], device: torch.device,
@@ -287,10 +303,11 @@ def _sample_split(generator: Generator, folder: Path, count: int, done: set[int]
                   device: torch.device, pool: ThreadPoolExecutor, step: Callable[[int], None]) -> int:
     source = LatentSource(generator, seed)
     pending: list[tuple[torch.Tensor, dict[str, Any], list[int], int]] = []
-    written = 0
+    written, rank, world = 0, distributed.rank(), distributed.world_size()
     for start in range(0, count, chunk):
         z, extra = source.take(chunk)  # always drawn, so the next chunk's rows stay aligned
-        wanted = [i for i in range(start, min(start + chunk, count)) if i not in done]
+        mine = (start // chunk) % world == rank  # torchrun: this rank's chunks
+        wanted = [i for i in range(start, min(start + chunk, count)) if i not in done and mine]
         if wanted:
             pending.append((z, extra, wanted, start))
         if pending and (len(pending) == chunks_per_step or start + chunk >= count):

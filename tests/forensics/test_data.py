@@ -379,7 +379,8 @@ def test_eval_rank_shards_are_disjoint_and_cover_every_index_once(tmp_path, worl
     indices = [i for shard in shards for batch in shard for i in batch]
     assert sorted(indices) == list(range(7)) and len(indices) == 7
     for r, shard in enumerate(shards):
-        assert [i for batch in shard for i in batch] == list(range(r, 7, world_size))
+        # whole batches r, r+W, ... of the single-process sequence [0, 1], [2, 3], [4, 5], [6]
+        assert shard == [[i for i in (2 * b, 2 * b + 1) if i < 7] for b in range(r, 4, world_size)]
 
 
 def test_eval_loader_is_sequential_and_keeps_the_last_short_batch(tmp_path):

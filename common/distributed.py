@@ -1,0 +1,227 @@
+"""Running under `torchrun` (DistributedDataParallel): the process group, this process's rank, and collectives.
+
+torchrun starts one process per device and sets RANK, WORLD_SIZE and LOCAL_RANK (plus MASTER_ADDR/PORT) in each.
+`setup(device)` joins the processes into one group when WORLD_SIZE > 1: backend nccl when the resolved device is
+CUDA (each process then uses cuda:LOCAL_RANK), gloo otherwise. Without those variables (a plain `patchscope ...` or
+a library call) every helper here is a no-op: rank 0 of 1, nothing of torch.distributed is initialised.
+
+Rank 0 alone writes: `run_on_main` runs a step there (claiming a run folder, writing a manifest) and hands every
+rank its result or its error, so a refusal seen by rank 0 stops all ranks instead of leaving them waiting in a
+collective. `alone()` makes a command that is not sharded run on rank 0 as if it were the only process.
+"""
+from __future__ import annotations
+
+import atexit
+import contextlib
+import datetime
+import logging
+import os
+from typing import Any, Callable, Iterator, Sequence, TypeVar
+
+import torch
+
+from patchscope.common.errors import InputError
+
+log = logging.getLogger("patchscope.distributed")
+
+T = TypeVar("T")
+_state = {"alone": False, "owned": False}
+
+
+class FollowedError(InputError):
+    """The error rank 0 reported (and printed); the other ranks raise it to exit 2 without printing it again."""
+
+    quiet = True
+
+
+def _env_int(name: str, default: int) -> int:
+    try:
+        return int(os.environ.get(name, default))
+    except ValueError:
+        raise InputError(f"environment variable {name}={os.environ.get(name)!r}: expected an integer "
+                         f"(set by torchrun)") from None
+
+
+def launched() -> bool:
+    """Whether torchrun (or another launcher setting RANK and WORLD_SIZE) started more than one process."""
+    return "RANK" in os.environ and _env_int("WORLD_SIZE", 1) > 1
+
+
+def world_size() -> int:
+    """Processes working together on this command: WORLD_SIZE under torchrun, else 1 (also under `alone`)."""
+    if _state["alone"] or not launched():
+        return 1
+    return _env_int("WORLD_SIZE", 1)
+
+
+def rank() -> int:
+    """This process's place among them, 0 to world_size() - 1."""
+    return 0 if world_size() == 1 else _env_int("RANK", 0)
+
+
+def local_rank() -> int:
+    """This process's place on its machine: the CUDA device it uses."""
+    return 0 if world_size() == 1 else _env_int("LOCAL_RANK", 0)
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def active() -> bool:
+    """Whether collectives run: more than one process, joined into a group."""
+    return world_size() > 1 and torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def backend_for(device: torch.device) -> str:
+    return "nccl" if device.type == "cuda" else "gloo"
+
+
+def setup(device: torch.device, timeout: datetime.timedelta | None = None) -> torch.device:
+    """Join the torchrun process group (once) and return the device this process computes on.
+
+    A single process gets `device` back and nothing is initialised. Under torchrun, `cuda` without an index
+    becomes cuda:LOCAL_RANK (made the current device); the backend follows the device: nccl on CUDA, gloo on CPU.
+    """
+    if world_size() == 1:
+        return device
+    if device.type == "cuda":
+        if device.index is None:
+            device = torch.device("cuda", local_rank())
+        torch.cuda.set_device(device)
+    if not torch.distributed.is_available():
+        raise InputError("this torch build has no torch.distributed: run without torchrun")
+    if not torch.distributed.is_initialized():
+        options = {"timeout": timeout} if timeout is not None else {}
+        torch.distributed.init_process_group(backend=backend_for(device), init_method="env://", **options)
+        _state["owned"] = True
+        atexit.register(shutdown)
+        log.debug("rank %d of %d joined the process group (%s)", rank(), world_size(), backend_for(device))
+    return device
+
+
+def shutdown() -> None:
+    """Leave the process group this module started (at exit, or by the caller); nothing otherwise."""
+    if _state["owned"] and torch.distributed.is_available() and torch.distributed.is_initialized():
+        with contextlib.suppress(Exception):
+            torch.distributed.destroy_process_group()
+    _state["owned"] = False
+
+
+@contextlib.contextmanager
+def alone() -> Iterator[None]:
+    """Within: this process acts as the only one (world_size() 1, every helper a no-op): for work that is not
+    sharded, run by rank 0 while the others wait."""
+    before, _state["alone"] = _state["alone"], True
+    try:
+        yield
+    finally:
+        _state["alone"] = before
+
+
+def barrier() -> None:
+    if active():
+        torch.distributed.barrier()
+
+
+def broadcast_object(value: T, src: int = 0) -> T:
+    """`value` of rank `src` on every rank."""
+    if not active():
+        return value
+    box = [value]
+    torch.distributed.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def all_gather_object(value: Any) -> list[Any]:
+    """Every rank's `value`, in rank order, on every rank."""
+    if not active():
+        return [value]
+    gathered: list[Any] = [None] * world_size()
+    torch.distributed.all_gather_object(gathered, value)
+    return gathered
+
+
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """The sum over ranks (in place and returned); the tensor itself in a single process."""
+    if active():
+        torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.SUM)
+    return tensor
+
+
+def gather_ordered(index: torch.Tensor, *values: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Rows of `values` from every rank, merged into the order of their item `index` (one row per index).
+
+    Each rank scores a disjoint share of the items; the result equals what one process scoring them all returns.
+    """
+    if not active():
+        order = torch.argsort(index)
+        return tuple(v[order] for v in values)
+    parts = all_gather_object((index.cpu(), *[v.cpu() for v in values]))
+    index = torch.cat([part[0] for part in parts])
+    order = torch.argsort(index)
+    if not torch.equal(index[order], torch.arange(len(index))):
+        raise RuntimeError("sharded items do not cover every index exactly once")
+    return tuple(torch.cat([part[i + 1] for part in parts])[order] for i in range(len(values)))
+
+
+def refuse(message: str) -> None:
+    """Raise a user error that every rank meets alike: rank 0 reports it, the others exit 2 quietly."""
+    raise (InputError if is_main() else FollowedError)(message)
+
+
+def run_on_main(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """`fn(*args, **kwargs)` on rank 0 only; every rank returns its result, or raises when it failed there.
+
+    Rank 0 re-raises its own error; the others raise FollowedError (for a user error) or RuntimeError, so
+    no rank is left waiting in a collective for a rank that stopped.
+    """
+    if not active():
+        return fn(*args, **kwargs)
+    if is_main():
+        try:
+            result = fn(*args, **kwargs)
+        except BaseException as err:
+            broadcast_object(("error", isinstance(err, InputError), str(err)))
+            raise
+        broadcast_object(("ok", result))
+        return result
+    outcome = broadcast_object(None)
+    if outcome[0] == "ok":
+        return outcome[1]
+    if outcome[1]:
+        raise FollowedError(outcome[2])
+    raise RuntimeError(f"rank 0 failed: {outcome[2]}")
+
+
+def main_only(fn: Callable[..., T]) -> Callable[..., T | None]:
+    """Decorate a writer so that only rank 0 runs it (None elsewhere)."""
+    def wrapper(*args: Any, **kwargs: Any) -> T | None:
+        return fn(*args, **kwargs) if is_main() else None
+    wrapper.__name__, wrapper.__doc__ = fn.__name__, fn.__doc__
+    return wrapper
+
+
+def shard(items: Sequence[T]) -> list[T]:
+    """This rank's items: every world_size()-th, from its rank on."""
+    return list(items[rank()::world_size()])
+
+
+def wait_for_main(command: str) -> bool:
+    """For a command that is not sharded: True on rank 0, which runs it `alone()`. Any other rank logs it once,
+    waits at a barrier until rank 0 is done (`release_others`), and returns False: it should exit 0."""
+    if world_size() == 1:
+        return True
+    setup(torch.device("cpu"), timeout=datetime.timedelta(days=7))  # gloo: waiting costs no device
+    if is_main():
+        log.info("%s is not sharded: rank 0 runs it alone, ranks 1-%d wait", command, world_size() - 1)
+        return True
+    barrier()
+    shutdown()
+    return False
+
+
+def release_others() -> None:
+    """Rank 0, once a `wait_for_main` command is done: let the waiting ranks exit."""
+    if active() and is_main():
+        barrier()

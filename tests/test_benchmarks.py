@@ -1,0 +1,75 @@
+"""The benchmark command writes every figure (with its ratio to the reference step), and gpu_check.sh is valid
+bash that names only commands the CLI has."""
+from __future__ import annotations
+
+import json
+import math
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from patchscope.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+BENCH = ROOT / "benchmarks" / "run.py"
+GPU_CHECK = ROOT / "benchmarks" / "gpu_check.sh"
+
+
+def _positive(value) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value) and value > 0
+
+
+def test_run_writes_every_figure_with_its_reference(tmp_path):
+    out = tmp_path / "bench.json"
+    done = subprocess.run([sys.executable, str(BENCH), "--device", "cpu", "--workloads", "eval,loading",
+                           "--models", "xception_block1", "--steps", "1", "--warmup", "0", "--sizes", "32",
+                           "--batch", "4", "--files", "8", "--json", str(out)],
+                          capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    figures = json.loads(out.read_text())
+    meta = figures["meta"]
+    assert meta["device"] == "cpu" and meta["torch"] and meta["cpu_model"] and meta["device_name"]
+    assert _positive(meta["matmul_peak_tflops"]["fp32"]) and _positive(meta["matmul_peak_tflops"]["bf16"])
+    assert _positive(meta["copy_bandwidth_gbs"]) and "lower bound" in meta["bytes_estimate"]
+    rows = {row["workload"]: row for row in figures["results"]}
+    assert set(rows) == {"eval", "loading"} and figures["skipped"] == []
+    for row in rows.values():
+        for key in ("images_per_s", "ms_per_step", "peak_mem_mib", "speedup_vs_reference"):
+            assert _positive(row[key]), (row["workload"], key, row[key])
+        for key in ("images_per_s", "ms_per_step", "peak_mem_mib"):
+            assert _positive(row["reference"][key]), (row["workload"], "reference", key)
+        ratio = row["reference"]["ms_per_step"] / row["ms_per_step"]
+        assert row["speedup_vs_reference"] == pytest.approx(ratio)
+    for key in ("gflop_per_image", "mfu", "gb_per_step", "bandwidth_util"):  # the memory-bound figures
+        assert _positive(rows["eval"][key]), key
+    assert _positive(rows["loading"]["setup_s"])
+    table = [line for line in done.stdout.splitlines() if line.startswith("| ")]
+    assert any(line.startswith("| workload") for line in table)
+    assert any(line.startswith("| eval | xception_block1") for line in table)
+
+
+def _named_commands(script: str) -> set[str]:
+    """The subcommand after every `"${PS[@]}"` (the CLI) in the script."""
+    return set(re.findall(r'"\$\{PS\[@\]\}"\s+([a-z][a-z-]*)', script))
+
+
+def test_gpu_check_is_valid_bash_naming_real_commands():
+    bash = shutil.which("bash")
+    if bash is None:
+        pytest.skip("no bash on this machine")
+    done = subprocess.run([bash, "-n", str(GPU_CHECK)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    script = GPU_CHECK.read_text()
+    named = _named_commands(script)
+    wanted = {"train", "eval", "score", "patches", "sample", "prepare", "exaggerate", "finetune", "retrain",
+              "invert", "demo"}
+    assert wanted <= named, wanted - named
+    listed = CliRunner().invoke(main, ["--help"]).output.split("Commands:", 1)[1]
+    in_help = {line.split()[0] for line in listed.splitlines() if line.strip()}
+    assert named <= in_help, named - in_help
+    assert "set -u" in script and "--lpips-random" in script and "--quick" in script
