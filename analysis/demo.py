@@ -263,8 +263,9 @@ class Demo:
             return {"rows": result["rows"], "space": result["space"], "lpips_random": shift_cfg.lpips_random}
 
         def describe(s: dict[str, Any]) -> str:
-            along = ", ".join(f"k={r['k']:+g}: {r['p_fake']:.2f}" for r in s["rows"])
-            return f"P(fake) along the shift ({s['space']} space): {along}"
+            along = ", ".join(f"k={r['k']:+g}: {r['p_fake']:.2f}" + (f" ({r['logit']:.1f})" if "logit" in r else "")
+                              for r in s["rows"])
+            return f"P(fake) (logit) along the shift ({s['space']} space): {along}"
 
         return self.book.run("exaggerate", self.out / "exaggerate", self._portable(configs.to_dict(shift_cfg)),
                              ["classifier", "generator"], work, describe)
@@ -329,6 +330,8 @@ def summary_rows(results: Mapping[str, Any]) -> list[tuple[str, float]]:
             ("AP of the retrained classifier (finetuned fakes)", metrics["new"]["finetuned"]["ap"])]
     rows += [(f"P(fake) along the exaggeration, k = {row['k']:+g}", row["p_fake"])
              for row in results["exaggerate"]["rows"]]
+    rows += [(f"its logit (mean log-odds), k = {row['k']:+g}", row["logit"])  # P(fake) saturates near 1
+             for row in results["exaggerate"]["rows"] if "logit" in row]
     return rows
 
 

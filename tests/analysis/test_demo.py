@@ -66,8 +66,15 @@ def test_every_stage_leaves_its_artifacts(quick_demo):
 def test_the_summary_numbers_are_finite_probabilities_and_match_the_files(quick_demo):
     out, stdout = quick_demo
     rows = _summary(stdout)
-    assert len(rows) == 6 + len(load_demo_config(None, quick=True).exaggerate["ks"])
+    ks = load_demo_config(None, quick=True).exaggerate["ks"]
+    assert len(rows) == 6 + 2 * len(ks)
+    logits = {name: rows.pop(name) for name in list(rows) if name.startswith("its logit")}
     assert all(math.isfinite(v) and 0.0 <= v <= 1.0 for v in rows.values())
+    shift_rows = json.loads((out / "exaggerate" / "metrics.json").read_text())["rows"]
+    for row in shift_rows:  # the logit rows are the stage's logits, rising with P(fake)
+        assert logits[f"its logit (mean log-odds), k = {row['k']:+g}"] == pytest.approx(row["logit"], abs=5e-5)
+    along = [logits[f"its logit (mean log-odds), k = {k:+g}"] for k in (-2, 0, 2)]
+    assert along == sorted(along)
     metrics = json.loads((out / "eval" / "metrics.json").read_text())["results"]["builtin"]["after_softmax"]
     assert rows["AP of the patch classifier (original fakes)"] == pytest.approx(metrics["ap"], abs=5e-5)
     comparison = json.loads((out / "retrain" / "comparison.json").read_text())["metrics"]
