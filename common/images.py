@@ -7,7 +7,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import stat
 from collections.abc import Collection, Iterator
 from pathlib import Path
 from typing import BinaryIO
@@ -16,6 +15,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from patchscope.common.errors import InputError
+from patchscope.common.userfiles import NotRegularFile, open_regular
 
 log = logging.getLogger("patchscope.images")
 
@@ -59,30 +59,16 @@ def _from_worker_traceback(text: str) -> tuple[str, str | None]:
 
 # ----------------------------------------------------------------------------- opening
 
-def _file_kind(mode: int) -> str:
-    kinds = ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"),
-             (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"))
-    return next((name for test, name in kinds if test(mode)), "not a plain file")
-
-
 def _open_regular(path: Path) -> BinaryIO:
-    """The file for reading, refused unless it is a regular, non-empty file.
-
-    O_NONBLOCK makes opening a FIFO return at once instead of waiting for a writer forever; the
-    fstat of the opened descriptor then refuses FIFOs, devices and folders before a byte is read,
-    with no window in which the path could be swapped. Reads of regular files ignore O_NONBLOCK.
-    """
-    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    """The file for reading (`userfiles.open_regular`: a FIFO never blocks), refused unless regular and non-empty."""
     try:
-        info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode):
-            raise BadImageError(path, f"not a regular file ({_file_kind(info.st_mode)})")
-        if info.st_size == 0:
-            raise BadImageError(path, "empty file (0 bytes)")
-        return os.fdopen(fd, "rb")
-    except BaseException:
-        os.close(fd)
-        raise
+        handle, info = open_regular(path)
+    except NotRegularFile as err:
+        raise BadImageError(path, f"not a regular file: {err.kind}") from None
+    if info.st_size == 0:
+        handle.close()
+        raise BadImageError(path, "empty file (0 bytes)")
+    return handle
 
 
 @contextlib.contextmanager

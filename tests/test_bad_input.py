@@ -143,13 +143,13 @@ def test_a_fifo_named_png_is_skipped_as_unreadable_not_waited_on(tmp_path):
     except subprocess.TimeoutExpired:
         pytest.fail("prepare blocked on a FIFO named x.png")
     assert done.returncode == 0, done.stderr
-    assert "x.png (not a regular file (a FIFO))" in done.stderr
+    assert "x.png (not a regular file: a FIFO (named pipe))" in done.stderr
     assert sorted(p.name for p in (tmp_path / "prepared").glob("*.png")) == ["00.png", "01.png"]
     images = finishes_within(30, lambda: TrainingImages(folder, 16), fifo)  # train-gan
     assert len(images) == 2 and images.skipped == [fifo]
     for cache in (True, False):  # train, eval
         image_set = finishes_within(30, lambda: ImageSet(list_images(folder), cache=cache), fifo)
-        assert len(image_set) == 2 and image_set.skipped == [(fifo, "not a regular file (a FIFO)")]
+        assert len(image_set) == 2 and image_set.skipped == [(fifo, "not a regular file: a FIFO (named pipe)")]
 
 
 # ----------------------------------------------------------------------------- #4 names outside --out

@@ -109,13 +109,13 @@ def test_cmyk_jpeg_becomes_rgb(tmp_path):
 def test_a_fifo_named_png_is_refused_at_once(tmp_path, reader):
     fifo = tmp_path / "x.png"
     os.mkfifo(fifo)
-    with pytest.raises(BadImageError, match=r"x\.png: not a regular file \(a FIFO\)") as caught:
+    with pytest.raises(BadImageError, match=r"x\.png: not a regular file: a FIFO \(named pipe\)") as caught:
         finishes_within(10, lambda: reader(fifo), fifo)
     assert isinstance(caught.value, InputError) and caught.value.path == fifo
 
 
 @pytest.mark.parametrize("make, reason", [
-    (lambda p: p.mkdir(), r"not a regular file \(a folder\)"),
+    (lambda p: p.mkdir(), r"not a regular file: a directory"),
     (lambda p: p.write_bytes(b""), r"empty file \(0 bytes\)"),
     (lambda p: None, "file not found"),
     (lambda p: p.write_text("no image"), "not an image file"),
