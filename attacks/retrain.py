@@ -46,7 +46,7 @@ RESUMABLE_CHANGES = ("device", "workers", "sample_batch_size", "eval_batch_size"
 # The old classifier's training settings nest under `train`: a resume may change what `fit` lets it change.
 RUN_FOLDER = RunFolder(holds="a retrain", kind=KIND, force_to="start over",
                        resumable=(*RESUMABLE_CHANGES, *(f"train.{name}" for name in TRAIN_RESUMABLE_CHANGES)),
-                       writes=("fakes", "classifier", "eval", "metrics.json", "metrics.csv"))
+                       writes=("fakes", "classifier", "eval", "metrics.json", "metrics.csv"), nested={"train": TrainConfig})
 _SAMPLING_DEFAULTS = SampleConfig()
 # RetrainConfig settings recorded in config.yaml beside the paths and the training settings, in this order.
 RECORDED_SETTINGS = ("which", "aggregation", "precision", "on_bad_image", "device", "workers", "sample_batch_size",

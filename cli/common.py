@@ -49,7 +49,16 @@ def overrides(kwargs: dict[str, Any], drop: tuple[str, ...] = ("config",)) -> di
 
 
 def config_layers(config_path: str | None, section: str) -> dict[str, Any]:
-    return configs.read_yaml(config_path, section) if config_path else {}
+    """The `section` of a --config file. A generator named there as MODULE:CALLABLE is refused: importing and
+    calling it runs code, which a settings file passed around must not be able to do (give it as an option)."""
+    layer = configs.read_yaml(config_path, section) if config_path else {}
+    from patchscope.generators.custom import is_module_spec
+
+    value = layer.get("generator")
+    if isinstance(value, str) and is_module_spec(value):
+        raise InputError(f"{config_path}: generator: {value} names code to import and run (MODULE:CALLABLE); a "
+                         f"settings file may name only generator files: give it as --generator / the GENERATOR argument")
+    return layer
 
 
 def lpips_options(command: Callable) -> Callable:

@@ -155,14 +155,16 @@ def _same(old: Any, new: Any) -> bool:
     return both_nan or old == new
 
 
-def changed_settings(saved: Mapping[str, Any], current: Any, resumable: Collection[str] = ()) -> list[str]:
+def changed_settings(saved: Mapping[str, Any], current: Any, resumable: Collection[str] = (),
+                     nested: Mapping[str, type] | None = None) -> list[str]:
     """Names of the settings in `current` whose value differs from `saved`, those in `resumable` aside.
 
     A mapping on both sides is compared key by key under dotted names ("train.lr"), which `resumable` may
     use. A top-level setting only the record has is not compared: a newer version may have dropped it; nor
-    is one only `current` has at its default (a dataclass field a newer version added, as the run had it).
+    is one only `current` has at its default (a dataclass field a newer version added, as the run had it); `nested`
+    names the dataclass of a mapping setting ({"train": TrainConfig}) so the same holds inside it.
     """
-    added_defaults = _field_defaults(current)
+    defaults = {"": _field_defaults(current), **{name + ".": _field_defaults(kind) for name, kind in (nested or {}).items()}}
 
     def walk(old: Mapping[str, Any], new: Mapping[str, Any], prefix: str, keys: list[str]) -> list[str]:
         changed = []
@@ -170,7 +172,8 @@ def changed_settings(saved: Mapping[str, Any], current: Any, resumable: Collecti
             name, before, after = prefix + key, old.get(key), new.get(key)
             if name in resumable:
                 continue
-            if not prefix and key not in old and key in added_defaults and _same(added_defaults[key], after):
+            added = defaults.get(prefix, {})
+            if key not in old and key in added and _same(added[key], after):
                 continue
             if isinstance(before, Mapping) and isinstance(after, Mapping):
                 changed += walk(before, after, name + ".", [*after, *(k for k in before if k not in after)])
@@ -184,7 +187,7 @@ def changed_settings(saved: Mapping[str, Any], current: Any, resumable: Collecti
 
 def _field_defaults(settings: Any) -> dict[str, Any]:
     """Plain default values of a dataclass's fields (those with a default)."""
-    if not dataclasses.is_dataclass(settings):
+    if not dataclasses.is_dataclass(settings):  # an instance or the class itself
         return {}
     defaults = {}
     for f in dataclasses.fields(settings):
@@ -210,9 +213,9 @@ def saved_values(saved: Mapping[str, Any], names: Collection[str]) -> str:
 
 
 def refuse_changes(where: str | Path, saved: Mapping[str, Any], current: Any, resumable: Collection[str] = (),
-                   hint: str = "") -> None:
+                   hint: str = "", nested: Mapping[str, type] | None = None) -> None:
     """Raise an InputError naming every setting (and its saved value) a resume may not change but would."""
-    changed = changed_settings(saved, current, resumable)
+    changed = changed_settings(saved, current, resumable, nested)
     if changed:
         raise InputError(f"{where}: cannot resume with different {', '.join(changed)} "
                          f"(saved: {saved_values(saved, changed)}){hint}")
@@ -237,6 +240,7 @@ class RunFolder:
     force_to: str | None = "start again"  # what --force does, in messages; None: the command has no --force
     kind: str | None = None               # the `kind` its settings record, when they name their command
     writes: Collection[str] = ()          # names a run writes at the top of its folder, besides config.yaml
+    nested: Mapping[str, type] | None = None  # the dataclass of a mapping setting ({"train": TrainConfig})
 
     def check(self, out: str | Path, settings: Any, *, resume: bool, force: bool = False) -> Path:
         """Refuse `out` unless this run may write there (see the class), then hold it if it exists; returns it."""
@@ -280,7 +284,7 @@ class RunFolder:
                                      + (f"--force to {self.force_to}, or choose another --out" if self.force_to
                                         else f"or choose another --out ({NO_FORCE}: remove the folder to start "
                                              f"again)"))
-                refuse_changes(out, saved, settings, self.resumable, hint=self._restart_hint())
+                refuse_changes(out, saved, settings, self.resumable, hint=self._restart_hint(), nested=self.nested)
 
     def save(self, out: str | Path, settings: Any) -> Path:
         """Create `out` and write its `config.yaml` (atomically) from the settings; returns the record's path."""

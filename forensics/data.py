@@ -22,6 +22,7 @@ from patchscope.common.errors import InputError
 from patchscope.common.images import BadImageError, IMAGE_SUFFIXES, read_image, walk_images  # noqa: F401 - re-exported
 from patchscope.common.labels import FAKE, REAL
 from patchscope.common.progress import progress_bar
+from patchscope.common import distributed
 from patchscope.forensics import store as stores
 from patchscope.forensics.augment import Augmentation, degradation_rng, random_resized_crop
 from patchscope.forensics.batching import (BalancedBatchSampler, EpochBatches, SequentialBatches,  # noqa: F401 - re-exported
@@ -175,6 +176,11 @@ def _job_runner(workers: int, count: int) -> Iterator[Callable]:
         yield lambda job, items: pool.imap(job, items, chunksize=chunk)
 
 
+def _fill_store(store: str | os.PathLike, paths: list[Path], load_size: int | None, run: Callable, job: Callable) -> None:
+    for _ in stores.fetch(store, paths, load_size, run, job):
+        pass
+
+
 class ImageSet:
     """Images of one class, each decoded once at construction (the bad-file check); kept in memory when cached.
 
@@ -203,6 +209,8 @@ class ImageSet:
                 outcomes = progress_bar(run(job, candidates), total=len(candidates), disable=not progress,
                                         desc="decoding" if cache else "checking", unit="img")
             else:  # decoded once into the store (only what it lacks), then read from its memory maps
+                if distributed.active():  # torchrun: rank 0 fills it, then every rank reads it (one copy, no race)
+                    distributed.run_on_main(_fill_store, store, candidates, load_size, run, job)
                 outcomes = stores.fetch(store, candidates, load_size, run, job, progress=functools.partial(
                     progress_bar, disable=not progress, desc="storing", unit="img"))
             with contextlib.closing(iter(outcomes)):  # a bad file under "error" discards an unfinished segment

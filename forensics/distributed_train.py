@@ -18,12 +18,11 @@ from patchscope.common import distributed
 
 
 def with_world_size(config: Any) -> Any:
-    """`config` with `world_size` set to this launch's; a global batch the ranks cannot split evenly (each rank
-    needs an even share: half real, half fake) is refused on every rank alike, before any process waits."""
+    """`config` with `world_size` set to this launch's (a value it carries, e.g. copied from a run trained under
+    torchrun by retrain or a reused config.yaml, is a record of that run and is replaced); a global batch the
+    ranks cannot split evenly (each rank needs an even share: half real, half fake) is refused on every rank
+    alike, before any process waits."""
     world = distributed.world_size()
-    if config.world_size is not None and config.world_size != world:
-        distributed.refuse(f"world_size={config.world_size} was set, but {world} process(es) run: it is set by "
-                           f"torchrun --nproc_per_node (and --nnodes), not by the settings")
     if config.batch_size % (2 * world):
         distributed.refuse(f"--batch-size {config.batch_size} (the global batch) does not split over {world} "
                            f"processes with half real and half fake images on each: use a multiple of {2 * world}")

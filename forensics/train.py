@@ -273,6 +273,9 @@ class Training:
             log.info("continuing past %s (now max_epochs=%d, patience=%d, early_stopping=%s)",
                      state.get("stop_reason"), self.config.max_epochs, self.patience, self.config.early_stopping)
             state.update(finished=False, stop_reason=None)
+        elif not state["finished"] and (reason := self.stop_reason()) is not None:  # a limit lowered on resume
+            log.info("stopping at epoch %d: %s", state["epoch"], reason)
+            state.update(finished=True, stop_reason=reason)
 
     def stop_reason(self) -> str | None:
         """`stop_reason` of the settings after the epoch `state` is at; None to go on."""

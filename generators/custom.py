@@ -24,8 +24,8 @@ import torch
 from torch import nn
 
 from patchscope.common.errors import InputError
-from patchscope.common.userfiles import check_regular
 from patchscope.generators.base import Generator, StyleGenerator
+from patchscope.generators.custom_weights import load_with_loose_buffers, read_weights, with_loose_buffers
 from patchscope.generators.io.formats import checkpoint_sha256, load_generator
 
 SPEC = re.compile(r"^([A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*):([A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*)$")
@@ -95,7 +95,13 @@ def open_generator(spec: str | os.PathLike, weights: str | os.PathLike | None = 
         load_user_weights(generator, read_weights(weights), f"{weights} (for {text})")
     generator.eval()
     if isinstance(generator, ModuleGenerator):
-        generator.measure()
+        try:
+            generator.measure()
+        except InputError:
+            raise
+        except Exception as err:  # the user's forward or mapping: a wrong latent_dim, a bug in their code
+            raise InputError(f"{text}: one latent [1, {generator.latent_dim}] through it raised "
+                             f"{type(err).__name__}: {_one_line(err)}") from None
     _check_output(text, generator)
     module_file = getattr(module, "__file__", None)
     generator.module_source = ModuleSource(
@@ -160,8 +166,9 @@ class ModuleGenerator(Generator):
         """Without a declared resolution, measure it: one forward pass of one latent (on the module's device)."""
         if self.resolution is None:
             out = self._probe()
-            if out.ndim != 4:
-                raise InputError(f"{type(self.net).__name__} returned {list(out.shape)} for one latent; expected "
+            if not isinstance(out, torch.Tensor) or out.ndim != 4:
+                shape = list(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+                raise InputError(f"{type(self.net).__name__} returned {shape} for one latent; expected "
                                  f"[1, 3, R, R] images")
             self.resolution = int(out.shape[-1])
 
@@ -216,9 +223,9 @@ def user_state_dict(generator: Generator, discriminator: nn.Module | None = None
     discriminator (default: the generator's) goes under `discriminator.`, where the callable's module holds it."""
     discriminator = generator.discriminator if discriminator is None else discriminator
     network = generator.net if isinstance(generator, ModuleGenerator) else generator
-    state = {k: v for k, v in network.state_dict().items() if not k.startswith(DISCRIMINATOR)}
+    state = {k: v for k, v in with_loose_buffers(network).items() if not k.startswith(DISCRIMINATOR)}
     if discriminator is not None:
-        state.update({DISCRIMINATOR + k: v for k, v in discriminator.state_dict().items()})
+        state.update({DISCRIMINATOR + k: v for k, v in with_loose_buffers(discriminator).items()})
     return {k: v.detach().cpu().contiguous().clone() for k, v in state.items()}
 
 
@@ -237,22 +244,9 @@ def load_user_weights(generator: Generator, state: dict[str, torch.Tensor], wher
         parts.append((generator, state))
     for module, weights in parts:
         try:
-            module.load_state_dict(weights, strict=True)
+            load_with_loose_buffers(module, weights)
         except RuntimeError as err:
             raise InputError(f"{where}: weights do not fit the network ({_one_line(err)})") from None
-
-
-def read_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """A safetensors state dict (nothing in it can run); one line of InputError for anything else."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    check_regular(path, "generator weights (.safetensors)")
-    try:
-        return load_file(os.fspath(path))
-    except (SafetensorError, OSError, ValueError, RuntimeError) as err:
-        raise InputError(f"{path}: not a safetensors state dict ({_one_line(err)}); --weights takes the "
-                         f"generator.safetensors a finetune of this generator wrote") from None
 
 
 # ----------------------------------------------------------------------------- provenance

@@ -22,6 +22,7 @@ from patchscope.common.crops import DEFAULT_MAX_SCALE, CropBox, cut_crop, draw_c
 from patchscope.common.errors import DatasetError
 from patchscope.common.images import BadImageError, image_size, read_image
 from patchscope.common.progress import progress_bar
+from patchscope.common.userfiles import open_regular
 from patchscope.generators.dataset_folder import (MANIFEST, is_complete_png, remove_stale_temps, write_manifest,
                                                  write_png)
 from patchscope.generators.prepare import (RealImage, assign_splits, claim_folder, collect_images, preprocess,
@@ -69,7 +70,7 @@ def prepare_random_crops(sources: Sequence[str | os.PathLike], out: str | os.Pat
                            f"on_bad_image skip|error (got {resolution}, {size}, {random_crops}, {crop_size}, "
                            f"{workers}, {max_scale}, {on_bad_image!r})")
     out = Path(out)
-    photos = collect_images(sources)
+    photos = _distinct_photos(collect_images(sources))
     sizes, unreadable, small = _measure(photos, crop_size, on_bad_image, workers)
     warn_skipped(unreadable, "unreadable photo(s)")
     warn_skipped(small, f"photo(s) smaller than the {crop_size} px crop")
@@ -116,6 +117,28 @@ def prepare_random_crops(sources: Sequence[str | os.PathLike], out: str | os.Pat
 
 
 Skipped = list[tuple[str, str]]  # (path, reason) pairs
+
+
+def _distinct_photos(photos: list[RealImage]) -> list[RealImage]:
+    """Each photo once: a file named twice (a manifest beside its folder, nested folders) or a byte-identical copy
+    would be dealt twice, and its crops could land in two splits. Later duplicates are dropped and named."""
+    seen: dict[tuple[int, str], RealImage] = {}
+    kept, dropped = [], []
+    for photo in photos:
+        try:
+            handle, info = open_regular(photo.source)  # a FIFO is not waited on
+            with handle:
+                key = (info.st_size, hashlib.file_digest(handle, "sha256").hexdigest())
+        except OSError:  # unreadable or not a regular file: _measure skips or refuses it with its reason
+            kept.append(photo)
+            continue
+        if key in seen:
+            dropped.append((photo.source, f"the same file as {seen[key].source}"))
+        else:
+            seen[key] = photo
+            kept.append(photo)
+    warn_skipped(dropped, "duplicate photo(s), kept once so no photo lands in two splits")
+    return kept
 
 
 def _measure(photos: list[RealImage], crop_size: int, on_bad_image: str,

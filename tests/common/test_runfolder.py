@@ -314,3 +314,21 @@ def test_a_setting_added_since_the_run_is_not_a_change_at_its_default():
     assert changed_settings(saved, Settings(augment="blur_jpeg_0.1")) == ["augment"]
     assert changed_settings({"lr": 0.1, "augment": "none"}, Settings(augment="blur_jpeg_0.5")) == ["augment"]
     assert changed_settings({"lr": 0.2}, Settings()) == ["lr"]
+
+
+def test_a_nested_setting_added_since_the_run_is_not_a_change_at_its_default():
+    """Retrain records the training settings as a mapping under `train`: a field added to TrainConfig since the
+    run, at its default, must not block its resume either."""
+    from dataclasses import dataclass
+
+    from patchscope.common.runfolder import changed_settings
+
+    @dataclass
+    class Inner:
+        lr: float = 0.1
+        augment: str = "none"
+
+    saved = {"train": {"lr": 0.1}}
+    assert changed_settings(saved, {"train": {"lr": 0.1, "augment": "none"}}) == ["train.augment"]
+    assert changed_settings(saved, {"train": {"lr": 0.1, "augment": "none"}}, nested={"train": Inner}) == []
+    assert changed_settings(saved, {"train": {"lr": 0.1, "augment": "jpeg"}}, nested={"train": Inner}) == ["train.augment"]

@@ -140,6 +140,22 @@ def test_resume_reopens_a_run_exactly_when_the_new_rule_goes_on(tiny, tmp_path, 
     assert fourth["epochs"] == 9 and fourth["stop_reason"] == "reached max_epochs=9"
 
 
+def test_a_run_cut_short_stops_at_once_when_the_resume_lowered_its_limit(tiny, tmp_path, scripted):
+    """Killed 3 epochs past its best, resumed with patience 2: it has met the new rule and trains no epoch more."""
+    out = tmp_path / "run"
+
+    def interrupt(record):
+        if record["epoch"] == 4:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        fit(run_config(tiny, out, patience=10), on_epoch_end=interrupt)
+    before = (out / "last.safetensors").read_bytes()
+    resumed = fit(run_config(tiny, out, patience=2), resume=True)
+    assert (resumed["epochs"], resumed["finished"]) == (4, True) and resumed["stop_reason"] == "no improvement for 2 epochs"
+    assert epochs_logged(out) == [1, 2, 3, 4] and (out / "last.safetensors").read_bytes() == before
+
+
 def test_a_run_stopped_at_one_reopens_under_the_patience_rule(tiny, tmp_path, scripted):
     scripted.update({1: 1.0})
     out = tmp_path / "run"

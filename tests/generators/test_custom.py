@@ -2,6 +2,7 @@
 plain module (sizes, latents by seed, w space, discriminator), --weights, provenance, and one-line errors."""
 from __future__ import annotations
 
+import re
 import sys
 import textwrap
 from pathlib import Path
@@ -266,3 +267,50 @@ def test_every_mistake_is_one_line_with_exit_code_2(folder, spec, message) -> No
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], result.stderr
     assert "Traceback" not in result.output and not (folder / "out").exists()
+
+
+@pytest.mark.parametrize("body, expected", [
+    ("nn.Linear(3, 4)", "one latent [1, 8] through it raised RuntimeError"),           # latent_dim 8 does not fit
+    ("TupleOut()", "returned tuple for one latent"),                                   # forward returns a tuple
+])
+def test_a_module_that_fails_on_its_first_latent_is_one_line(tmp_path, monkeypatch, body, expected):
+    """Measuring the resolution runs the user's forward before the output check did: its errors are one line too."""
+    from patchscope.common.errors import InputError
+    from patchscope.generators.custom import open_generator
+
+    (tmp_path / "badgen.py").write_text(
+        "import torch\nfrom torch import nn\n\n"
+        "class TupleOut(nn.Module):\n"
+        "    def forward(self, z):\n        return (torch.zeros(z.shape[0], 3, 8, 8),)\n\n"
+        f"def make():\n    net = {body}\n    net.latent_dim = 8\n    return net\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delitem(sys.modules, "badgen", raising=False)
+    with pytest.raises(InputError, match=re.escape(expected)):
+        open_generator("badgen:make")
+    sys.modules.pop("badgen", None)
+
+
+def test_finetuned_non_persistent_buffers_survive_weights_round_trip(tmp_path):
+    """StyleGAN2's w_avg is not in state_dict, but finetuning's average moves it: --weights must bring it back."""
+    import torch
+
+    from patchscope.generators.custom import load_user_weights, user_state_dict
+    from patchscope.generators.stylegan2.model import StyleGAN2Config, StyleGAN2Generator
+
+    config = StyleGAN2Config(size=8, style_dim=8, n_mlp=1, channels=(4, 4))
+    trained = StyleGAN2Generator(config)
+    with torch.no_grad():
+        trained.w_avg.add_(1.5)
+    fresh = StyleGAN2Generator(config)
+    assert not torch.equal(fresh.w_avg, trained.w_avg)
+    load_user_weights(fresh, user_state_dict(trained), "weights")
+    assert torch.equal(fresh.w_avg, trained.w_avg)
+
+
+def test_a_settings_file_cannot_name_code_to_run(tmp_path, monkeypatch):
+    """MODULE:CALLABLE imports and calls code: only the command line may name it, never a --config file."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "shared.yaml").write_text("exaggerate:\n  generator: os:getcwd\n")
+    result = CliRunner().invoke(main, ["exaggerate", "--config", "shared.yaml", "--classifier", "c", "--out", "o"])
+    assert result.exit_code == 2 and "names code to import and run" in result.output
+    assert "Traceback" not in result.output and not (tmp_path / "o").exists()

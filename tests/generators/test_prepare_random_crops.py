@@ -166,3 +166,32 @@ def test_the_recipe_is_the_demos_and_its_crops_are_unchanged() -> None:
 def test_draw_crop_refuses_a_photo_smaller_than_the_crop() -> None:
     with pytest.raises(ValueError, match="a 40x12 photo is smaller than a 32 px crop"):
         draw_crop(np.random.default_rng(0), 12, 40, 32)
+
+
+def test_a_photo_named_twice_or_copied_is_cropped_once_so_no_split_shares_it(tmp_path, caplog):
+    """A manifest naming a photo of the folder beside it, and a byte-identical copy, used to be dealt as other photos."""
+    import logging
+    import shutil
+
+    import numpy as np
+    from PIL import Image
+
+    from patchscope.generators.random_crops import prepare_random_crops
+
+    photos = tmp_path / "ph"
+    photos.mkdir()
+    rng = np.random.RandomState(0)
+    for i in range(4):
+        Image.fromarray(rng.randint(0, 256, (64, 80, 3), dtype=np.uint8)).save(photos / f"p{i}.png")
+    shutil.copy(photos / "p1.png", tmp_path / "copy_of_p1.png")
+    listing = tmp_path / "list.txt"
+    listing.write_text(f"{photos / 'p0.png'}\n{tmp_path / 'copy_of_p1.png'}\n")
+    with caplog.at_level(logging.WARNING):
+        summary = prepare_random_crops([str(photos), str(listing)], tmp_path / "out", resolution=16, random_crops=2,
+                                       crop_size=16, counts={"train": 2, "test": 2}, seed=0)
+    manifest = json.loads(Path(summary["manifest"]).read_text())
+    assert "skipped 2 duplicate photo(s)" in caplog.text
+    splits: dict[str, set[str]] = {}
+    for output, record in manifest["files"].items():
+        splits.setdefault(record["source"], set()).add(output.split("/")[0])
+    assert len(splits) == 4 and all(len(s) == 1 for s in splits.values())
