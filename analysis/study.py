@@ -95,8 +95,7 @@ def _names(mapping: dict[str, Any], where: str) -> dict[str, Any]:
 
 
 def _set(name: str, entry: Any, axis: str, where: str) -> dict[str, str]:
-    """A training set {real, fake} or test set {real, fake[, split]}, its paths made absolute (relative ones are
-    read from the folder the study runs in)."""
+    """A training set {real, fake} or test set {real, fake[, split]}, paths made absolute (from the current folder)."""
     where = f"{where}.{axis}.{name}"
     entry = _mapping(entry, where, required=True)
     _known(entry, ("real", "fake", "split") if axis == "test_sets" else ("real", "fake"), where)
@@ -207,25 +206,26 @@ def trained(cell: Cell) -> bool:
     return stop_reason(cell.train, epoch, since_best, float(best)) is not None
 
 
+EVAL_KEY_IGNORES = ("run", "out", "force", "device", "workers", "batch_size", "store")  # paths, speed: not results
+
+
 def _eval_key(study: Study, cell: Cell, test: str) -> dict[str, Any]:
-    """What an eval's results depend on: its settings (the cell's paths aside) and the checkpoint, known by its
-    metadata file (epoch, validation metrics, settings: small, where the weights may be large)."""
+    """What an eval's results depend on: its settings and the checkpoint, known by its (small) metadata file."""
     cfg = _eval_settings(study, test, cell.run)
-    settings = {k: v for k, v in plain(cfg).items() if k not in ("run", "out", "force")}
+    settings = {k: v for k, v in plain(cfg).items() if k not in EVAL_KEY_IGNORES}
     meta = (cell.run / f"{cfg.which}.json").read_bytes()
     return {"settings": settings, "checkpoint": hashlib.sha256(meta).hexdigest()}
 
 
 def _at(value: Any, *keys: str) -> Any:
-    """`value[k1][k2]...`, None where a level is missing or not a mapping (a record edited by hand, an old one)."""
+    """`value[k1][k2]...`, None where a level is missing or not a mapping (hand-edited or old records)."""
     for key in keys:
         value = value.get(key) if isinstance(value, dict) else None
     return value
 
 
 def evaluated(study: Study, cell: Cell, test: str, record: dict[str, Any] | None) -> bool:
-    """Whether the study record holds this eval, done with the same settings on the same checkpoint, and its results
-    are still there."""
+    """Whether the study record holds this eval, done alike on the same checkpoint, and its results are still there."""
     entry = _at(record, "cells", cell.name, "eval", test)
     if not isinstance(entry, dict) or entry.get("status") != "done" or not trained(cell):
         return False

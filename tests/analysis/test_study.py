@@ -176,7 +176,9 @@ def test_an_interrupted_study_resumes_where_it_stopped_and_ends_with_the_same_ta
 
 def test_changed_settings_redo_the_evals_or_are_refused_before_any_work(whole, data, tmp_path):
     out = whole["out"]
-    changed_eval = settings(data, eval={"device": "cpu", "precision": "fp32", "batch_size": 7})
+    faster = settings(data, eval={"device": "cpu", "precision": "fp32", "batch_size": 7, "workers": 1})
+    assert plan(load_study(write_config(tmp_path / "faster.yaml", faster)), out) == []  # the same scores, faster
+    changed_eval = settings(data, eval={"device": "cpu", "precision": "fp32", "batch_size": 32, "aggregation": "vote"})
     todo = plan(load_study(write_config(tmp_path / "eval.yaml", changed_eval)), out)
     assert len(todo) == len(CELLS) * len(TESTS) and all(step.startswith("eval ") for step in todo)
     results = out / "runs" / CELLS[2] / "eval" / "blur" / "metrics.json"
