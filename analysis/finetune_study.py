@@ -9,7 +9,7 @@ import io
 import json
 import logging
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +28,8 @@ from patchscope.attacks.gan_objectives import objective_for
 from patchscope.attacks.perceptual import LPIPS_NETS, find_backbone_weights, load_lpips
 from patchscope.attacks.real_batches import RealImages
 from patchscope.attacks.shift import ClassifierInput
+from patchscope.common import config as configs
+from patchscope.common import distributed
 from patchscope.common.atomic import write_json, write_text
 from patchscope.common.checks import check_bool, check_choice, check_float, check_int, check_text, require
 from patchscope.common.device import PRECISIONS, configure_backends, resolve_device, resolve_precision
@@ -161,7 +163,16 @@ def render_finetune_grid(comparison: Comparison, steps: int, tile_size: int | No
 # ----------------------------------------------------------------------------- the study
 
 def _check_out(config: FinetuneConfig, resume: bool, force: bool) -> None:
-    RUN_FOLDER.check(config.out, config, resume=resume, force=force)
+    RUN_FOLDER.check(config.out, _with_saved_ema(config, resume), resume=resume, force=force)
+
+
+def _with_saved_ema(config: FinetuneConfig, resume: bool) -> FinetuneConfig:
+    """A run recorded before `ema_beta` defaulted to the step rule (0.999 then) resumes with its own value."""
+    record = Path(config.out) / "config.yaml"
+    if not resume or config.ema_beta is not None or not record.is_file():
+        return config
+    saved = configs.read_yaml(record).get("ema_beta")
+    return replace(config, ema_beta=saved) if isinstance(saved, float) else config
 
 
 def _lpips_for(config: FinetuneConfig, device: torch.device) -> nn.Module | None:
@@ -239,13 +250,50 @@ def run_finetune(config: FinetuneConfig, resume: bool = False, force: bool = Fal
     held-out latents against the same reals, LPIPS between them) and grid.png. An existing OUT is
     refused unless `resume` (continues from resume.pt; a finished run is only re-scored, more steps
     continue it) or `force` (starts again).
+
+    Under torchrun every rank trains on its slice of each global batch (`attacks.finetune_ddp`: `batch_size` is
+    the global batch, a multiple of the number of processes); rank 0 alone checks and writes OUT and runs the
+    evaluation (the in-run log lines, before_after and the grid), its refusals reaching every rank.
     """
-    for name in ("generator", "classifier", "real", "out"):
-        require(config, name)
-    _check_out(config, resume, force)
+    with distributed.alike():
+        for name in ("generator", "classifier", "real", "out"):
+            require(config, name)
+        world = distributed.world_size()
+        if config.batch_size % world:
+            raise InputError(f"--batch-size {config.batch_size} (the global batch) does not split over {world} "
+                             f"processes: use a multiple of {world}")
+        device = distributed.setup(resolve_device(config.device))
+    config = _with_saved_ema(config, resume)
+    distributed.run_on_main(_check_out, config, resume, force)
     out = Path(config.out)
     eval_seed = config.seed + 1 if config.eval_seed is None else config.eval_seed
-    device = resolve_device(config.device)
+    with distributed.alike():
+        finetuner, sources, lpips_model, classifier_file, generator = _open_finetuner(config, device)
+    distributed.run_on_main(_prepare_out, out, config, sources, force)
+    result = finetuner.run(config.steps, config.batch_size, config.seed, out=out,
+                           checkpoint_every=config.checkpoint_every, log_every=config.log_every,
+                           eval_n=config.eval_n, eval_seed=eval_seed, resume=resume)
+    summary = {"out": str(out), "generator": str(result.checkpoint) if result.checkpoint else None,
+               "format": result.settings["format"], "steps": result.steps, "stopped": result.stopped,
+               "eval_seed": eval_seed, "rows": [], "grid": None}
+    if result.stopped and distributed.is_main():
+        log.warning("finetuning stopped: %s; kept the checkpoint of step %d", result.stopped, result.steps)
+    if result.checkpoint is None:
+        return summary  # diverged before its first checkpoint: nothing finetuned to compare
+    info = {"steps": result.steps, "stopped": result.stopped, "eval_seed": eval_seed,
+            "aggregation": config.aggregation, "classifier": str(classifier_file),
+            "generator": str(config.generator), **sources, "finetuned_sha256": checkpoint_sha256(result.checkpoint),
+            **({"generator_source": provenance(generator)} if module_source(generator) else {}),
+            "lpips": None if lpips_model is None else f"{config.lpips_net}: {lpips_model.source}",
+            "settings": result.settings}
+    # the comparison is rank 0's alone; the other ranks wait for its rows
+    rows, grid = distributed.run_on_main(_compare_and_write, finetuner, config, out, info, eval_seed)
+    return {**summary, "rows": rows, "grid": grid}
+
+
+def _open_finetuner(config: FinetuneConfig, device: torch.device) -> tuple[GeneratorFinetuner, dict[str, str],
+                                                                          nn.Module | None, Path, Generator]:
+    """The classifier, LPIPS, generator and real images loaded, the finetuner configured, the source digests."""
     precision = resolve_precision(config.precision, device)
     configure_backends(device)
     classifier_file = resolve_checkpoint(config.classifier, config.which)
@@ -265,39 +313,33 @@ def run_finetune(config: FinetuneConfig, resume: bool = False, force: bool = Fal
                                 precision=precision, anchor=config.anchor, anchor_weight=config.anchor_weight)
     finetuner = GeneratorFinetuner(generator, classifier, real, settings, objective=objective, classifier_input=view,
                                    lpips=lpips_model, device=device)
+    sources = {"generator_sha256": generator_sha256(config.generator, generator),
+               "classifier_sha256": checkpoint_sha256(classifier_file)}
+    return finetuner, sources, lpips_model, classifier_file, generator
+
+
+def _prepare_out(out: Path, config: FinetuneConfig, sources: dict[str, str], force: bool) -> None:
+    """Rank 0, before training: OUT made (cleared with `force`), its sources checked, config.yaml written."""
     out.mkdir(parents=True, exist_ok=True)
     if force:
         forget(out)  # the commit first: from then on nothing of the older run counts
         for name in RESULT_FILES:
             (out / name).unlink(missing_ok=True)
-    sources = {"generator_sha256": generator_sha256(config.generator, generator),
-               "classifier_sha256": checkpoint_sha256(classifier_file)}
     _check_sources(out, sources)
     RUN_FOLDER.save(out, config)
     _record_sources(out, sources)
-    result = finetuner.run(config.steps, config.batch_size, config.seed, out=out,
-                           checkpoint_every=config.checkpoint_every, log_every=config.log_every,
-                           eval_n=config.eval_n, eval_seed=eval_seed, resume=resume)
-    summary = {"out": str(out), "generator": str(result.checkpoint) if result.checkpoint else None,
-               "format": result.settings["format"], "steps": result.steps, "stopped": result.stopped,
-               "eval_seed": eval_seed, "rows": [], "grid": None}
-    if result.stopped:
-        log.warning("finetuning stopped: %s; kept the checkpoint of step %d", result.stopped, result.steps)
-    if result.checkpoint is None:
-        return summary  # diverged before its first checkpoint: nothing finetuned to compare
+
+
+def _compare_and_write(finetuner: GeneratorFinetuner, config: FinetuneConfig, out: Path, info: dict[str, Any],
+                       eval_seed: int) -> tuple[list[dict[str, Any]], str | None]:
+    """Rank 0, after training: the original and the finetuned generator compared; before_after.* and grid.png."""
     comparison = finetuner.compare(config.compare_n, eval_seed, keep_images=config.grid_rows, real_seed=config.seed)
     rows = comparison.rows()
-    info = {"steps": result.steps, "stopped": result.stopped, "eval_seed": eval_seed,
-            "n_real": len(comparison.p_fake_real),
-            "aggregation": config.aggregation, "classifier": str(classifier_file),
-            "generator": str(config.generator), **sources, "finetuned_sha256": checkpoint_sha256(result.checkpoint),
-            **({"generator_source": provenance(generator)} if module_source(generator) else {}),
-            "lpips": None if lpips_model is None else f"{config.lpips_net}: {lpips_model.source}",
-            "settings": result.settings}
-    _write_table(out, rows, info)
+    head = {k: info[k] for k in ("steps", "stopped", "eval_seed")}
+    _write_table(out, rows, {**head, "n_real": len(comparison.p_fake_real), **info})
     grid = out / "grid.png"
     if config.grid_rows:
-        save_image(grid, render_finetune_grid(comparison, result.steps))
+        save_image(grid, render_finetune_grid(comparison, info["steps"]))
     else:
         grid.unlink(missing_ok=True)
-    return {**summary, "rows": rows, "grid": str(grid) if config.grid_rows else None}
+    return rows, str(grid) if config.grid_rows else None

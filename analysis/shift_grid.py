@@ -19,6 +19,7 @@ from patchscope.analysis.grids import image_grid, save_image, to_uint8
 from patchscope.attacks.perceptual import LPIPS_NETS, find_backbone_weights, load_lpips
 from patchscope.attacks.shift import (DEFAULT_KS, SIGN_CONVENTION, SPACES, ClassifierInput, ShiftExaggeration,
                                      ShiftSweep, check_held_out, load_shift, resolve_space, save_shift)
+from patchscope.common import distributed
 from patchscope.common.atomic import write_json, write_text
 from patchscope.common.checks import (check_bool, check_choice, check_float, check_int, check_numbers, check_text,
                                       require)
@@ -180,6 +181,32 @@ def _lpips_for(config: ExaggerateConfig, device: torch.device) -> nn.Module | No
     return load_lpips(config.lpips_net, config.lpips_weights, device, allow_random=config.lpips_random)
 
 
+def _prepare_out(config: ExaggerateConfig, meta: dict[str, Any], dim: int,
+                 force: bool) -> tuple[torch.Tensor | None, Any]:
+    """Rank 0's part before the fit: the shift (and its `final` terms) of a finished earlier fit to reuse, or
+    (None, None); config.yaml written; the shift.json of an unfinished fit removed."""
+    out = Path(config.out)
+    shift = None if force else _fitted_shift(out, meta, dim)
+    out.mkdir(parents=True, exist_ok=True)
+    RUN_FOLDER.save(out, config)
+    if shift is None:
+        (out / "shift.json").unlink(missing_ok=True)  # until the new fit is saved, no fit counts as finished
+        return None, None
+    return shift, load_shift(out)[1].get("final")
+
+
+def _write_fit(out: Path, history: list[dict[str, float]], shift: torch.Tensor, meta: dict[str, Any]) -> None:
+    log_lines = [json.dumps({"step": step, **record}) for step, record in enumerate(history)]
+    write_text(out / "metrics.jsonl", "".join(line + "\n" for line in log_lines))
+    save_shift(out, shift, meta)  # shift.json last: it marks the fit as finished
+
+
+def _write_scores(out: Path, rows: list[dict[str, float]], info: dict[str, Any], shift: torch.Tensor,
+                  meta: dict[str, Any]) -> None:
+    _write_metrics(out, rows, info)
+    save_shift(out, shift, {**meta, **info, "k_metrics": rows})
+
+
 def _fitted_shift(out: Path, meta: dict[str, Any], dim: int) -> torch.Tensor | None:
     """The shift a finished earlier fit with these very settings left in OUT, or None."""
     if not (out / "shift.json").is_file():
@@ -234,13 +261,52 @@ def run_exaggerate(config: ExaggerateConfig, resume: bool = False, force: bool =
     metrics.json/.csv (per k: mean P(fake), mean LPIPS to the original) and grid.png. An existing OUT
     is refused unless `resume` (keeps a finished shift of the same settings and re-scores it, e.g.
     with other ks; an unfinished fit starts again) or `force` (fits again).
+
+    Under torchrun every rank fits and scores its share (`ShiftExaggeration`: `batch_size` is the global batch,
+    a multiple of the number of processes); rank 0 alone checks and writes OUT, its refusals reach every rank.
     """
-    for name in ("generator", "classifier", "out"):
-        require(config, name)
-    eval_seed = _eval_seed(config)
-    _check_out(config, resume, force)
+    with distributed.alike():
+        for name in ("generator", "classifier", "out"):
+            require(config, name)
+        world = distributed.world_size()
+        if config.batch_size % world:
+            raise InputError(f"--batch-size {config.batch_size} (the global batch) does not split over {world} "
+                             f"processes: use a multiple of {world}")
+        eval_seed = _eval_seed(config)
+        device = distributed.setup(resolve_device(config.device))
+    distributed.run_on_main(_check_out, config, resume, force)
     out = Path(config.out)
-    device = resolve_device(config.device)
+    with distributed.alike():
+        attack, space, meta = _open_attack(config, device)
+    shift, final = distributed.run_on_main(_prepare_out, config, meta, attack.dim, force)
+    fitted = shift is None
+    if fitted:
+        result = attack.fit(config.steps, config.batch_size, config.lr, config.seed)
+        shift, final = result.shift, result.final
+        meta["final"] = final
+        distributed.run_on_main(_write_fit, out, result.history, shift, meta)
+    else:
+        log.info("%s: reusing the fitted shift (resume); re-scoring it", out)
+        meta["final"] = final
+    sweep = attack.sweep(shift, config.ks, config.eval_n, eval_seed, config.eval_batch_size)
+    rows = rows_with_logits(sweep)
+    if distributed.is_main():
+        warn_if_saturated(rows)
+    info = {"space": space, "eval_seed": eval_seed, "eval_n": config.eval_n, "aggregation": config.aggregation,
+            "logit": LOGIT_MEANING}
+    distributed.run_on_main(_write_scores, out, rows, info, shift, meta)
+    grid = out / "grid.png"
+    if config.grid_rows:
+        shown = attack.sweep(shift, config.ks, config.grid_rows, eval_seed, config.eval_batch_size, keep_images=True)
+        distributed.run_on_main(lambda: save_image(grid, render_shift_grid(shown, space, eval_seed)))
+    else:
+        distributed.run_on_main(grid.unlink, missing_ok=True)  # never leave the grid of an earlier shift beside it
+    return {"out": str(out), "space": space, "fitted": fitted, "shift_norm": float(shift.norm()),
+            "eval_seed": eval_seed, "rows": rows, "grid": str(grid) if config.grid_rows else None}
+
+
+def _open_attack(config: ExaggerateConfig, device: torch.device) -> tuple[ShiftExaggeration, str, dict[str, Any]]:
+    """The classifier, LPIPS and generator on `device`, the attack configured, and the fit's metadata."""
     precision = resolve_precision(config.precision, device)
     configure_backends(device)
     classifier_file = resolve_checkpoint(config.classifier, config.which)
@@ -265,33 +331,4 @@ def run_exaggerate(config: ExaggerateConfig, resume: bool = False, force: bool =
             "crop_size": view.crop_size, "lam": config.lam, "steps": config.steps,
             "batch_size": config.batch_size, "lr": config.lr, "seed": config.seed, "precision": precision,
             "lpips": None if lpips_model is None else f"{config.lpips_net}: {lpips_model.source}"}
-    shift = None if force else _fitted_shift(out, meta, attack.dim)
-    out.mkdir(parents=True, exist_ok=True)
-    RUN_FOLDER.save(out, config)
-    fitted = shift is None
-    if fitted:
-        (out / "shift.json").unlink(missing_ok=True)  # until the new fit is saved, no fit counts as finished
-        result = attack.fit(config.steps, config.batch_size, config.lr, config.seed)
-        shift = result.shift
-        log_lines = [json.dumps({"step": step, **record}) for step, record in enumerate(result.history)]
-        write_text(out / "metrics.jsonl", "".join(line + "\n" for line in log_lines))
-        meta["final"] = result.final
-        save_shift(out, shift, meta)  # shift.json last: it marks the fit as finished
-    else:
-        log.info("%s: reusing the fitted shift (resume); re-scoring it", out)
-        meta["final"] = load_shift(out)[1].get("final")
-    sweep = attack.sweep(shift, config.ks, config.eval_n, eval_seed, config.eval_batch_size)
-    rows = rows_with_logits(sweep)
-    warn_if_saturated(rows)
-    info = {"space": space, "eval_seed": eval_seed, "eval_n": config.eval_n, "aggregation": config.aggregation,
-            "logit": LOGIT_MEANING}
-    _write_metrics(out, rows, info)
-    save_shift(out, shift, {**meta, **info, "k_metrics": rows})
-    grid = out / "grid.png"
-    if config.grid_rows:
-        shown = attack.sweep(shift, config.ks, config.grid_rows, eval_seed, config.eval_batch_size, keep_images=True)
-        save_image(grid, render_shift_grid(shown, space, eval_seed))
-    else:
-        grid.unlink(missing_ok=True)  # never leave the grid of an earlier shift beside this one
-    return {"out": str(out), "space": space, "fitted": fitted, "shift_norm": float(shift.norm()),
-            "eval_seed": eval_seed, "rows": rows, "grid": str(grid) if config.grid_rows else None}
+    return attack, space, meta

@@ -4,7 +4,6 @@ its own loss while the classifier must call its samples real. Used by analysis.f
 from __future__ import annotations
 
 import copy
-import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,18 +12,19 @@ from typing import Any
 import torch
 from torch import nn
 
+from patchscope.attacks import finetune_ddp as ddp
 from patchscope.attacks.finetune_anchor import (ANCHOR_ADAM, Anchor, FinetuneSettings, default_ema_beta, divergence,
                                                warn_slow_average)
 from patchscope.attacks.finetune_eval import FINETUNED, Comparison, SampleJudge, compare_generators
-from patchscope.attacks.finetune_files import (METRICS_FILE, RESUME_FILE, commit_checkpoint, committed, forget,
-                                              load_network_state, load_resume, network_state, recover, truncate_log)
+from patchscope.attacks.finetune_files import (METRICS_FILE, RESUME_FILE, commit_checkpoint, committed,
+                                              load_network_state, load_resume, network_state, truncate_log)
 from patchscope.attacks.gan_objectives import GANObjective, objective_for
 from patchscope.attacks.latent_optim import frozen
 from patchscope.attacks.real_batches import RealImages
 from patchscope.attacks.shift import ClassifierInput
+from patchscope.common import distributed
 from patchscope.common.atomic import append_line
 from patchscope.common.device import autocast
-from patchscope.common.errors import InputError
 from patchscope.common.labels import REAL, targets
 from patchscope.common.progress import ProgressBar, progress_bar
 from patchscope.common.runfolder import refuse_changes
@@ -58,25 +58,9 @@ class FinetuneResult:
     settings: dict[str, Any] = field(default_factory=dict)
 
 
-@dataclass
-class _Run:
-    """One `GeneratorFinetuner.run` call: its schedule, its output folder and the log so far."""
-
-    steps: int
-    batch: int
-    seed: int
-    out: Path | None
-    checkpoint_every: int
-    log_every: int
-    eval_n: int
-    eval_seed: int
-    settings: dict[str, Any]
-    history: list[dict[str, Any]] = field(default_factory=list)
-
-    def log(self, record: dict[str, Any]) -> None:
-        self.history.append(record)
-        if self.out is not None:
-            append_line(self.out / METRICS_FILE, json.dumps(record))
+class _Run(ddp.Run):
+    def write(self, line: str) -> None:  # through this module's append_line (the fault tests replace it)
+        append_line(self.out / METRICS_FILE, line)
 
 
 def _copy_without_discriminator(generator: Generator) -> Generator:
@@ -97,6 +81,8 @@ class GeneratorFinetuner:
     samples, weighted by `classifier_weight`. A moving average (EMA) of the generator is what the run
     outputs. `generator` is left as it is and serves as the original G0. Without a `.discriminator`, an
     `Anchor` (LPIPS and/or L2 between G(z) and G0(z), `settings.anchor`) keeps G near G0 instead of the GAN loss.
+    Under torchrun every rank trains on its slice of each global batch (`finetune_ddp`); the in-run evaluation and
+    every file are rank 0's.
     """
 
     def __init__(self, generator: Generator, classifier: nn.Module, real_images: RealImages | torch.Tensor,
@@ -161,25 +147,33 @@ class GeneratorFinetuner:
     def _classifier_loss(self, fake: torch.Tensor) -> torch.Tensor:
         return patch_cross_entropy(self.judge.logits(fake), targets(fake.shape[0], REAL, self.device))
 
+    def _latents(self, batch: int, draws: torch.Generator) -> torch.Tensor:
+        """A step's latents: N(0, 1), or from a MODULE:CALLABLE's own sampler, seeded by the step's draws."""
+        if getattr(self.generator, "stock_latents", True):
+            return torch.randn(batch, self.generator.latent_dim, generator=draws)
+        return self.generator.sample_latents(batch, int(torch.randint(2 ** 31, (1,), generator=draws)))
+
     def _train_step(self, batch: int, seed: int) -> dict[str, torch.Tensor]:
         """One step: `n_critic` discriminator updates, one generator update, the average; detached losses."""
         draws = torch.Generator().manual_seed(derive_seed(seed, STEP_DRAWS, self.step))
-        latent_dim = self.generator.latent_dim
         if self.anchor is not None:
-            return self._anchored_step(torch.randn(batch, latent_dim, generator=draws).to(self.device))
+            z = ddp.local(self._latents(batch, draws), batch)
+            return ddp.reduce_losses(self._anchored_step(z.to(self.device), batch), batch)
         parts: dict[str, torch.Tensor] = {}
         for i in range(self.n_critic):
             d_step = self.step * self.n_critic + i
-            z = torch.randn(batch, latent_dim, generator=draws).to(self.device)
-            flip = torch.rand(batch, generator=draws) < 0.5 if self.mirror else None
-            real = self.real.batch(batch_indices(len(self.real), batch, d_step, seed, REAL_ORDER), flip, self.device)
+            z = ddp.local(self._latents(batch, draws), batch).to(self.device)
+            flip = ddp.local(torch.rand(batch, generator=draws) < 0.5, batch) if self.mirror else None
+            order = ddp.local(batch_indices(len(self.real), batch, d_step, seed, REAL_ORDER), batch)
+            real = self.real.batch(order, flip, self.device)
             with torch.no_grad():
                 fake = self._generate(z)
             loss_d, parts = self.objective.discriminator_loss(self._critic, real, fake, d_step, draws)
             self.optimizer_d.zero_grad(set_to_none=True)
-            loss_d.backward()
+            ddp.scaled(loss_d, batch).backward()
+            ddp.sync_gradients(self.discriminator)
             self.optimizer_d.step()
-        z = torch.randn(batch, latent_dim, generator=draws).to(self.device)
+        z = ddp.local(self._latents(batch, draws), batch).to(self.device)
         # The generator's step needs gradients through D and C, not for their weights.
         self.discriminator.requires_grad_(False)
         try:
@@ -193,15 +187,16 @@ class GeneratorFinetuner:
                     loss_classifier = self._classifier_loss(fake.detach())
                 loss_g = loss_gan
             self.optimizer_g.zero_grad(set_to_none=True)
-            loss_g.backward()
+            ddp.scaled(loss_g, batch).backward()
+            ddp.sync_gradients(self.generator)
             self.optimizer_g.step()
         finally:
             self.discriminator.requires_grad_(True)
-        self._update_average(z)
-        return {**parts, "loss_g_gan": loss_gan.detach(), "loss_classifier": loss_classifier.detach(),
-                "loss_g": loss_g.detach()}
+        self._update_average(z, batch)
+        return ddp.reduce_losses({**parts, "loss_g_gan": loss_gan.detach(), "loss_classifier": loss_classifier.detach(),
+                                  "loss_g": loss_g.detach()}, batch)
 
-    def _anchored_step(self, z: torch.Tensor) -> dict[str, torch.Tensor]:
+    def _anchored_step(self, z: torch.Tensor, batch: int) -> dict[str, torch.Tensor]:
         """One G update without D: anchor to G0(z) + classifier loss, then the average (constant style noise)."""
         with torch.no_grad():
             target = self._generate(z, self.original, "const")
@@ -216,17 +211,18 @@ class GeneratorFinetuner:
             with torch.no_grad():
                 loss_classifier = self._classifier_loss(fake.detach())
         self.optimizer_g.zero_grad(set_to_none=True)
-        loss_g.backward()
+        ddp.scaled(loss_g, batch).backward()
+        ddp.sync_gradients(self.generator)
         self.optimizer_g.step()
-        self._update_average(z)
+        self._update_average(z, batch)
         return {**parts, "loss_anchor": loss_anchor.detach(), "loss_classifier": loss_classifier.detach(),
                 "loss_g": loss_g.detach()}
 
     @torch.no_grad()
-    def _update_average(self, z: torch.Tensor) -> None:
+    def _update_average(self, z: torch.Tensor, batch: int) -> None:
         if isinstance(self.generator, StyleGenerator) and hasattr(self.generator, "w_avg"):
             w = self.generator.mapping(z, psi=1)[:, 0]
-            self.generator.w_avg.copy_(w.mean(dim=0).lerp(self.generator.w_avg, W_AVG_BETA))
+            self.generator.w_avg.copy_(ddp.batch_mean(w, batch).lerp(self.generator.w_avg, W_AVG_BETA))
         for average, current in zip(self.average.parameters(), self.generator.parameters()):
             average.lerp_(current, 1.0 - self.ema_beta)
         for average, current in zip(self.average.buffers(), self.generator.buffers()):
@@ -256,7 +252,7 @@ class GeneratorFinetuner:
         """generator.pt (own format) and resume.pt as one commit (`finetune_files.commit_checkpoint`); the state
         becomes the last good one."""
         self._good = self._snapshot()
-        if out is None:
+        if out is None or not distributed.is_main():
             return
         commit_checkpoint(out, self.step, self.average, self.generator, self.discriminator,
                           {**self._good, "settings": settings, "optimizer_g": self.optimizer_g.state_dict(),
@@ -269,7 +265,8 @@ class GeneratorFinetuner:
         before = saved["settings"]
         if self.ema_auto and before.get("ema_beta_auto"):  # resolved from the first run's steps: kept
             self.ema_beta = settings["ema_beta"] = before["ema_beta"]
-        refuse_changes(out / RESUME_FILE, before, settings, RESUMABLE_CHANGES)
+        with distributed.alike():  # every rank reads the same file
+            refuse_changes(out / RESUME_FILE, before, settings, RESUMABLE_CHANGES)
         self._restore(saved)
         self.optimizer_g.load_state_dict(saved["optimizer_g"])
         if self.optimizer_d is not None:
@@ -277,7 +274,7 @@ class GeneratorFinetuner:
         self._sums = {k: v.to(self.device) for k, v in saved["sums"].items()}
         self._counts = {k: int(v) for k, v in saved["counts"].items()}
         self._good = self._snapshot()
-        return truncate_log(out / METRICS_FILE, self.step)
+        return distributed.run_on_main(truncate_log, out / METRICS_FILE, self.step)
 
     # ------------------------------------------------------------------------- evaluation
 
@@ -295,7 +292,7 @@ class GeneratorFinetuner:
         record: dict[str, Any] = {"step": self.step}
         record.update({k: round(float(v) / self._counts[k], 6) for k, v in self._sums.items()})
         self._sums, self._counts = {}, {}
-        if eval_n:
+        if eval_n and distributed.is_main():  # the in-run evaluation is rank 0's alone (only its log is written)
             comparison = self.compare(eval_n, eval_seed, real_seed=seed)
             row = comparison.rows()[1]
             assert row["generator"] == FINETUNED
@@ -324,7 +321,8 @@ class GeneratorFinetuner:
         run = self._plan(steps, batch, seed, out, checkpoint_every, log_every, eval_n, eval_seed)
         self._open(run, resume)
         stopped = None
-        bar = progress_bar(total=steps, initial=self.step, desc="finetune", unit="step", disable=not progress)
+        bar = progress_bar(total=steps, initial=self.step, desc="finetune", unit="step",
+                           disable=not progress or not distributed.is_main())
         with frozen(self.classifier, self.original), bar:
             if log_every and self.step == 0 and not run.history:
                 run.log(self._log_record(eval_n, run.eval_seed, seed))  # the starting point: the original generator
@@ -338,9 +336,11 @@ class GeneratorFinetuner:
         if steps < 0 or batch < 2 or seed < 0 or checkpoint_every < 0 or log_every < 0 or eval_n < 0:
             raise ValueError(f"expected steps >= 0, batch >= 2, seed >= 0 and non-negative intervals; got "
                              f"steps={steps}, batch={batch}, seed={seed}")
-        group = getattr(self.discriminator, "stddev_group", 1) or batch  # None (NVlabs): the whole batch
-        if isinstance(self.discriminator, StyleGAN2Discriminator) and batch % min(group, batch):
-            raise ValueError(f"a StyleGAN2 discriminator needs a batch that is a multiple of {group}, not {batch}")
+        _, rows = distributed.share_of(batch, "batch")  # a global batch the ranks cannot split: ValueError
+        group = getattr(self.discriminator, "stddev_group", 1) or rows  # None (NVlabs): the whole batch
+        if isinstance(self.discriminator, StyleGAN2Discriminator) and rows % min(group, rows):
+            raise ValueError(f"a StyleGAN2 discriminator needs a batch (per process) that is a multiple of {group}, "
+                             f"not {rows}")
         if self.ema_auto:
             self.ema_beta = default_ema_beta(steps)
         else:
@@ -351,24 +351,21 @@ class GeneratorFinetuner:
     def _open(self, run: _Run, resume: bool) -> None:
         """Continue from OUT's last committed checkpoint when asked (its log lines kept), else start OUT afresh."""
         out = run.out
-        if out is not None:
-            out.mkdir(parents=True, exist_ok=True)
-            if resume and committed(out):
-                recover(out)  # a checkpoint cut short is rolled back (not committed) or forward (committed)
+        if out is not None:  # rank 0 settles OUT, then every rank reads it
+            found = distributed.run_on_main(ddp.settle, out, resume, self.step)
+            if found is not None:
                 run.history = self._resume(out, run.settings)
-            elif resume and (out / RESUME_FILE).exists():  # saved before checkpoints were commits
-                run.history = self._resume(out, run.settings)
+            if found == "resume.pt":
                 self._checkpoint(out, run.settings)  # generator.pt rewritten from resume.pt: the two agree
-            elif self.step == 0:
-                forget(out)  # a fresh run: no files or log lines of an older one, nor of one never committed
         if self.step > run.steps:
-            raise InputError(f"the run is already at step {self.step}, past the {run.steps} steps asked for")
+            distributed.refuse(f"the run is already at step {self.step}, past the {run.steps} steps asked for")
 
     def _advance(self, run: _Run, bar: ProgressBar) -> str | None:
         """One step with its bookkeeping: losses summed for the log, log lines and checkpoints when due.
         Returns why the divergence guard stopped the run (the last good state restored), else None."""
         with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
-            torch.manual_seed(derive_seed(run.seed, NOISE_DRAWS, self.step))
+            # style noise: each rank draws its own for its slice (rank 0 the single-process stream)
+            torch.manual_seed(derive_seed(run.seed, NOISE_DRAWS, self.step) + distributed.rank())
             losses = self._train_step(run.batch, run.seed)
         stopped = divergence(losses, self.max_loss, self.step)
         if stopped is not None:
@@ -392,9 +389,11 @@ class GeneratorFinetuner:
         return None
 
     def _finish(self, run: _Run, stopped: str | None) -> FinetuneResult:
+        distributed.barrier()  # rank 0 has committed the last checkpoint
         out = run.out
         if stopped is None and out is not None and not committed(out):
             self._checkpoint(out, run.settings)  # zero steps asked for: the file still holds the (unchanged) networks
         checkpoint = out / file_name(self.average) if out is not None and committed(out) else None
         return FinetuneResult(self.average, self.generator, self.discriminator, self.step, stopped, run.history,
                               checkpoint, run.settings)
+

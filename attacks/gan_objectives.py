@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from patchscope.attacks.finetune_ddp import global_draw
 from patchscope.common.errors import InputError
 from patchscope.generators.pgan.tf import PGANTFDiscriminator
 from patchscope.generators.pgan.zoo import PGANZooDiscriminator
@@ -57,7 +58,8 @@ class WassersteinGP:
     def discriminator_loss(self, critic: Critic, real: torch.Tensor, fake: torch.Tensor, step: int,
                            draws: torch.Generator) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         # The interpolation weights come from the step's own generator, so a resumed run draws the same.
-        mix = torch.rand(real.shape[0], generator=draws).to(real.device)
+        # Under torchrun: drawn for the global batch, this rank's rows kept (attacks.finetune_ddp).
+        mix = global_draw(real.shape[0], lambda n: torch.rand(n, generator=draws)).to(real.device)
         loss = critic_loss(critic, real, fake, mix, self.lambda_gp, self.drift)
         return loss.total, loss.parts()
 

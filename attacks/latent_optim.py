@@ -49,7 +49,8 @@ def _leaf(t: torch.Tensor, device: torch.device | None) -> torch.Tensor:
 def optimize_latents(init: Mapping[str, torch.Tensor], loss_fn: LossFn, steps: int, lr: float, *,
                      betas: tuple[float, float] = (0.9, 0.999), keep: str = "best",
                      callback: StepCallback | None = None,
-                     device: str | torch.device | None = None) -> LatentOptimResult:
+                     device: str | torch.device | None = None,
+                     after_backward: Callable[[list[torch.Tensor]], None] | None = None) -> LatentOptimResult:
     """Minimise `loss_fn` over copies of the `init` tensors with Adam; `init` is left untouched.
 
     A per-sample loss [N] is summed, so each sample's gradient (and, Adam being elementwise,
@@ -57,6 +58,8 @@ def optimize_latents(init: Mapping[str, torch.Tensor], loss_fn: LossFn, steps: i
     each sample's best latents (rows of every tensor, whose first dimension must be N).
     A scalar loss — a shared latent over fresh batches — keeps the best or final tensors whole.
     Networks inside `loss_fn` should be `frozen` so gradients reach the latents only.
+    `after_backward(tensors)` runs between each backward and its Adam update (e.g. to sum gradients over the
+    ranks under torchrun, `common.distributed.all_reduce_grads`).
     """
     if keep not in KEEP:
         raise ValueError(f"keep must be one of {KEEP}, not {keep!r}")
@@ -81,6 +84,8 @@ def optimize_latents(init: Mapping[str, torch.Tensor], loss_fn: LossFn, steps: i
         history.append(float(detached.mean()))
         optimizer.zero_grad(set_to_none=True)
         losses.sum().backward()
+        if after_backward is not None:
+            after_backward(list(params.values()))
         optimizer.step()
         if callback is not None:
             callback(step, detached, {k: v.detach() for k, v in params.items()})

@@ -16,6 +16,7 @@ from torch import nn
 
 from patchscope.attacks.invert import make_renderer
 from patchscope.attacks.latent_optim import frozen, optimize_latents
+from patchscope.common import distributed
 from patchscope.common.atomic import atomic_open, write_json
 from patchscope.common.device import autocast
 from patchscope.common.errors import InputError
@@ -174,6 +175,11 @@ class ShiftExaggeration:
     scores G(z − k·w) on given latents. L_fake is the patch cross entropy towards "fake" (eq. 1)
     on the classifier's view of the image (`ClassifierInput`). Generator, classifier and LPIPS
     are moved to `device` and frozen while in use. `precision="bf16"` autocasts the forward passes.
+
+    Under torchrun every rank runs `fit` and `sweep` alike: a fit step's global batch is split into contiguous
+    per-rank slices, each rank's loss is its share of the mean over the global batch, and the gradient of w is
+    summed over the ranks before each Adam step, so every rank holds the single-process w (up to the order of
+    the additions); `sweep` scores every world_size-th batch and gathers the rows in index order.
     """
 
     def __init__(self, generator: Generator, classifier: nn.Module, lpips: nn.Module | None = None, *,
@@ -210,8 +216,11 @@ class ShiftExaggeration:
         with autocast(self.device, self.precision):
             return self.classifier(x).float()
 
-    def _terms(self, shift: torch.Tensor, seed: int, n: int) -> dict[str, torch.Tensor]:
-        latents, render = latent_batch(self.generator, self.space, n, seed, 0, self.device)
+    def _terms(self, shift: torch.Tensor, seed: int, batch: int) -> dict[str, torch.Tensor]:
+        """The loss terms of this rank's slice of rows 0..batch-1, each a mean over its slice times
+        slice/batch: summed over the ranks, means over the global batch (in one process, the means)."""
+        start, n = distributed.share_of(batch, "batch")
+        latents, render = latent_batch(self.generator, self.space, n, seed, start, self.device)
         with autocast(self.device, self.precision):
             with torch.no_grad():
                 original = render(latents).float().clamp(-1, 1)
@@ -226,6 +235,8 @@ class ShiftExaggeration:
             if self.lam > 0:
                 terms["loss"] = terms["loss"] + self.lam * terms["lpips"]
         terms["p_fake"] = image_scores(logits.detach(), self.aggregation).mean()
+        if n != batch:
+            terms = {name: value * (n / batch) for name, value in terms.items()}
         return terms
 
     def fit(self, steps: int = 500, batch: int = 16, lr: float = 0.01, seed: int = 0,
@@ -235,22 +246,26 @@ class ShiftExaggeration:
             raise ValueError(f"expected steps >= 0, batch >= 1, lr > 0, seed >= 0; got steps={steps}, "
                              f"batch={batch}, lr={lr}, seed={seed}")
         records: list[dict[str, torch.Tensor]] = []
+        distributed.share_of(batch, "batch")  # refuse an indivisible global batch before any step
         bar = progress_bar(total=steps, desc=f"exaggerating ({self.space})", unit="step", leave=False,
-                           disable=not progress)
+                           disable=not progress or not distributed.is_main())
 
         def loss_fn(latents: dict[str, torch.Tensor], step: int) -> torch.Tensor:
             terms = self._terms(latents["shift"], step_seed(seed, step), batch)
-            records.append({k: v.detach() for k, v in terms.items()})
+            names = list(terms)
+            summed = distributed.all_reduce_sum(torch.stack([terms[k].detach() for k in names]))  # global means
+            records.append(dict(zip(names, summed)))
             return terms["loss"]
 
         def report(step: int, losses: torch.Tensor, latents: dict[str, torch.Tensor]) -> None:
             bar.update(1)
             if step % 25 == 0:  # a host sync; not every step
-                bar.set_postfix(loss=f"{float(losses):.4f}", refresh=False)
+                bar.set_postfix(loss=f"{float(records[-1]['loss']):.4f}", refresh=False)  # global batch's
 
         with frozen(*self._networks()), bar:
             result = optimize_latents({"shift": torch.zeros(self.dim)}, loss_fn, steps, lr, keep="final",
-                                      callback=report, device=self.device)
+                                      callback=report, device=self.device,
+                                      after_backward=distributed.all_reduce_grads)
         history = [{k: float(v) for k, v in record.items()} for record in records]
         settings = {"lam": self.lam, "steps": steps, "batch": batch, "lr": lr, "seed": seed}
         return ShiftResult(result.latents["shift"].cpu(), self.space, history[:-1], history[-1], settings)
@@ -269,9 +284,12 @@ class ShiftExaggeration:
         shift = self.check_shift(shift).to(self.device)
         if n < 1 or batch < 1 or not ks:
             raise ValueError(f"expected n >= 1, batch >= 1 and at least one k; got n={n}, batch={batch}, ks={ks}")
-        p_rows, lpips_rows, image_rows = [], [], []
+        scored: list[tuple[int, tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]]] = []
+        world, rank = distributed.world_size(), distributed.rank()
         with frozen(*self._networks()):
-            for first in range(0, n, batch):
+            for number, first in enumerate(range(0, n, batch)):
+                if number % world != rank:  # under torchrun: every world_size-th batch, whole
+                    continue
                 latents, render = latent_batch(self.generator, self.space, min(batch, n - first), seed, first,
                                                self.device)
                 with autocast(self.device, self.precision):
@@ -286,11 +304,13 @@ class ShiftExaggeration:
                             lpips_cols.append(self.lpips(original, moved).float().cpu())
                     if keep_images:
                         image_cols.append(moved.cpu())
-                p_rows.append(torch.stack(p_cols, dim=1))
-                if lpips_cols:
-                    lpips_rows.append(torch.stack(lpips_cols, dim=1))
-                if keep_images:
-                    image_rows.append(torch.stack(image_cols, dim=1))
+                scored.append((first, (torch.stack(p_cols, dim=1),
+                                       torch.stack(lpips_cols, dim=1) if lpips_cols else None,
+                                       torch.stack(image_cols, dim=1) if keep_images else None)))
+        batches = distributed.gather_keyed(scored)  # every batch, in row order, on every rank
+        p_rows = [p for p, _, _ in batches]
+        lpips_rows = [d for _, d, _ in batches if d is not None]
+        image_rows = [i for _, _, i in batches if i is not None]
         return ShiftSweep(tuple(float(k) for k in ks), torch.cat(p_rows),
                           torch.cat(lpips_rows) if lpips_rows else None,
                           torch.cat(image_rows) if keep_images else None)

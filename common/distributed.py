@@ -68,6 +68,9 @@ def is_main() -> bool:
     return rank() == 0
 
 
+WAIT_FOR_RANK_0 = datetime.timedelta(hours=6)
+
+
 def active() -> bool:
     """Whether collectives run: more than one process, joined into a group."""
     return world_size() > 1 and torch.distributed.is_available() and torch.distributed.is_initialized()
@@ -86,14 +89,18 @@ def setup(device: torch.device, timeout: datetime.timedelta | None = None) -> to
     if world_size() == 1:
         return device
     if device.type == "cuda":
-        if device.index is None:
-            device = torch.device("cuda", local_rank())
+        if device.index is not None and device.index != local_rank():  # (its own index: already resolved)
+            raise InputError(f"--device {device}: under torchrun each process takes the GPU of its LOCAL_RANK; give "
+                             f"--device cuda (or auto) and pick GPUs with CUDA_VISIBLE_DEVICES")
+        device = torch.device("cuda", local_rank())
         torch.cuda.set_device(device)
     if not torch.distributed.is_available():
         raise InputError("this torch build has no torch.distributed: run without torchrun")
     if not torch.distributed.is_initialized():
-        options = {"timeout": timeout} if timeout is not None else {}
-        torch.distributed.init_process_group(backend=backend_for(device), init_method="env://", **options)
+        # long: the other ranks wait in a collective while rank 0 alone fills the image store, checks a large
+        # sample folder or runs a command that is not sharded (NCCL's default would give up after 10 minutes)
+        timeout = timeout if timeout is not None else WAIT_FOR_RANK_0
+        torch.distributed.init_process_group(backend=backend_for(device), init_method="env://", timeout=timeout)
         _state["owned"] = True
         atexit.register(shutdown)
         log.debug("rank %d of %d joined the process group (%s)", rank(), world_size(), backend_for(device))
@@ -225,3 +232,51 @@ def release_others() -> None:
     """Rank 0, once a `wait_for_main` command is done: let the waiting ranks exit."""
     if active() and is_main():
         barrier()
+
+
+def gather_keyed(pairs: Sequence[tuple[int, Any]]) -> list[Any]:
+    """Every rank's (key, item) pairs, merged in key order, on every rank: the items one process producing every
+    key would list. Keys are distinct over the ranks (e.g. the first row of each batch a rank scored)."""
+    parts = all_gather_object(list(pairs))
+    merged = sorted((pair for part in parts for pair in part), key=lambda pair: pair[0])
+    keys = [key for key, _ in merged]
+    if len(set(keys)) != len(keys):
+        raise RuntimeError("sharded items share a key: two ranks did the same work")
+    return [item for _, item in merged]
+
+
+def all_reduce_grads(params: Any) -> None:
+    """Sum the gradients of `params` over the ranks, in place (None gradients skipped); nothing in one process.
+
+    For a loss that each rank computed as its share of a mean over the global batch, the sums are the gradients
+    of that mean, as one process computes them (up to the order of the additions)."""
+    if not active():
+        return
+    for param in params:
+        if param.grad is not None:
+            torch.distributed.all_reduce(param.grad, op=torch.distributed.ReduceOp.SUM)
+
+
+def share_of(total: int, what: str) -> tuple[int, int]:
+    """(first row, rows) of this rank's contiguous slice of a global batch of `total` rows; a total the ranks
+    cannot split evenly is refused on every rank alike (a ValueError naming `what`)."""
+    world = world_size()
+    if total % world:
+        raise ValueError(f"{what} {total} (the global batch) does not split over {world} processes: "
+                         f"use a multiple of {world}")
+    rows = total // world
+    return rank() * rows, rows
+
+
+@contextlib.contextmanager
+def alike() -> Iterator[None]:
+    """Within: a user error that every rank meets alike (the same settings, the same files) is printed by rank 0
+    only; the other ranks raise it as FollowedError (exit 2, quietly)."""
+    try:
+        yield
+    except FollowedError:
+        raise
+    except InputError as err:
+        if is_main():
+            raise
+        raise FollowedError(str(err)) from None

@@ -250,21 +250,20 @@ def test_sharded_sampling_writes_the_single_process_pngs_byte_for_byte(tmp_path)
 
 
 def test_a_command_that_is_not_sharded_runs_once_on_rank_0_with_one_process_s_result(tmp_path):
-    """exaggerate under torchrun: rank 0 alone does the work (the other rank waits and exits 0), so the shift and
+    """invert under torchrun: rank 0 alone does the work (the other rank waits and exits 0), so the latents and
     metrics are those of one process, written once."""
-    from patchscope.forensics.checkpoint import save_classifier
-    from patchscope.forensics.models import build_model
     from tests.tiny_models import save_tiny_pgan
 
     generator = save_tiny_pgan(tmp_path / "tiny.pt", seed=0)
-    save_classifier(tmp_path / "classifier" / "best", build_model("xception_block1", seed=0),
-                    {"config": {"load_size": 32, "crop_size": 32}})
-    args = ["exaggerate", "--generator", str(generator), "--classifier", str(tmp_path / "classifier"), "--steps", "3",
-            "--batch-size", "3", "--eval-n", "5", "--ks", "-1,0,1", "--grid-rows", "2", "--lpips-random",
-            "--device", "cpu", "--precision", "fp32"]
+    ok(single(["sample", str(generator), "--out", str(tmp_path / "images"), "--train", "3", "--val", "0",
+               "--device", "cpu", "--seed", "5"]))
+    args = ["invert", "--generator", str(generator), "--images", str(tmp_path / "images" / "train"), "--steps", "3",
+            "--batch-size", "2", "--lambda-lpips", "0", "--device", "cpu"]
     ok(single([*args, "--out", str(tmp_path / "one")]))
     two = ok(torchrun([*args, "--out", str(tmp_path / "two")]))
-    assert "exaggerate is not sharded: rank 0 runs it alone" in two.stderr
-    assert two.stdout.count("results:") == 1  # printed by rank 0 only
-    for name in ("shift.pt", "metrics.json", "metrics.csv", "grid.png"):
+    assert "invert is not sharded: rank 0 runs it alone" in two.stderr
+    assert two.stdout.count('"out"') == 1  # the summary, printed by rank 0 only
+    names = sorted(p.name for p in (tmp_path / "one").iterdir() if p.suffix in (".png", ".json"))
+    assert "metrics.json" in names and len(names) >= 4
+    for name in names:
         assert (tmp_path / "two" / name).read_bytes() == (tmp_path / "one" / name).read_bytes(), name

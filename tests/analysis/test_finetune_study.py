@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 import torch
 from PIL import Image
 
@@ -195,3 +196,14 @@ def test_user_mistakes_are_one_line_errors(sources, tmp_path: Path) -> None:
     (tmp_path / "c" / "notes.txt").write_text("mine")
     with pytest.raises(InputError, match="not a finetuning run folder"):
         run_finetune(make_config(sources, tmp_path / "c"))
+
+
+def test_a_run_recorded_with_a_numeric_ema_beta_resumes_without_the_option(sources, tmp_path: Path) -> None:
+    """Runs saved before ema_beta defaulted to the step rule recorded 0.999: a plain --resume takes their value."""
+    out = tmp_path / "run"
+    run_finetune(make_config(sources, out, steps=2, log_every=0, grid_rows=0, ema_beta=0.95))
+    longer = run_finetune(make_config(sources, out, steps=3, log_every=0, grid_rows=0, ema_beta=None), resume=True)
+    assert longer["steps"] == 3
+    assert yaml.safe_load((out / "config.yaml").read_text())["ema_beta"] == 0.95
+    with pytest.raises(InputError, match="ema_beta"):  # another explicit value is still a change
+        run_finetune(make_config(sources, out, steps=4, log_every=0, grid_rows=0, ema_beta=0.5), resume=True)

@@ -53,6 +53,18 @@ def make():
 def make_critic():
     torch.manual_seed(0)
     return Net(critic=True)
+
+
+class Uniform(Net):
+    """Trained on latents in [0, 1): its own sampler, which finetuning must use too."""
+
+    def sample_latents(self, n, seed=0, start=0):
+        return torch.rand(start + n, 8, generator=torch.Generator().manual_seed(seed))[start:]
+
+
+def make_uniform():
+    torch.manual_seed(0)
+    return Uniform()
 '''
 
 
@@ -169,3 +181,14 @@ def test_the_default_moving_average_scales_with_the_steps(own, reals, caplog) ->
         explicit = finetuner(reals, ema_beta=0.999).run(3, batch=4, progress=False)
     assert explicit.settings["ema_beta"] == 0.999 and "ema_beta_auto" not in explicit.settings
     assert "half-life is 693 steps, longer than this 3-step run" in caplog.text
+
+
+def test_finetuning_draws_a_module_s_latents_from_its_own_sampler(own, reals) -> None:
+    """A module with its own `sample_latents` is finetuned on latents like those it was made for, not N(0, 1)."""
+    tuner = finetuner(reals, spec="anchorgen:make_uniform")
+    draws = torch.Generator().manual_seed(3)
+    z = tuner._latents(6, draws)
+    assert z.shape == (6, 8) and float(z.min()) >= 0 and float(z.max()) < 1
+    assert torch.equal(z, tuner._latents(6, torch.Generator().manual_seed(3)))  # seeded by the step's draws
+    stock = finetuner(reals)._latents(6, torch.Generator().manual_seed(3))
+    assert float(stock.min()) < 0  # the stock stream stays N(0, 1)
