@@ -29,7 +29,7 @@ from patchscope.common.device import resolve_device, resolve_precision
 from patchscope.common.errors import InputError
 from patchscope.common.labels import LABEL_NAMES, LABELS, REAL
 from patchscope.forensics import checkpoint, data
-from patchscope.forensics.evaluate import EvalConfig, parse_test_spec, predict, printable_path, view_crop_size
+from patchscope.forensics.evaluate import EvalConfig, parse_test_spec, predict, printable_path, scoring_view
 from patchscope.forensics.figures import figure_format, render_figure
 from patchscope.forensics.receptive import ModelLike, Size, output_size, receptive_field
 
@@ -291,22 +291,18 @@ def write_eval_heatmaps(config: EvalConfig, n: int) -> dict[str, dict[str, Any]]
     device = resolve_device(config.device)
     precision = resolve_precision(config.precision, device)
     model, meta = checkpoint.load_classifier(config.run, config.which, device)
-    trained = meta.get("config", {})
-    load_size = config.load_size or trained.get("load_size")
-    crop_size = config.crop_size or trained.get("crop_size")
     run = Path(config.run)
     out = Path(config.out) if config.out else (run if run.is_dir() else run.parent) / "eval"
     # The same dataset settings as evaluate(), so item i is the image that row i of the scores scored.
-    _, view_crop = view_crop_size(config.view, model, load_size, crop_size)
-    rf_size = receptive_field(model).size
-    min_size = min(rf_size, view_crop or load_size or rf_size)
+    sizes = scoring_view(model, meta, config.view, config.load_size, config.crop_size)
     results = {}
     for spec in config.tests:
         name, real, fake = parse_test_spec(spec)
         table = out / f"scores_{name}.csv"
         paths, labels, scores = _read_scores(table)
-        dataset = data.load_split(real, fake, config.split, load_size=load_size, crop_size=view_crop,
-                                  min_size=min_size, on_bad_image=config.on_bad_image, cache=False, train=False)
+        dataset = data.load_split(real, fake, config.split, load_size=sizes.load_size, crop_size=sizes.input_crop,
+                                  min_size=sizes.min_size, on_bad_image=config.on_bad_image, cache=False,
+                                  train=False)
         if [printable_path(p) for p in dataset.paths] != paths:
             raise InputError(f"{table}: lists other images than test set {name!r} holds now; re-run eval")
         groups = select_extremes(scores, labels, n)

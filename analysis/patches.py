@@ -25,7 +25,7 @@ from patchscope.common.errors import InputError
 from patchscope.common.labels import FAKE, LABEL_NAMES, LABELS, REAL, p_fake
 from patchscope.common.progress import progress_bar
 from patchscope.forensics import checkpoint, data
-from patchscope.forensics.evaluate import VIEWS, predict, view_crop_size, warn_size_mismatch
+from patchscope.forensics.evaluate import VIEWS, predict, scoring_view
 from patchscope.forensics.receptive import ModelLike, ReceptiveField, Size, patch_boxes, receptive_field
 
 log = logging.getLogger("patchscope.patches")
@@ -223,18 +223,15 @@ def score_images(cfg: PatchesConfig, device: torch.device) -> dict[str, Any]:
     configure_backends(device)
     model, meta = checkpoint.load_classifier(cfg.run, cfg.which, device)
     model = model.to(memory_format=torch.channels_last)
-    trained = meta.get("config", {})
-    load_size, crop_size = cfg.load_size or trained.get("load_size"), cfg.crop_size or trained.get("crop_size")
-    warn_size_mismatch(trained, load_size, crop_size, log)
-    view, view_crop = view_crop_size(cfg.view, model, load_size, crop_size)
+    sizes = scoring_view(model, meta, cfg.view, cfg.load_size, cfg.crop_size, warn=log)
     rf = receptive_field(model)
     # Not cached: each image is decoded when checked at load and when scored; only the n chosen ones once more.
-    dataset = data.load_split(cfg.real, cfg.fake, cfg.split, load_size=load_size, crop_size=view_crop,
-                              min_size=min(rf.size, view_crop or load_size or rf.size),
-                              on_bad_image=cfg.on_bad_image, cache=False, workers=cfg.workers, train=False)
+    dataset = data.load_split(cfg.real, cfg.fake, cfg.split, load_size=sizes.load_size, crop_size=sizes.input_crop,
+                              min_size=sizes.min_size, on_bad_image=cfg.on_bad_image, cache=False,
+                              workers=cfg.workers, train=False)
     loader = data.make_loader(dataset, cfg.batch_size, train=False, workers=cfg.workers, device_type=device.type)
     logits, labels = predict(model, loader, device, resolve_precision(cfg.precision, device), keep_logits=True)
-    return {"model": model, "meta": meta, "rf": rf, "dataset": dataset, "labels": labels, "view": view,
+    return {"model": model, "meta": meta, "rf": rf, "dataset": dataset, "labels": labels, "view": sizes.view,
             "probs": p_fake(logits), "input_size": tuple(dataset[0][0].shape[-2:])}
 
 

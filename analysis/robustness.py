@@ -18,10 +18,9 @@ from patchscope.common.atomic import write_json, write_text
 from patchscope.common.device import configure_backends, resolve_device, resolve_precision
 from patchscope.common.errors import InputError
 from patchscope.forensics import checkpoint, data
-from patchscope.forensics.evaluate import EvalConfig, parse_test_spec, predict, view_crop_size
+from patchscope.forensics.evaluate import EvalConfig, parse_test_spec, predict, scoring_view
 from patchscope.forensics.figures import figure_format, save_figure
 from patchscope.forensics.perturb import Perturbation, PerturbedImageSet, parse_perturbations
-from patchscope.forensics.receptive import receptive_field
 from patchscope.forensics.scoring import compute_metrics, image_scores
 
 log = logging.getLogger("patchscope.robustness")
@@ -76,23 +75,20 @@ def evaluate_robustness(config: EvalConfig, real: str | os.PathLike, fake: str |
     configure_backends(torch_device)
     model, meta = checkpoint.load_classifier(run, config.which, torch_device)
     model = model.to(memory_format=torch.channels_last)
-    trained = meta.get("config", {})
-    load_size = config.load_size or trained.get("load_size")
-    crop_size = config.crop_size or trained.get("crop_size")
-    view, view_crop = view_crop_size(config.view, model, load_size, crop_size)
-    rf_size = receptive_field(model).size
-    min_size = min(rf_size, view_crop or load_size or rf_size)
-    real_set, fake_set = (data.ImageSet(data.list_images(source, split), load_size=load_size, min_size=min_size,
-                                        on_bad_image=config.on_bad_image, cache=True, workers=workers)
+    sizes = scoring_view(model, meta, config.view, config.load_size, config.crop_size)
+    real_set, fake_set = (data.ImageSet(data.list_images(source, split), load_size=sizes.load_size,
+                                        min_size=sizes.min_size, on_bad_image=config.on_bad_image, cache=True,
+                                        workers=workers)
                           for source in (real, fake))
     score = dict(batch_size=config.batch_size, device=torch_device, precision=precision, workers=workers,
                  aggregation=aggregation)
 
-    clean = data.RealFakeDataset(real_set, fake_set, crop_size=view_crop, train=False)
+    clean = data.RealFakeDataset(real_set, fake_set, crop_size=sizes.input_crop, train=False)
     rows = [{"perturbation": CLEAN, "level": None, **_score_level(model, clean, **score)}]
     for perturbation in levels:
         dataset = data.RealFakeDataset(PerturbedImageSet(real_set, perturbation),
-                                       PerturbedImageSet(fake_set, perturbation), crop_size=view_crop, train=False)
+                                       PerturbedImageSet(fake_set, perturbation), crop_size=sizes.input_crop,
+                                       train=False)
         level = float(perturbation.level)
         rows.append({"perturbation": perturbation.kind, "level": int(level) if level.is_integer() else level,
                      **_score_level(model, dataset, **score)})
@@ -104,9 +100,9 @@ def evaluate_robustness(config: EvalConfig, real: str | os.PathLike, fake: str |
     write_text(out / "robustness.csv", _csv_text(rows))
     write_json(out / "robustness.json", {"run": str(run), "checkpoint_epoch": meta.get("epoch"),
                                          "model": meta.get("model"), "real": str(real), "fake": str(fake),
-                                         "split": split, "aggregation": aggregation, "load_size": load_size,
-                                         "crop_size": crop_size, "view": view, "input_size": view_crop,
-                                         "rows": rows})
+                                         "split": split, "aggregation": aggregation, "load_size": sizes.load_size,
+                                         "crop_size": sizes.crop_size, "view": sizes.view,
+                                         "input_size": sizes.input_crop, "rows": rows})
     plot_robustness(rows, out / "robustness.png", title=f"{meta.get('model')}: robustness ({aggregation})")
     return rows
 

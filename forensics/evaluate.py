@@ -50,6 +50,30 @@ def view_crop_size(view: str, model: Any, load_size: int | None, crop_size: int 
     return view, (load_size if view == "full" else crop_size)
 
 
+@dataclass(frozen=True)
+class ScoringView:
+    """How a trained classifier scores images (eval, score, patches, heatmaps, robustness): the sizes asked for,
+    else those it was trained at; the view and the crop the data code takes for it; the smallest image accepted."""
+    load_size: int | None
+    crop_size: int | None       # as configured (recorded); `input_crop` is what is cut
+    view: str
+    input_crop: int | None
+    min_size: int
+
+
+def scoring_view(model: Any, meta: dict[str, Any], view: str, load_size: int | None = None,
+                 crop_size: int | None = None, warn: logging.Logger | None = None) -> ScoringView:
+    """The `ScoringView` of a loaded classifier and its metadata; with `warn`, sizes other than the trained ones
+    are said there (`warn_size_mismatch`)."""
+    trained = meta.get("config", {})
+    load_size, crop_size = load_size or trained.get("load_size"), crop_size or trained.get("crop_size")
+    if warn is not None:
+        warn_size_mismatch(trained, load_size, crop_size, warn)
+    view, input_crop = view_crop_size(view, model, load_size, crop_size)
+    rf_size = receptive_field(model).size
+    return ScoringView(load_size, crop_size, view, input_crop, min(rf_size, input_crop or load_size or rf_size))
+
+
 @torch.no_grad()
 def predict(model: torch.nn.Module, loader, device: torch.device, precision: str = "fp32",
             memory_format: torch.memory_format = torch.channels_last,
@@ -169,22 +193,16 @@ def evaluate(config: EvalConfig) -> dict[str, Any]:
     configure_backends(device)
     model, meta = checkpoint.load_classifier(config.run, config.which, device)
     model = model.to(memory_format=torch.channels_last)
-    trained = meta.get("config", {})
-    load_size = config.load_size or trained.get("load_size")
-    crop_size = config.crop_size or trained.get("crop_size")
-    warn_size_mismatch(trained, load_size, crop_size, log)
-    view, view_crop = view_crop_size(config.view, model, load_size, crop_size)
+    sizes = scoring_view(model, meta, config.view, config.load_size, config.crop_size, warn=log)
     out = Path(config.out) if config.out else _run_dir(config.run) / "eval"
     distributed.run_on_main(_check_out, out, config.force)
-    rf_size = receptive_field(model).size
-    min_size = min(rf_size, view_crop or load_size or rf_size)
 
     results: dict[str, Any] = {}
     curves = {}
     rows = []
     for name, real, fake in specs:
-        dataset = data.load_split(real, fake, config.split, load_size=load_size, crop_size=view_crop,
-                                  min_size=min_size, on_bad_image=config.on_bad_image, cache=False,
+        dataset = data.load_split(real, fake, config.split, load_size=sizes.load_size, crop_size=sizes.input_crop,
+                                  min_size=sizes.min_size, on_bad_image=config.on_bad_image, cache=False,
                                   workers=config.workers, train=False, seed=0, store=config.store)
         loader = data.make_loader(dataset, config.batch_size, train=False, workers=config.workers,
                                   device_type=device.type, rank=distributed.rank(),
@@ -205,8 +223,8 @@ def evaluate(config: EvalConfig) -> dict[str, Any]:
         log.info("%s: AP %.4f, accuracy %.4f (real %.4f, fake %.4f), n=%d",
                  name, m["ap"], m["acc"], m["acc_real"], m["acc_fake"], m["n"])
     summary = {"run": str(config.run), "checkpoint_epoch": meta.get("epoch"), "model": meta.get("model"),
-               "aggregation": config.aggregation, "load_size": load_size, "crop_size": crop_size,
-               "view": view, "input_size": view_crop, "split": config.split, "results": results}
+               "aggregation": config.aggregation, "load_size": sizes.load_size, "crop_size": sizes.crop_size,
+               "view": sizes.view, "input_size": sizes.input_crop, "split": config.split, "results": results}
     distributed.run_on_main(_write_results, out, config, summary, rows, curves, meta)
     return {**summary, "out": str(out)}
 

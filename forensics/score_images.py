@@ -26,8 +26,7 @@ from patchscope.common.device import PRECISIONS, configure_backends, resolve_dev
 from patchscope.common.errors import InputError
 from patchscope.common.labels import p_fake
 from patchscope.forensics import checkpoint, data
-from patchscope.forensics.evaluate import VIEWS, predict, printable_path, view_crop_size, warn_size_mismatch
-from patchscope.forensics.receptive import receptive_field
+from patchscope.forensics.evaluate import VIEWS, predict, printable_path, scoring_view
 from patchscope.forensics.scoring import AGGREGATIONS, image_scores
 
 log = logging.getLogger("patchscope.score")
@@ -153,23 +152,17 @@ def score_images(config: ScoreConfig, progress: bool = False) -> ImageScores:
     configure_backends(device)
     model, meta = checkpoint.load_classifier(config.run, config.which, device)
     model = model.to(memory_format=torch.channels_last)
-    trained = meta.get("config", {})
-    load_size = config.load_size or trained.get("load_size")
-    crop_size = config.crop_size or trained.get("crop_size")
-    warn_size_mismatch(trained, load_size, crop_size, log)
-    view, view_crop = view_crop_size(config.view, model, load_size, crop_size)
-    rf_size = receptive_field(model).size
-    min_size = min(rf_size, view_crop or load_size or rf_size)  # eval's rule
-    images = data.ImageSet(paths, load_size=load_size, min_size=min_size, on_bad_image=config.on_bad_image,
-                           cache=False, workers=config.workers, progress=progress)
-    dataset = UnlabelledImages(images, view_crop)
+    sizes = scoring_view(model, meta, config.view, config.load_size, config.crop_size, warn=log)  # eval's
+    images = data.ImageSet(paths, load_size=sizes.load_size, min_size=sizes.min_size,
+                           on_bad_image=config.on_bad_image, cache=False, workers=config.workers, progress=progress)
+    dataset = UnlabelledImages(images, sizes.input_crop)
     loader = data.make_loader(dataset, config.batch_size, train=False, workers=config.workers,
                               device_type=device.type)
     logits, _ = predict(model, loader, device, precision, keep_logits=True)
     scores = {mode: image_scores(logits, mode).numpy() for mode in AGGREGATIONS}
     info = {"run": str(config.run), "checkpoint": str(checkpoint.resolve_checkpoint(config.run, config.which)),
-            "model": meta.get("model"), "checkpoint_epoch": meta.get("epoch"), "load_size": load_size,
-            "crop_size": crop_size, "view": view, "input_size": view_crop, "device": str(device),
+            "model": meta.get("model"), "checkpoint_epoch": meta.get("epoch"), "load_size": sizes.load_size,
+            "crop_size": sizes.crop_size, "view": sizes.view, "input_size": sizes.input_crop, "device": str(device),
             "precision": precision}
     return ImageScores(list(images.paths), scores, p_fake(logits), list(images.skipped), info, dataset, model)
 
