@@ -34,7 +34,7 @@ from patchscope.common.atomic import write_json, write_text
 from patchscope.common.checks import check_bool, check_choice, check_float, check_int, check_text, require
 from patchscope.common.device import PRECISIONS, configure_backends, resolve_device, resolve_precision
 from patchscope.common.errors import InputError
-from patchscope.common.runfolder import RunFolder
+from patchscope.common.runfolder import RECORD, RunFolder
 from patchscope.forensics.checkpoint import CHECKPOINT_CHOICES, load_classifier, resolve_checkpoint
 from patchscope.forensics.data import BAD_IMAGE_POLICIES
 from patchscope.forensics.scoring import AGGREGATIONS
@@ -163,12 +163,12 @@ def render_finetune_grid(comparison: Comparison, steps: int, tile_size: int | No
 # ----------------------------------------------------------------------------- the study
 
 def _check_out(config: FinetuneConfig, resume: bool, force: bool) -> None:
-    RUN_FOLDER.check(config.out, _with_saved_ema(config, resume), resume=resume, force=force)
+    RUN_FOLDER.check(config.out, config, resume=resume, force=force)
 
 
 def _with_saved_ema(config: FinetuneConfig, resume: bool) -> FinetuneConfig:
     """A run recorded before `ema_beta` defaulted to the step rule (0.999 then) resumes with its own value."""
-    record = Path(config.out) / "config.yaml"
+    record = Path(config.out) / RECORD
     if not resume or config.ema_beta is not None or not record.is_file():
         return config
     saved = configs.read_yaml(record).get("ema_beta")
