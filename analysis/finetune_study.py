@@ -258,10 +258,7 @@ def run_finetune(config: FinetuneConfig, resume: bool = False, force: bool = Fal
     with distributed.alike():
         for name in ("generator", "classifier", "real", "out"):
             require(config, name)
-        world = distributed.world_size()
-        if config.batch_size % world:
-            raise InputError(f"--batch-size {config.batch_size} (the global batch) does not split over {world} "
-                             f"processes: use a multiple of {world}")
+        distributed.check_global_batch(config.batch_size)
         device = distributed.setup(resolve_device(config.device))
     config = _with_saved_ema(config, resume)
     distributed.run_on_main(_check_out, config, resume, force)

@@ -268,10 +268,7 @@ def run_exaggerate(config: ExaggerateConfig, resume: bool = False, force: bool =
     with distributed.alike():
         for name in ("generator", "classifier", "out"):
             require(config, name)
-        world = distributed.world_size()
-        if config.batch_size % world:
-            raise InputError(f"--batch-size {config.batch_size} (the global batch) does not split over {world} "
-                             f"processes: use a multiple of {world}")
+        distributed.check_global_batch(config.batch_size)
         eval_seed = _eval_seed(config)
         device = distributed.setup(resolve_device(config.device))
     distributed.run_on_main(_check_out, config, resume, force)

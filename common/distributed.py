@@ -257,6 +257,15 @@ def all_reduce_grads(params: Any) -> None:
             torch.distributed.all_reduce(param.grad, op=torch.distributed.ReduceOp.SUM)
 
 
+def check_global_batch(batch: int, per_rank_multiple: int = 1, why: str = "") -> None:
+    """Refuse, on every rank alike, a global `--batch-size` the processes cannot share evenly (each rank taking a
+    multiple of `per_rank_multiple`, `why` saying why); nothing in a single process unless that multiple fails."""
+    world, step = world_size(), per_rank_multiple * world_size()
+    if batch % step:
+        refuse(f"--batch-size {batch} (the global batch) does not split over {world} processes{why}: "
+               f"use a multiple of {step}")
+
+
 def share_of(total: int, what: str) -> tuple[int, int]:
     """(first row, rows) of this rank's contiguous slice of a global batch of `total` rows; a total the ranks
     cannot split evenly is refused on every rank alike (a ValueError naming `what`)."""

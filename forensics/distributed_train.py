@@ -23,9 +23,7 @@ def with_world_size(config: Any) -> Any:
     ranks cannot split evenly (each rank needs an even share: half real, half fake) is refused on every rank
     alike, before any process waits."""
     world = distributed.world_size()
-    if config.batch_size % (2 * world):
-        distributed.refuse(f"--batch-size {config.batch_size} (the global batch) does not split over {world} "
-                           f"processes with half real and half fake images on each: use a multiple of {2 * world}")
+    distributed.check_global_batch(config.batch_size, 2, " with half real and half fake images on each")
     return dataclasses.replace(config, world_size=world)
 
 
