@@ -25,7 +25,7 @@ from torch import nn
 
 from patchscope.common.errors import InputError
 from patchscope.generators.base import Generator, StyleGenerator
-from patchscope.generators.custom_weights import load_with_loose_buffers, read_weights, with_loose_buffers
+from patchscope.generators.custom_weights import load_with_loose_buffers, one_line, read_weights, with_loose_buffers
 from patchscope.generators.io.formats import checkpoint_sha256, load_generator
 
 SPEC = re.compile(r"^([A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*):([A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*)$")
@@ -101,7 +101,7 @@ def open_generator(spec: str | os.PathLike, weights: str | os.PathLike | None = 
             raise
         except Exception as err:  # the user's forward or mapping: a wrong latent_dim, a bug in their code
             raise InputError(f"{text}: one latent [1, {generator.latent_dim}] through it raised "
-                             f"{type(err).__name__}: {_one_line(err)}") from None
+                             f"{type(err).__name__}: {one_line(err)}") from None
     _check_output(text, generator)
     module_file = getattr(module, "__file__", None)
     generator.module_source = ModuleSource(
@@ -246,7 +246,7 @@ def load_user_weights(generator: Generator, state: dict[str, torch.Tensor], wher
         try:
             load_with_loose_buffers(module, weights)
         except RuntimeError as err:
-            raise InputError(f"{where}: weights do not fit the network ({_one_line(err)})") from None
+            raise InputError(f"{where}: weights do not fit the network ({one_line(err)})") from None
 
 
 # ----------------------------------------------------------------------------- provenance
@@ -300,11 +300,6 @@ def _current_folder_importable() -> Iterator[None]:
             sys.path.remove(cwd)
 
 
-def _one_line(err: BaseException) -> str:
-    text = str(err).strip().splitlines()
-    return (text[0] if text else type(err).__name__)[:300]
-
-
 def _import(spec: str, name: str) -> Any:
     try:
         return importlib.import_module(name)
@@ -312,9 +307,9 @@ def _import(spec: str, name: str) -> Any:
         if err.name and (err.name == name or name.startswith(err.name + ".")):
             raise InputError(f"{spec}: no such file, and no module {name!r} to import from the current folder "
                              f"or the environment") from None
-        raise InputError(f"{spec}: importing {name} failed: {_one_line(err)}") from None
+        raise InputError(f"{spec}: importing {name} failed: {one_line(err)}") from None
     except Exception as err:  # the user's module body: anything it raises is one line
-        raise InputError(f"{spec}: importing {name} raised {type(err).__name__}: {_one_line(err)}") from None
+        raise InputError(f"{spec}: importing {name} raised {type(err).__name__}: {one_line(err)}") from None
 
 
 def _attribute(spec: str, module: Any, path: str) -> Any:
@@ -335,7 +330,7 @@ def _call(spec: str, factory: Any) -> Any:
         with torch.random.fork_rng(devices=[]):
             return factory()
     except Exception as err:
-        raise InputError(f"{spec}: calling it raised {type(err).__name__}: {_one_line(err)}") from None
+        raise InputError(f"{spec}: calling it raised {type(err).__name__}: {one_line(err)}") from None
 
 
 def _size(spec: str, net: nn.Module, names: tuple[str, ...], option: int | None, flag: str) -> int | None:
@@ -363,7 +358,7 @@ def _check_output(spec: str, generator: Generator) -> None:
         raise
     except Exception as err:
         raise InputError(f"{spec}: one latent [1, {generator.latent_dim}] through it raised "
-                         f"{type(err).__name__}: {_one_line(err)}") from None
+                         f"{type(err).__name__}: {one_line(err)}") from None
     expected = [1, 3, generator.resolution, generator.resolution]
     if not isinstance(out, torch.Tensor) or list(out.shape) != expected:
         shape = list(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__

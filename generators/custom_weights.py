@@ -43,10 +43,11 @@ def read_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     try:
         return load_file(os.fspath(path))
     except (SafetensorError, OSError, ValueError, RuntimeError) as err:
-        raise InputError(f"{path}: not a safetensors state dict ({_one_line(err)}); --weights takes the "
+        raise InputError(f"{path}: not a safetensors state dict ({one_line(err)}); --weights takes the "
                          f"generator.safetensors a finetune of this generator wrote") from None
 
 
-def _one_line(err: BaseException) -> str:
+def one_line(err: BaseException) -> str:
+    """The first line of an error's message (its type's name when it has none), at most 300 characters."""
     text = str(err).strip().splitlines()
     return (text[0] if text else type(err).__name__)[:300]
