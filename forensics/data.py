@@ -11,7 +11,7 @@ import logging
 import multiprocessing
 import os
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -176,11 +176,6 @@ def _job_runner(workers: int, count: int) -> Iterator[Callable]:
         yield lambda job, items: pool.imap(job, items, chunksize=chunk)
 
 
-def _fill_store(store: str | os.PathLike, paths: list[Path], load_size: int | None, run: Callable, job: Callable) -> None:
-    for _ in stores.fetch(store, paths, load_size, run, job):
-        pass
-
-
 class ImageSet:
     """Images of one class, each decoded once at construction (the bad-file check); kept in memory when cached.
 
@@ -206,22 +201,32 @@ class ImageSet:
         job = functools.partial(_decode_entry, load_size=load_size, keep=cache or store is not None)
         with _job_runner(workers, len(candidates)) as run:
             if store is None:
-                outcomes = progress_bar(run(job, candidates), total=len(candidates), disable=not progress,
-                                        desc="decoding" if cache else "checking", unit="img")
-            else:  # decoded once into the store (only what it lacks), then read from its memory maps
-                if distributed.active():  # torchrun: rank 0 fills it, then every rank reads it (one copy, no race)
-                    distributed.run_on_main(_fill_store, store, candidates, load_size, run, job)
-                outcomes = stores.fetch(store, candidates, load_size, run, job, progress=functools.partial(
-                    progress_bar, disable=not progress, desc="storing", unit="img"))
-            with contextlib.closing(iter(outcomes)):  # a bad file under "error" discards an unfinished segment
-                for outcome, path in zip(outcomes, candidates):  # outcomes first: a store commits at its end
-                    self._admit(path, *outcome)
+                self._admit_all(candidates, progress_bar(run(job, candidates), total=len(candidates),
+                                                         disable=not progress, desc="decoding" if cache else "checking",
+                                                         unit="img"))
+            elif distributed.active():  # torchrun: rank 0 fills the store as it reads it, then the others read it
+                distributed.run_on_main(self._read_store, store, candidates, run, job, progress)
+                if not distributed.is_main():
+                    self._read_store(store, candidates, run, job, progress)
+            else:
+                self._read_store(store, candidates, run, job, progress)
         if not self.paths:
             path, reason = self.skipped[0]
             raise InputError(f"none of the {len(candidates)} images could be read (first: {path}: {reason})")
         if self.skipped:
             log.warning("skipped %d of %d images that could not be read: %s", len(self.skipped), len(candidates),
                         "; ".join(f"{path} ({reason})" for path, reason in self.skipped))
+
+    def _read_store(self, store: str | os.PathLike, candidates: list[Path], run: Callable, job: Callable,
+                    progress: bool) -> None:
+        """Decoded once into the store (only what it lacks), then read from its memory maps."""
+        bar = functools.partial(progress_bar, disable=not progress, desc="storing", unit="img")
+        self._admit_all(candidates, stores.fetch(store, candidates, self.load_size, run, job, progress=bar))
+
+    def _admit_all(self, candidates: list[Path], outcomes: Iterable) -> None:
+        with contextlib.closing(iter(outcomes)):  # a bad file under "error" discards an unfinished segment
+            for outcome, path in zip(outcomes, candidates):  # outcomes first: a store commits at its end
+                self._admit(path, *outcome)
 
     def _admit(self, path: Path, pixels: np.ndarray | stores.Ref | None, original: tuple[int, int] | None,
                reason: str | None) -> None:
