@@ -35,6 +35,7 @@ from patchscope.common.runfolder import RunFolder
 from patchscope.common.userfiles import read_regular
 from patchscope.forensics import checkpoint
 from patchscope.forensics.models import MODELS, build_model
+from patchscope.forensics.pretrained import without_data_parallel
 
 PUBLIC_FAKE_CLASS = 0          # the public code's default --fake_class_id
 MAX_FILE_BYTES = 1 << 30       # its largest model (full Xception, 20.8 M parameters) with Adam state is ~0.3 GB
@@ -144,8 +145,7 @@ def _unwrap(path: str | Path, loaded: Any) -> tuple[dict[str, torch.Tensor], dic
     bad = next((k for k, v in state.items() if not isinstance(k, str) or not isinstance(v, torch.Tensor)), None)
     if bad is not None:
         raise CheckpointError(f"{path}: state dict entry {bad!r:.60} is not a named tensor; expected {WHAT}")
-    if all(k.startswith("module.") for k in state):  # saved from inside DataParallel
-        state = {k[len("module."):]: v for k, v in state.items()}
+    state = without_data_parallel(state)
     counters = {k: record[k] for k in ("epoch", "best_val_metric", "best_val_ep")
                 if isinstance(record.get(k), (int, float)) and not isinstance(record[k], bool)
                 and math.isfinite(record[k])}

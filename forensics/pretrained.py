@@ -36,6 +36,13 @@ PUBLISHED = {
 }
 
 
+def without_data_parallel(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A state dict saved from inside DataParallel (every key under `module.`) with that prefix taken off."""
+    if state and all(k.startswith("module.") for k in state):
+        return {k[len("module."):]: v for k, v in state.items()}
+    return state
+
+
 def read_weight_file(path: str | Path) -> dict[str, torch.Tensor]:
     """The tensors of a `.safetensors` file or a torch state dict (possibly wrapped), by name, on the CPU."""
     path = Path(path)
@@ -54,9 +61,7 @@ def read_weight_file(path: str | Path) -> dict[str, torch.Tensor]:
             break
     if not isinstance(loaded, dict):
         raise InputError(f"{path}: holds a {type(loaded).__name__}, not a state dict of named tensors")
-    tensors = {str(k): v for k, v in loaded.items() if isinstance(v, torch.Tensor)}
-    if tensors and all(k.startswith("module.") for k in tensors):  # saved from DataParallel
-        tensors = {k[len("module."):]: v for k, v in tensors.items()}
+    tensors = without_data_parallel({str(k): v for k, v in loaded.items() if isinstance(v, torch.Tensor)})
     if not tensors:
         raise InputError(f"{path}: holds no tensors (expected a state dict of named tensors)")
     return tensors
