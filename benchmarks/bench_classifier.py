@@ -22,6 +22,7 @@ VARIANTS = {
     "nchw_fp32": (torch.contiguous_format, False, False),  # what the public code runs
     "cl_fp32": (torch.channels_last, False, False),         # patchscope's default on CPU
     "cl_bf16": (torch.channels_last, True, False),          # patchscope's default on CUDA
+    "cl_fp32_compile": (torch.channels_last, False, True),
     "cl_bf16_compile": (torch.channels_last, True, True),
 }
 

@@ -97,6 +97,12 @@ step sample -- "${PS[@]}" sample "$GEN" --out "$W/fake" --train $((CROPS * 4)) -
     --device "$DEVICE"
 step train -- "${PS[@]}" train --real "$W/real" --fake "$W/fake" --out "$W/run" --model xception_block1 \
     --init kaiming --load-size 32 --crop-size 32 --batch-size 16 --max-epochs 2 --device "$DEVICE"
+step train_compile -- "${PS[@]}" train --real "$W/real" --fake "$W/fake" --out "$W/run_compiled" \
+    --model xception_block1 --init kaiming --load-size 32 --crop-size 32 --batch-size 16 --max-epochs 1 --compile \
+    --device "$DEVICE"
+if grep -q "torch.compile of\|--compile:" "$LOGS/train_compile.log" 2>/dev/null; then
+    echo "    train_compile ran uncompiled: $(grep -m1 "torch.compile of\|--compile:" "$LOGS/train_compile.log")"
+fi
 step eval -- "${PS[@]}" eval "$W/run" --test "tiny=$W/real,$W/fake" --heatmaps 2 --device "$DEVICE"
 step score -- "${PS[@]}" score "$W/run" "$W/fake/test" --out "$W/scores" --device "$DEVICE"
 step patches -- "${PS[@]}" patches "$W/run" --real "$W/real" --fake "$W/fake" -n 4 --device "$DEVICE"
@@ -157,6 +163,11 @@ fi
 step bench "$BENCH_TIMEOUT" -- "$PYTHON" "$ROOT/benchmarks/run.py" --device "$DEVICE" --json "$OUT/bench.json" \
     "${BENCH_ARGS[@]}"
 [ -f "$LOGS/bench.log" ] && sed -n '/^| workload/,$p' "$LOGS/bench.log"
+if [ "$QUICK" != 1 ] && [ "$DEVICE" != cpu ]; then  # the compiled classifier step beside the eager one
+    step bench_compile "$STEP_TIMEOUT" -- "$PYTHON" "$ROOT/benchmarks/run.py" --device "$DEVICE" --workloads train,eval \
+        --models xception_block2 --sizes 299 --steps 10 --warmup 3 --compile --json "$OUT/bench_compile.json"
+    [ -f "$LOGS/bench_compile.log" ] && sed -n '/^| workload/,$p' "$LOGS/bench_compile.log"
+fi
 
 echo
 echo "== summary ($OUT)"

@@ -193,9 +193,11 @@ class Bench:
                                   "module are left out, so it is a lower bound",
                 "argv": sys.argv[1:]}
 
-    def measure(self, step: Callable[[], object], batch: int, steps: int | None = None) -> dict[str, float]:
+    def measure(self, step: Callable[[], object], batch: int, steps: int | None = None,
+                warmup: int | None = None) -> dict[str, float]:
         with PeakMemory(self.device) as memory:
-            seconds = time_steps(step, self.device, self.args.warmup, steps or self.args.steps)
+            seconds = time_steps(step, self.device, self.args.warmup if warmup is None else warmup,
+                                 steps or self.args.steps)
         return {"images_per_s": batch / seconds, "ms_per_step": seconds * 1e3, "peak_mem_mib": memory.mib}
 
     def add(self, row: dict[str, Any], reference: dict[str, float] | None = None) -> None:
@@ -221,19 +223,25 @@ class Bench:
             for size in self.args.sizes:
                 flops, act_bytes = classifier_traffic(name, size, self.device, self.ours)
                 factor = TRAIN_BYTES_FACTOR if mode == "train" else EVAL_BYTES_FACTOR
-                row = {"workload": mode, "name": name, "px": size, "batch": batch, "variant": self.ours}
-                row.update(self.measure(bench_classifier.make_step(name, size, batch, mode, self.ours, self.device),
-                                        batch))
-                self.release()
-                seconds = row["ms_per_step"] / 1e3
-                step_flops = flops * batch * (3 if mode == "train" else 1)  # training ~ 3x the forward
-                row.update(gflop_per_image=flops / 1e9, mfu=step_flops / seconds / self.peak[self.precision],
-                           gb_per_step=act_bytes * batch * factor / 1e9,
-                           bandwidth_util=act_bytes * batch * factor / seconds / self.bandwidth)
+                rows = []
+                for variant in (self.ours, *((f"{self.ours}_compile",) if self.args.compile else ())):
+                    row = {"workload": mode, "name": name, "px": size, "batch": batch, "variant": variant}
+                    # a compiled step compiles in its warm-up steps: at least one, so it is not timed
+                    warmup = max(self.args.warmup, 1) if variant.endswith("_compile") else None
+                    row.update(self.measure(bench_classifier.make_step(name, size, batch, mode, variant,
+                                                                       self.device), batch, warmup=warmup))
+                    self.release()
+                    seconds = row["ms_per_step"] / 1e3
+                    step_flops = flops * batch * (3 if mode == "train" else 1)  # training ~ 3x the forward
+                    row.update(gflop_per_image=flops / 1e9, mfu=step_flops / seconds / self.peak[self.precision],
+                               gb_per_step=act_bytes * batch * factor / 1e9,
+                               bandwidth_util=act_bytes * batch * factor / seconds / self.bandwidth)
+                    rows.append(row)
                 reference = self.measure(bench_classifier.make_step(name, size, batch, mode, "nchw_fp32",
                                                                     self.device), batch)
                 self.release()
-                self.add(row, reference)
+                for row in rows:
+                    self.add(row, reference)
 
     # --- training from image files on disk
 
@@ -500,6 +508,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=3, help="timed steps per measurement  [default: 3]")
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps first  [default: 1]")
     parser.add_argument("--batch", type=int, help="classifier batch  [default: 256 on CUDA, 32 on CPU]")
+    parser.add_argument("--compile", action="store_true",
+                        help="train, eval: also time the step under torch.compile (as `train --compile`)")
     parser.add_argument("--files", type=int, help="PNGs (256 px) the from-files workloads read  "
                                                   "[default: 4 batches]")
     parser.add_argument("--files-model", default="xception_block2", help="classifier of files and ddp")

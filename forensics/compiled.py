@@ -1,0 +1,77 @@
+"""torch.compile with a way back to eager execution.
+
+`--compile` is a speed setting, never a reason for a run to fail: where the compiler cannot run (the CPU backend
+needs a C++ compiler, the CUDA one Triton) or the first compiled call fails, the run goes on uncompiled after one
+warning. Results do not depend on it beyond floating-point rounding.
+"""
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import shlex
+import shutil
+from typing import Any
+
+import torch
+
+log = logging.getLogger("patchscope.compile")
+
+CXX_CANDIDATES = ("g++", "c++", "clang++")
+
+
+def missing_compiler(device: torch.device) -> str | None:
+    """Why torch.compile's default backend cannot build kernels for `device` here, or None when it can."""
+    if device.type == "cuda":
+        return None if importlib.util.find_spec("triton") is not None else "Triton is not installed"
+    if device.type == "cpu":
+        given = shlex.split(os.environ.get("CXX", ""))[:1]
+        if any(shutil.which(name) for name in (*given, *CXX_CANDIDATES)):
+            return None
+        return f"no C++ compiler ({', '.join(given or CXX_CANDIDATES)}) on PATH"
+    return None
+
+
+class CompiledOrEager(torch.nn.Module):
+    """Calls `torch.compile(module)`; if its first call (where compilation happens) raises, warns once and calls
+    `module` itself from then on. A genuine error in the model raises again from the eager call, so nothing is
+    hidden. train()/eval() reach `module` as usual; the state dict is the module's own (under `module.`)."""
+
+    def __init__(self, module: torch.nn.Module, compiled: Any, what: str):
+        super().__init__()
+        self.module = module
+        object.__setattr__(self, "_compiled", compiled)  # shares module's parameters: not registered twice
+        self._what, self._proven = what, False
+
+    @property
+    def compiled(self) -> bool:
+        """False once the run fell back to eager."""
+        return self._compiled is not self.module
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        if self._proven:
+            return self._compiled(*args, **kwargs)
+        try:
+            out = self._compiled(*args, **kwargs)
+        except (KeyboardInterrupt, MemoryError):
+            raise
+        except Exception as error:  # BackendCompilerFailed, InductorError, a missing header, ...
+            first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            log.warning("torch.compile of %s failed (%s: %s); running it uncompiled", self._what,
+                        type(error).__name__, first[:300])
+            object.__setattr__(self, "_compiled", self.module)
+            out = self.module(*args, **kwargs)
+        self._proven = True
+        return out
+
+
+def maybe_compile(module: torch.nn.Module, enabled: bool, device: torch.device,
+                  what: str = "the model") -> torch.nn.Module:
+    """`module` compiled when `enabled` and the compiler can run on `device` (else `module`, with a warning)."""
+    if not enabled:
+        return module
+    missing = missing_compiler(device)
+    if missing is not None:
+        log.warning("--compile: %s, so %s runs uncompiled", missing, what)
+        return module
+    return CompiledOrEager(module, torch.compile(module), what)

@@ -1,0 +1,84 @@
+"""`--compile` never stops a run: without a compiler, or when the first compiled call fails, the model runs eagerly
+after one warning; a real error in the model still raises; a working compile gives the eager outputs."""
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+from patchscope.forensics import compiled
+from patchscope.forensics.compiled import CompiledOrEager, maybe_compile, missing_compiler
+
+CPU = torch.device("cpu")
+
+
+def _net() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.ReLU())
+
+
+def test_disabled_is_the_module_itself():
+    net = _net()
+    assert maybe_compile(net, False, CPU) is net
+
+
+def test_without_a_cpp_compiler_it_runs_eagerly_and_says_why(monkeypatch, caplog):
+    monkeypatch.setattr(compiled.shutil, "which", lambda name: None)
+    monkeypatch.setenv("CXX", "my-cxx --flag")
+    assert missing_compiler(CPU) == "no C++ compiler (my-cxx) on PATH"
+    monkeypatch.delenv("CXX")
+    assert missing_compiler(CPU) == "no C++ compiler (g++, c++, clang++) on PATH"
+    net = _net()
+    with caplog.at_level(logging.WARNING, logger="patchscope.compile"):
+        assert maybe_compile(net, True, CPU, what="the classifier") is net
+    assert [r.getMessage() for r in caplog.records] == [
+        "--compile: no C++ compiler (g++, c++, clang++) on PATH, so the classifier runs uncompiled"]
+
+
+def test_cuda_needs_triton(monkeypatch):
+    monkeypatch.setattr(compiled.importlib.util, "find_spec", lambda name: None)
+    assert missing_compiler(torch.device("cuda")) == "Triton is not installed"
+
+
+def test_a_failing_first_call_falls_back_once_with_the_eager_outputs(caplog):
+    net, calls = _net(), []
+
+    def broken(*args, **kwargs):
+        calls.append(args)
+        raise RuntimeError("C++ compile error\nmore lines that are not shown")
+
+    wrapper = CompiledOrEager(net, broken, "the classifier")
+    x = torch.randn(2, 3, 9, 7)
+    with caplog.at_level(logging.WARNING, logger="patchscope.compile"):
+        first = wrapper(x)
+        second = wrapper(x)
+    assert len(calls) == 1 and not wrapper.compiled  # tried once, then never again
+    assert torch.equal(first, net(x)) and torch.equal(second, net(x))
+    assert [r.getMessage() for r in caplog.records] == [
+        "torch.compile of the classifier failed (RuntimeError: C++ compile error); running it uncompiled"]
+    # train()/eval() and the parameters are the module's own
+    wrapper.eval()
+    assert not net.training
+    assert [n for n, _ in wrapper.named_parameters()] == [f"module.{n}" for n, _ in net.named_parameters()]
+
+
+def test_a_real_error_in_the_model_is_not_hidden():
+    def broken(*args, **kwargs):
+        raise RuntimeError("compile failed")
+
+    wrapper = CompiledOrEager(_net(), broken, "the classifier")
+    with pytest.raises(RuntimeError, match="channels"):  # the eager call's own error: 5 channels, not 3
+        wrapper(torch.randn(1, 5, 8, 8))
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(missing_compiler(CPU) is not None, reason="torch.compile needs a C++ compiler here")
+def test_a_working_compile_matches_eager():
+    net = _net().eval()
+    x = torch.randn(3, 3, 11, 10).contiguous(memory_format=torch.channels_last)
+    wrapper = maybe_compile(net, True, CPU)
+    with torch.no_grad():
+        got, want = wrapper(x), net(x)
+    assert isinstance(wrapper, CompiledOrEager) and wrapper.compiled
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
