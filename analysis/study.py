@@ -206,7 +206,7 @@ def trained(cell: Cell) -> bool:
     return stop_reason(cell.train, epoch, since_best, float(best)) is not None
 
 
-EVAL_KEY_IGNORES = ("run", "out", "force", "device", "workers", "batch_size", "store")  # paths, speed: not results
+EVAL_KEY_IGNORES = ("run", "out", "force", "device", "workers", "crop_on", "batch_size", "store")  # paths, speed: not results
 
 
 def _eval_key(study: Study, cell: Cell, test: str) -> dict[str, Any]:

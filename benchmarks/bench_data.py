@@ -1,10 +1,13 @@
 """Data loading alone, images/s: decoding PNG files and Lanczos-resizing them every epoch, against reading the
-prepared image store (`forensics.store`) and the in-memory cache.
+prepared image store (`forensics.store`) and the in-memory cache; then cropping on the host against on the device.
 
 Run: `python benchmarks/bench_data.py [--images 512] [--source-size 128] [--load-size 299] [--workers 0,2]
-[--threads 1]`.
+[--threads 1] [--device cpu|cuda]`.
 Writes random PNGs to a temporary folder, then prints one row per (path, workers); nothing here is asserted.
-Each row: one training epoch through `make_loader` (crop, flip, to float tensors, batch 32), no model.
+Each row: one training epoch through `make_loader` (crop, flip, to float tensors, batch 32), no model. The
+"crop on host/device" rows (memory cache) go on to the model's input on --device: host batches are copied there
+as float32 crops, device batches as uint8 images and cropped there (`forensics.device_crop`); on CUDA the figure
+includes the copies and waits for the last crop.
 """
 from __future__ import annotations
 
@@ -18,6 +21,7 @@ import torch
 from PIL import Image
 
 from patchscope.forensics.data import ImageSet, RealFakeDataset, make_loader
+from patchscope.forensics.device_crop import to_device_batch
 
 
 def write_pngs(folder: Path, count: int, size: int, seed: int) -> list[Path]:
@@ -35,12 +39,22 @@ def write_pngs(folder: Path, count: int, size: int, seed: int) -> list[Path]:
     return paths
 
 
-def epoch_rate(real: ImageSet, fake: ImageSet, crop_size: int, workers: int, batch_size: int = 32) -> float:
+def epoch_rate(real: ImageSet, fake: ImageSet, crop_size: int, workers: int, batch_size: int = 32,
+               crop_on: str | None = None, device: torch.device | None = None) -> float:
+    """Images/s of one epoch; with `crop_on`, each batch is taken on to channels_last float32 input on `device`."""
     dataset = RealFakeDataset(real, fake, crop_size=crop_size, train=True, seed=0)
-    loader = make_loader(dataset, batch_size, train=True, seed=0, workers=workers)
+    device_type = device.type if crop_on is not None else "cpu"
+    loader = make_loader(dataset, batch_size, train=True, seed=0, workers=workers, device_type=device_type,
+                         crop_on=crop_on or "host")
     start, seen = time.perf_counter(), 0
-    for x, _, _ in loader:
+    for batch in loader:
+        if crop_on is not None:
+            x, _, _ = to_device_batch(batch, device, torch.channels_last)
+        else:
+            x = batch[0]
         seen += len(x)
+    if device is not None and device.type == "cuda":
+        torch.cuda.synchronize(device)
     return seen / (time.perf_counter() - start)
 
 
@@ -52,16 +66,19 @@ def main() -> None:
     parser.add_argument("--crop-size", type=int, default=299)
     parser.add_argument("--workers", default="0,2", help="DataLoader worker counts to try")
     parser.add_argument("--threads", type=int, help="torch CPU threads of this process (collate)  [default: torch's]")
+    parser.add_argument("--device", default="cpu", help="where the crop-on rows put the model's input: cpu | cuda[:N]")
+    parser.add_argument("--epochs", type=int, default=3, help="epochs of each crop-on row (the best one counts)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     workers = [int(w) for w in args.workers.split(",")]
+    device = torch.device(args.device)
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         half = args.images // 2
         sources = [write_pngs(root / kind, half, args.source_size, seed) for seed, kind in enumerate(("real", "fake"))]
         print(f"{args.images} PNGs of {args.source_size} px, load size {args.load_size}, crop {args.crop_size}, "
-              f"{torch.get_num_threads()} torch thread(s)")
+              f"{torch.get_num_threads()} torch thread(s), crop-on rows to {device}")
         print(f"{'path':<44} {'workers':>7} {'img/s':>9}")
 
         def row(name: str, count: int, seconds: float, worker_count: int | str = "-") -> None:
@@ -79,6 +96,11 @@ def main() -> None:
         cached, seconds = build(cache=True, workers=max(workers))
         row("memory cache: build (decode + resize)", args.images, seconds, max(workers))
         row("memory cache: epoch", 1, 1 / epoch_rate(*cached, args.crop_size, 0), 0)
+        for w in workers:
+            for crop_on in ("host", "device"):
+                rate = max(epoch_rate(*cached, args.crop_size, w, crop_on=crop_on, device=device)
+                           for _ in range(args.epochs))
+                row(f"crop on {crop_on}: cache -> {device.type} input", 1, 1 / rate, w)
         store = root / "store"
         _, seconds = build(cache=False, workers=max(workers), store=store)
         row("store: first build (decode + resize + write)", args.images, seconds, max(workers))

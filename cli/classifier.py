@@ -14,6 +14,11 @@ from patchscope.cli.common import (config_layers, dry_run_option, exit_if_dry_ru
 from patchscope.cli.group import main
 from patchscope.common import config as configs
 
+CROP_ON_HELP = ("Where each image is cropped, flipped and scaled to [-1, 1]: host (per image, in the loader) or "
+                "device (per batch where the model runs: the loader sends uncropped uint8 images, not float32 "
+                "crops). The same inputs, bit for bit, either way; device needs images of one shape before "
+                "the crop and falls back to host otherwise.  [default: auto = device on CUDA when the images "
+                "share one shape, else host]")
 STORE_HELP = ("Image store folder: images are decoded and resized once into memory-mapped files there and read "
               "back by later runs; rebuilt when a file or the load size changes.  [default: none, decode each run]")
 
@@ -60,6 +65,7 @@ STORE_HELP = ("Image store folder: images are decoded and resized once into memo
 @click.option("--channels-last/--no-channels-last", default=None, help="NHWC memory layout.  [default: on]")
 @click.option("--compile/--no-compile", default=None, help="torch.compile the model.  [default: off]")
 @click.option("--workers", type=click.IntRange(0), help="DataLoader workers.  [default: 0 when cached, else 8]")
+@click.option("--crop-on", type=click.Choice(["auto", "host", "device"]), help=CROP_ON_HELP)
 @click.option("--cache/--no-cache", default=None, help="Keep decoded images in memory.  [default: when they fit in 4 GiB]")
 @click.option("--store", type=click.Path(file_okay=False), help=STORE_HELP)
 @click.option("--on-bad-image", type=click.Choice(["skip", "error"]), help="Unreadable images.  [default: skip]")
@@ -109,6 +115,7 @@ def train(config: str | None, resume: bool, **options: Any) -> None:
 @click.option("--aggregation", type=click.Choice(["after_softmax", "before_softmax", "vote"]),
               help="Image score for accuracy and the PR curve (metrics.json holds all three).  [default: after_softmax]")
 @scoring_options
+@click.option("--crop-on", type=click.Choice(["auto", "host", "device"]), help=CROP_ON_HELP)
 @click.option("--store", type=click.Path(file_okay=False), help=STORE_HELP)
 @click.option("--force", is_flag=True, default=None, help="Replace an existing metrics.json (and robustness results).")
 @click.option("--heatmaps", type=click.IntRange(0),

@@ -11,6 +11,7 @@ import numpy as np
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from patchscope.common.errors import InputError
+from patchscope.forensics.device_crop import UncroppedItems, collate_uncropped, resolve_crop_on
 
 
 def _cycled_permutations(n: int, length: int, rng: np.random.Generator) -> np.ndarray:
@@ -112,18 +113,23 @@ class EpochBatches(Sampler[list[tuple[int, int]]]):
 
 
 def make_loader(dataset: Dataset, batch_size: int, train: bool, seed: int = 0, workers: int = 0,
-                device_type: str = "cpu", *, rank: int = 0, world_size: int = 1) -> DataLoader:
+                device_type: str = "cpu", *, rank: int = 0, world_size: int = 1, crop_on: str = "host") -> DataLoader:
     """Balanced shuffled batches for training, sequential unshuffled ones (nothing dropped) for eval.
 
     `rank`/`world_size` shard the batches for a torchrun DDP process (see the samplers; for training
     `batch_size` is then the per-rank batch); a single process keeps the defaults 0 and 1.
+    `crop_on` (auto | host | device, `forensics.device_crop.resolve_crop_on`): host batches hold float crops;
+    device batches the uncropped uint8 images and their windows, for `device_crop.to_device_batch` to crop
+    where the model runs. Both give the same model inputs, bit for bit.
     """
     if train:
         batches = BalancedBatchSampler(dataset.n_real, dataset.n_fake, batch_size, seed,
                                        rank=rank, world_size=world_size)
     else:
         batches = SequentialBatches(len(dataset), batch_size, rank=rank, world_size=world_size)
-    return DataLoader(dataset, batch_sampler=EpochBatches(batches), num_workers=workers,
+    device_mode = resolve_crop_on(crop_on, dataset, device_type) == "device"
+    return DataLoader(UncroppedItems(dataset) if device_mode else dataset, batch_sampler=EpochBatches(batches),
+                      num_workers=workers, collate_fn=collate_uncropped if device_mode else None,
                       pin_memory=device_type == "cuda", persistent_workers=workers > 0)
 
 

@@ -273,7 +273,8 @@ class RealFakeDataset(Dataset):
     Training items also go through `augmentation` (blur, JPEG, random resized crop, flip: `forensics.augment`).
     Augmentation draws from generators seeded by (seed, epoch, index) alone, so an item is
     the same whichever worker builds it and in whatever order. A key may be `index` (uses
-    `self.epoch`) or `(epoch, index)`, which is what `make_loader` feeds it (see EpochBatches).
+    `self.epoch`) or `(epoch, index)`, which is what `make_loader` feeds it (see EpochBatches). `uncropped(key)` is
+    the item before its crop, with its window: what `make_loader(..., crop_on="device")` batches (device_crop).
     """
 
     def __init__(self, real: ImageSet, fake: ImageSet, crop_size: int | None, train: bool, seed: int = 0,
@@ -322,6 +323,19 @@ class RealFakeDataset(Dataset):
         return self.n_real + self.n_fake
 
     def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, int, int]:
+        pixels, (top, left, size, flip), label, index = self.uncropped(key)
+        pixels = pixels[top:top + size, left:left + size]
+        pixels = pixels[:, ::-1] if flip else pixels
+        chw = np.ascontiguousarray(pixels.transpose(2, 0, 1), dtype=np.float32)  # always a fresh copy
+        # In numpy, one thread: torch's intra-op threads cost ~10x per item on a busy CPU; the same float32 values.
+        chw /= np.float32(127.5)
+        chw -= np.float32(1.0)
+        return torch.from_numpy(chw), label, index
+
+    def uncropped(self, key: int | tuple[int, int]) -> tuple[np.ndarray, tuple[int, int, int, bool], int, int]:
+        """(uint8 H x W x 3 before the crop, window (top, left, size, flip), label, index): the item as
+        `forensics.device_crop` batches it, with the draws of `__getitem__`, which crops this window on the host.
+        The image is the one loaded, degraded (training), or already crop-sized by a random resized crop."""
         epoch, index = key if isinstance(key, tuple) else (self.epoch, key)
         index = int(index)
         if not 0 <= index < len(self):
@@ -329,33 +343,27 @@ class RealFakeDataset(Dataset):
         pixels = self.real[index] if index < self.n_real else self.fake[index - self.n_real]
         if self.train and self.augmentation.degrades:  # on the image as loaded, before the crop (Wang et al.)
             pixels = self.augmentation.degrade(pixels, degradation_rng(self.seed, int(epoch), index))
-        pixels = self._augment(pixels, np.random.default_rng([self.seed, int(epoch), index]))
-        chw = np.ascontiguousarray(pixels.transpose(2, 0, 1), dtype=np.float32)  # always a fresh copy
-        # In numpy, one thread: torch's intra-op threads cost ~10x per item on a busy CPU; the same float32 values.
-        chw /= np.float32(127.5)
-        chw -= np.float32(1.0)
-        return torch.from_numpy(chw), int(self.labels[index]), index
+        pixels, window = self._window(pixels, np.random.default_rng([self.seed, int(epoch), index]))
+        return pixels, window, int(self.labels[index]), index
 
-    def _augment(self, pixels: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-        """Train: a random crop_size window (or a random resized crop), then a coin-flip mirror. Eval: the centre
-        crop_size window. Without crop_size, both take the centred square of the shorter side (whole square images
-        stay whole), so images of any aspect ratio batch together; train still flips it (and a random resized
-        crop is resized to that square)."""
+    def _window(self, pixels: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, tuple[int, int, int, bool]]:
+        """Train: a random crop_size window (or a random resized crop, made here: its window is then the whole
+        image), then a coin-flip mirror. Eval: the centre crop_size window. Without crop_size, both take the centred
+        square of the shorter side (whole square images stay whole), so images of any aspect ratio batch together;
+        train still flips it (and a random resized crop is resized to that square)."""
         height, width = pixels.shape[:2]
         size = self.crop_size
         if self.train and self.augmentation.random_resized_crop:
-            pixels = random_resized_crop(pixels, size if size is not None else min(height, width), rng)
+            size = size if size is not None else min(height, width)
+            pixels, top, left = random_resized_crop(pixels, size, rng), 0, 0
         elif self.train and size is not None:
             top, left = int(rng.integers(0, height - size + 1)), int(rng.integers(0, width - size + 1))
-            pixels = pixels[top:top + size, left:left + size]
         else:
             size = size if size is not None else min(height, width)
             # torchvision CenterCrop's rounding, so eval crops match the public pipeline.
             top, left = int(round((height - size) / 2.0)), int(round((width - size) / 2.0))
-            pixels = pixels[top:top + size, left:left + size]
-        if self.train and self.augmentation.flip:
-            return pixels[:, ::-1] if rng.random() < 0.5 else pixels
-        return pixels
+        flip = bool(self.train and self.augmentation.flip and rng.random() < 0.5)
+        return pixels, (top, left, size, flip)
 
 
 def load_split(real_source: str | os.PathLike, fake_source: str | os.PathLike, split: str | None = None,

@@ -22,6 +22,7 @@ from patchscope.common.errors import InputError
 from patchscope.common.labels import p_fake
 from patchscope.common.progress import progress_bar
 from patchscope.forensics import checkpoint, data
+from patchscope.forensics.device_crop import CROP_ON, to_device_batch
 from patchscope.forensics.perturb import parse_perturbations
 from patchscope.forensics.receptive import receptive_field
 from patchscope.forensics.scoring import AGGREGATIONS, append_csv, compute_metrics, image_scores, plot_pr_curves
@@ -85,8 +86,8 @@ def predict(model: torch.nn.Module, loader, device: torch.device, precision: str
     """
     model.eval()
     outputs, labels, index = [], [], []
-    for x, y, i in progress_bar(loader, desc="scoring", unit="batch", leave=False):
-        x = x.to(device, non_blocking=True, memory_format=memory_format)
+    for batch in progress_bar(loader, desc="scoring", unit="batch", leave=False):
+        x, y, i = to_device_batch(batch, device, memory_format)  # host or device crops (forensics.device_crop)
         with autocast(device, precision):
             logits = model(x)
         logits = logits.float()
@@ -138,6 +139,7 @@ class EvalConfig:
     device: str = "auto"
     precision: str = "auto"
     workers: int = 0
+    crop_on: str = "auto"                           # auto | host | device: where items are cropped (device_crop)
     on_bad_image: str = "skip"
     store: str | None = None                        # prepared image store folder (forensics.store)
     force: bool = False                             # replace an existing metrics.json (and robustness results)
@@ -167,6 +169,7 @@ class EvalConfig:
         check_int(self, "batch_size", 1)
         check_choice(self, "precision", PRECISIONS)
         check_int(self, "workers", 0)
+        check_choice(self, "crop_on", CROP_ON)
         check_choice(self, "on_bad_image", data.BAD_IMAGE_POLICIES)
         check_text(self, "store", optional=True)
         check_bool(self, "force")
@@ -206,7 +209,7 @@ def evaluate(config: EvalConfig) -> dict[str, Any]:
                                   workers=config.workers, train=False, seed=0, store=config.store)
         loader = data.make_loader(dataset, config.batch_size, train=False, workers=config.workers,
                                   device_type=device.type, rank=distributed.rank(),
-                                  world_size=distributed.world_size())
+                                  world_size=distributed.world_size(), crop_on=config.crop_on)
         logits, labels = predict(model, loader, device, precision, keep_logits=True, gather=True)
         patch_probs = p_fake(logits)
         per_mode = {}

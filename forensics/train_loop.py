@@ -19,6 +19,7 @@ from patchscope.common.errors import InputError
 from patchscope.common.labels import fake_wins
 from patchscope.common.progress import progress_bar
 from patchscope.forensics import checkpoint, data, epoch_commit
+from patchscope.forensics.device_crop import to_device_batch
 from patchscope.forensics.scoring import patch_cross_entropy
 
 RESUME_FILE = "resume.pt"
@@ -56,8 +57,8 @@ def _train_epoch(model, optimizer, loader, epoch, device, precision, memory_form
     correct = torch.zeros((), device=device, dtype=torch.long)
     patches = images = 0
     start = time.perf_counter()
-    for x, y, _ in progress_bar(loader, desc=f"train epoch {epoch}", unit="batch", leave=False):
-        x = x.to(device, non_blocking=True, memory_format=memory_format)
+    for batch in progress_bar(loader, desc=f"train epoch {epoch}", unit="batch", leave=False):
+        x, y, _ = to_device_batch(batch, device, memory_format)  # host or device crops (forensics.device_crop)
         y = y.to(device, non_blocking=True)
         with autocast(device, precision):
             logits = model(x)
