@@ -20,6 +20,8 @@ from patchscope.common.errors import InputError
 from patchscope.common.runfolder import RunFolder
 from patchscope.forensics import checkpoint, data, distributed_train, epoch_commit, pretrained
 from patchscope.forensics.augment import PRESETS, Augmentation, preset_probability
+from patchscope.forensics.compiled import maybe_compile
+from patchscope.forensics.device_crop import CROP_ON
 from patchscope.forensics.evaluate import predict
 from patchscope.forensics.losses import loss_for
 from patchscope.forensics.models import INITS, build_model, model_names
@@ -37,7 +39,7 @@ DEFAULT_PATIENCE = 10
 EARLY_STOPPING = ("patience", "public")
 PUBLIC_PATIENCE_FACTOR = 5  # the public code stops once more than 5 x patience epochs passed since the best
 # Settings a resumed run may change; everything else must match the saved config.
-RESUMABLE_CHANGES = {"max_epochs", "patience", "early_stopping", "device", "workers", "tensorboard",
+RESUMABLE_CHANGES = {"max_epochs", "patience", "early_stopping", "device", "workers", "crop_on", "tensorboard",
                      "eval_batch_size", "store", "world_size"}
 RUN_FOLDER = RunFolder(holds="a run", resumable=RESUMABLE_CHANGES, force_to=None)
 
@@ -70,6 +72,7 @@ class TrainConfig:
     channels_last: bool = True      # NHWC memory layout: faster convolutions on CPU and GPU
     compile: bool = False           # torch.compile the model
     workers: int | None = None      # DataLoader worker processes (None: 0 when cached, else up to 8)
+    crop_on: str = "auto"           # auto | host | device: where crops, flips and scaling run (forensics.device_crop)
     cache: bool | None = None       # keep decoded images in memory (None: when they fit in 4 GiB)
     store: str | None = None        # prepared image store folder (forensics.store): decode and resize once
     on_bad_image: str = "skip"      # skip | error for unreadable images
@@ -103,6 +106,7 @@ class TrainConfig:
         for name in ("channels_last", "compile", "tensorboard", "random_resized_crop", "flip", "sync_bn"):
             check_bool(self, name)
         check_int(self, "workers", 0, optional=True)
+        check_choice(self, "crop_on", CROP_ON)
         check_bool(self, "cache", optional=True)
         check_text(self, "store", optional=True)
         check_choice(self, "on_bad_image", data.BAD_IMAGE_POLICIES)
@@ -285,16 +289,18 @@ class Training:
         """The compiled model (if asked), the data loaders and the TensorBoard writer."""
         config, device_type = self.config, self.device.type
         step_model = distributed_train.wrap(self.model, self.device)
-        self.step_model = torch.compile(step_model) if config.compile else step_model
+        # a compiler that cannot run here (or fails) leaves the model eager, after one warning
+        self.step_model = maybe_compile(step_model, config.compile, self.device, "the classifier")
         # validation calls the module itself: DDP's forward would wait for a backward that never comes
-        self.eval_model = self.step_model if step_model is self.model else (
-            torch.compile(self.model) if config.compile else self.model)
+        self.eval_model = self.step_model if step_model is self.model else maybe_compile(
+            self.model, config.compile, self.device, "the classifier (validation)")
         shard = {"rank": distributed.rank(), "world_size": distributed.world_size()}
         self.train_loader = data.make_loader(self.train_set, distributed_train.per_rank_batch(config), train=True,
                                              seed=config.seed, workers=self.train_workers, device_type=device_type,
-                                             **shard)
+                                             crop_on=config.crop_on, **shard)
         self.val_loader = data.make_loader(self.val_set, config.eval_batch_size, train=False, seed=config.seed,
-                                           workers=self.val_workers, device_type=device_type, **shard)
+                                           workers=self.val_workers, device_type=device_type,
+                                           crop_on=config.crop_on, **shard)
         self.writer = _tensorboard(self.out) if config.tensorboard and distributed.is_main() else None
 
     def train_epoch(self, epoch: int) -> dict[str, Any]:
