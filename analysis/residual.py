@@ -19,6 +19,7 @@ from patchscope.analysis.patches import make_segmenter, run_patches
 from patchscope.analysis.segment import Segmenter, class_histogram, save_figure
 from patchscope.attacks.retrain import (CLASSIFIERS, TEST_SETS, TEST_SPLIT, RetrainConfig, RetrainResult, record_stage,
                                        retrain, stage_is_current)
+from patchscope.common import distributed
 from patchscope.common.atomic import write_json, write_text
 from patchscope.common.checks import check_choice, check_counts, check_int, check_text, require
 from patchscope.common.device import PRECISIONS, resolve_device
@@ -252,15 +253,16 @@ def run_retrain_study(config: RetrainStudyConfig, resume: bool = False, force: b
     OUT also holds config.yaml, retrain/ (fakes, new classifier, evaluations) and patches/{old,new}/
     (analysis.patches results). An existing OUT is refused unless `resume` (finished stages are reused,
     unfinished ones continue) or `force` (every stage is redone).
+
+    Under torchrun every rank shares the retrain stages (sampling, training, scoring: `attacks.retrain`); rank 0
+    alone checks and writes OUT, finds the patches and writes the comparison, and every rank returns its summary.
     """
-    for name in ("classifier", "generator", "out"):
-        require(config, name)
-    _check_out(config, resume, force)
-    out = Path(config.out)
-    segmenter = make_segmenter(config.face_parser, resolve_device(config.device))  # a missing parser fails first
-    fresh = not (out / "config.yaml").is_file()
-    out.mkdir(parents=True, exist_ok=True)
-    RUN_FOLDER.save(out, config)
+    with distributed.alike():  # the same inputs on every rank: a refusal is printed once
+        for name in ("classifier", "generator", "out"):
+            require(config, name)
+        distributed.setup(resolve_device(config.device))
+    out, held = Path(config.out), {}
+    fresh = distributed.run_on_main(_claim_out, config, resume, force, held)  # its refusal stops every rank
     try:
         settings = RetrainConfig(classifier=config.classifier, generator=config.generator, weights=config.weights,
                                  latent_dim=config.latent_dim, resolution=config.resolution, out=str(out / "retrain"),
@@ -272,9 +274,34 @@ def run_retrain_study(config: RetrainStudyConfig, resume: bool = False, force: b
         result = retrain(settings, resume=True, force=force)
     except BaseException:
         # Nothing computed yet (bad generator, missing run): leave no claim on OUT, so a corrected retry starts clean.
-        if fresh and not (out / "retrain" / "config.yaml").is_file():
+        if distributed.is_main() and fresh and not (out / "retrain" / "config.yaml").is_file():
             (out / "config.yaml").unlink(missing_ok=True)
         raise
+    return distributed.run_on_main(_compare_alone, config, result, held.get("segmenter"), force)
+
+
+def _claim_out(config: RetrainStudyConfig, resume: bool, force: bool, held: dict[str, Any]) -> bool:
+    """Check OUT, load the segmenter (a missing face parser fails before anything is computed) and record the
+    settings; True when OUT held no study before. The segmenter stays in `held`, on this rank only."""
+    _check_out(config, resume, force)
+    out = Path(config.out)
+    held["segmenter"] = make_segmenter(config.face_parser, resolve_device(config.device))
+    fresh = not (out / "config.yaml").is_file()
+    out.mkdir(parents=True, exist_ok=True)
+    RUN_FOLDER.save(out, config)
+    return fresh
+
+
+def _compare_alone(config: RetrainStudyConfig, result: RetrainResult, segmenter: Segmenter,
+                   force: bool) -> dict[str, Any]:
+    """The patches of both classifiers and the comparison files: not sharded, so one process does it all."""
+    with distributed.alone():
+        return _compare(config, result, segmenter, force)
+
+
+def _compare(config: RetrainStudyConfig, result: RetrainResult, segmenter: Segmenter,
+             force: bool) -> dict[str, Any]:
+    out = Path(config.out)
     patches, stages = {}, dict(result.stages)
     for who, checkpoint in zip(CLASSIFIERS, (result.base_checkpoint, result.classifier_checkpoint)):
         patches[who], stages[f"patches_{who}"] = _patches_cached(checkpoint, result, out / "patches" / who,

@@ -1,5 +1,9 @@
 """Retraining against a finetuned generator: sample it exactly as the original fakes were sampled, train a
 new classifier with the old one's settings, and score old and new on both fake sets. Used by `analysis.residual`.
+
+Under torchrun every rank calls `retrain` with the same settings: the three stages are sharded (sampling by
+chunks, training with DDP, scoring by batches), rank 0 alone claims and writes the folder and decides what is
+reused, and every rank returns the same result.
 """
 from __future__ import annotations
 
@@ -14,10 +18,11 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from patchscope.common import config as configs
+from patchscope.common import distributed
 from patchscope.common.atomic import write_json, write_text
 from patchscope.common.checks import (check_choice, check_counts, check_int, check_mapping, check_text,
                                       require)
-from patchscope.common.device import PRECISIONS
+from patchscope.common.device import PRECISIONS, resolve_device
 from patchscope.common.errors import InputError
 from patchscope.common.runfolder import RunFolder
 from patchscope.common.userfiles import read_json
@@ -202,18 +207,45 @@ def _finished(run_dir: Path) -> bool:
 
 def _evaluate_cached(checkpoint: Path, tests: list[str], folder: Path, aggregation: str,
                      settings: Mapping[str, Any]) -> tuple[dict[str, dict[str, float]], str]:
-    """Metrics of one classifier on every test set: read back when computed from the same weights and sets."""
-    inputs = {"checkpoint_sha256": checkpoint_sha256(checkpoint), "tests": tests, "split": TEST_SPLIT,
-              "aggregation": aggregation, "on_bad_image": settings["on_bad_image"]}
-    if stage_is_current(folder, inputs, "metrics.json"):
-        summary, how = json.loads((folder / "metrics.json").read_text()), "reused"
+    """Metrics of one classifier on every test set: read back when computed from the same weights and sets.
+    Rank 0, which writes the folder, decides; then every rank scores its share, or none does."""
+    inputs, summary = distributed.run_on_main(_cached_evaluation, checkpoint, tests, folder, aggregation,
+                                              settings["on_bad_image"])
+    if summary is not None:
+        how = "reused"
     else:
         summary = evaluate(EvalConfig(run=str(checkpoint), tests=tests, out=str(folder), split=TEST_SPLIT,
                                       aggregation=aggregation, force=True, **settings))
-        record_stage(folder, inputs)
+        distributed.run_on_main(record_stage, folder, inputs)
         how = "ran"
     results = summary["results"]
     return {name: {k: results[name][aggregation][k] for k in METRIC_KEYS} for name in TEST_SETS}, how
+
+
+def _cached_evaluation(checkpoint: Path, tests: list[str], folder: Path, aggregation: str,
+                       on_bad_image: str) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """The stage's inputs, and the summary of `folder` when it was computed from them (else None)."""
+    inputs = {"checkpoint_sha256": checkpoint_sha256(checkpoint), "tests": tests, "split": TEST_SPLIT,
+              "aggregation": aggregation, "on_bad_image": on_bad_image}
+    current = stage_is_current(folder, inputs, "metrics.json")
+    return inputs, json.loads((folder / "metrics.json").read_text()) if current else None
+
+
+def _check_batch(train: TrainConfig) -> None:
+    """Refuse, on every rank alike and before anything is written, a training batch the processes cannot share
+    (fit would refuse it too, but only after the sampling)."""
+    world = distributed.world_size()
+    if train.batch_size % (2 * world):
+        distributed.refuse(f"the new classifier's batch size {train.batch_size} (the global batch: the old "
+                           f"classifier's unless train.batch_size is set) does not split over {world} processes with "
+                           f"half real and half fake images on each: use a number of processes that divides "
+                           f"{train.batch_size // 2}")
+
+
+def _agree(record: dict[str, Any]) -> None:
+    """Every rank must retrain with the same settings (each samples, trains and scores its share of them)."""
+    if len({json.dumps(r, sort_keys=True, default=str) for r in distributed.all_gather_object(record)}) > 1:
+        raise RuntimeError("retrain under torchrun: the processes were given different settings")
 
 
 def _write_table(out: Path, result: RetrainResult) -> None:
@@ -281,54 +313,65 @@ def retrain(config: RetrainConfig, generator: Generator | None = None, *, resume
     same TrainConfig but fake = fakes/), eval/{old,new}/ (forensics.evaluate on the test splits), config.yaml and
     metrics.json/.csv (2x2). Every stage is cached: re-running resumes sampling and training and reuses finished
     evaluations; `resume=False` refuses an earlier retrain in OUT, `force` redoes every stage.
+    Under torchrun every rank calls it with the same settings (checked) and returns the same result.
     """
     for name in ("classifier", "out"):
         require(config, name)
-    base_checkpoint = resolve_checkpoint(config.classifier, config.which)  # one line naming a missing run
-    _, base_meta = load_classifier(base_checkpoint)
-    base_config = _base_train_config(base_checkpoint, base_meta)
-    reals, original_fakes = config.real or base_config.real, config.original_fakes or base_config.fake
-    if not reals or not original_fakes:
-        raise InputError(f"{base_checkpoint}: records no training reals/fakes; give reals and original_fakes")
-    reals, original_fakes, out = Path(reals), Path(original_fakes), Path(config.out)
-    generator, generator_file, generator_sha = _as_generator(generator if generator is not None else config.generator,
-                                                             config)
-    plan = plan_sampling(original_fakes, base_config, config.counts, config.seed)
+    with distributed.alike():  # the same inputs on every rank: a refusal is printed once
+        distributed.setup(resolve_device(config.device))
+        base_checkpoint = resolve_checkpoint(config.classifier, config.which)  # one line naming a missing run
+        _, base_meta = load_classifier(base_checkpoint)
+        base_config = _base_train_config(base_checkpoint, base_meta)
+        reals, original_fakes = config.real or base_config.real, config.original_fakes or base_config.fake
+        if not reals or not original_fakes:
+            raise InputError(f"{base_checkpoint}: records no training reals/fakes; give reals and original_fakes")
+        reals, original_fakes, out = Path(reals), Path(original_fakes), Path(config.out)
+        fakes, run_dir = out / "fakes", out / "classifier"
+        train_config = configs.resolve(TrainConfig, configs.to_dict(base_config), config.train,
+                                       {"real": str(reals), "fake": str(fakes), "out": str(run_dir),
+                                        "device": config.device},
+                                       source="retrain")
+        # not the old run's number of processes: fit records the launch's own in classifier/ (any resume may
+        # change it), so the record does not claim one
+        train_config = replace(train_config, world_size=None)
+        _check_batch(train_config)
+        generator, generator_file, generator_sha = _as_generator(generator if generator is not None
+                                                                 else config.generator, config)
+        plan = plan_sampling(original_fakes, base_config, config.counts, config.seed)
     if plan.options and plan.made_by and plan.made_by != type(generator).__name__:
         # Forward options are per architecture (PGAN's alpha, StyleGAN's psi): they do not carry over.
-        log.warning("the original fakes were sampled from a %s with %s; the finetuned generator is a %s, "
-                    "sampled with its own defaults", plan.made_by, plan.options, type(generator).__name__)
+        if distributed.is_main():
+            log.warning("the original fakes were sampled from a %s with %s; the finetuned generator is a %s, "
+                        "sampled with its own defaults", plan.made_by, plan.options, type(generator).__name__)
         plan = replace(plan, options={})
-    fakes, run_dir = out / "fakes", out / "classifier"
-    train_config = configs.resolve(TrainConfig, configs.to_dict(base_config), config.train,
-                                   {"real": str(reals), "fake": str(fakes), "out": str(run_dir),
-                                    "device": config.device},
-                                   source="retrain")
     record = {"kind": KIND, "base_checkpoint": str(base_checkpoint),
               "base_checkpoint_sha256": checkpoint_sha256(base_checkpoint),
               "generator": str(generator_file) if generator_file else "(in memory)", "generator_sha256": generator_sha,
               **({"weights": config.weights} if config.weights else {}),
               "reals": str(reals), "original_fakes": str(original_fakes), "sampling": asdict(plan),
               **{name: getattr(config, name) for name in RECORDED_SETTINGS}, "train": configs.to_dict(train_config)}
-    _claim(out, record, resume, force)
+    distributed.run_on_main(_claim, out, record, resume, force)  # a refusal of rank 0 stops every rank
+    _agree(record)
     stages = {}
 
-    log.info("sampling %s into %s (settings of %s)", generator_file or "the finetuned generator", fakes, plan.source)
+    if distributed.is_main():
+        log.info("sampling %s into %s (settings of %s)", generator_file or "the finetuned generator", fakes,
+                 plan.source)
     sampling = SampleConfig(generator=str(generator_file or ""), weights=config.weights if generator_file else "",
                             out=str(fakes), counts=plan.counts, seed=plan.seed,
                             size=plan.size, opts=plan.options, batch_size=config.sample_batch_size, chunk=plan.chunk,
                             device=config.device, precision=plan.precision)
-    sampled = sample_dataset(sampling, generator, progress=progress)
+    sampled = sample_dataset(sampling, generator, progress=progress)  # "written": summed over the ranks
     stages["sample"] = "ran" if any(s["written"] for s in sampled["splits"].values()) else "reused"
 
-    finished_before = _finished(run_dir)
+    finished_before = distributed.run_on_main(_finished, run_dir)  # rank 0 may be settling a half-saved epoch
     train_summary = fit(train_config, resume=True)
     stages["train"] = "reused" if finished_before else "ran"
 
     tests = [f"original={reals},{original_fakes}", f"finetuned={reals},{fakes}"]
     settings = {"batch_size": config.eval_batch_size, "device": config.device, "precision": config.precision,
                 "workers": config.workers, "on_bad_image": config.on_bad_image}
-    new_checkpoint = resolve_checkpoint(run_dir, config.which)
+    new_checkpoint = distributed.run_on_main(resolve_checkpoint, run_dir, config.which)
     metrics = {}
     for who, checkpoint in zip(CLASSIFIERS, (base_checkpoint, new_checkpoint)):
         metrics[who], stages[f"eval_{who}"] = _evaluate_cached(checkpoint, tests, out / "eval" / who,
@@ -337,8 +380,10 @@ def retrain(config: RetrainConfig, generator: Generator | None = None, *, resume
                            classifier_checkpoint=new_checkpoint, fakes=fakes, reals=reals,
                            original_fakes=original_fakes, sampling=plan, train=train_summary,
                            aggregation=config.aggregation, metrics=metrics, stages=stages)
-    _write_table(out, result)
-    for row in result.rows():
-        log.info("%s classifier on %s fakes: AP %.4f, accuracy %.4f (fake %.4f)", row["classifier"],
-                 row["test_set"], row["ap"], row["acc"], row["acc_fake"])
+    distributed.run_on_main(_write_table, out, result)
+    if distributed.is_main():
+        log.info("stages: %s", ", ".join(f"{stage} {how}" for stage, how in stages.items()))
+        for row in result.rows():
+            log.info("%s classifier on %s fakes: AP %.4f, accuracy %.4f (fake %.4f)", row["classifier"],
+                     row["test_set"], row["ap"], row["acc"], row["acc_fake"])
     return result

@@ -40,7 +40,7 @@ def main(verbose: bool, threads: int | None) -> None:
 
 
 # Commands that share their work among the processes torchrun starts; any other runs on rank 0 alone.
-SHARDED = ("train", "eval", "sample", "exaggerate", "finetune")
+SHARDED = ("train", "eval", "sample", "exaggerate", "finetune", "retrain")
 
 
 def _under_torchrun(ctx: click.Context) -> None:
