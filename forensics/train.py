@@ -20,7 +20,7 @@ from patchscope.common.errors import InputError
 from patchscope.common.runfolder import RunFolder
 from patchscope.forensics import checkpoint, data, distributed_train, epoch_commit, pretrained
 from patchscope.forensics.augment import PRESETS, Augmentation, preset_probability
-from patchscope.forensics.compiled import maybe_compile
+from patchscope.common.compiled import maybe_compile
 from patchscope.forensics.device_crop import CROP_ON
 from patchscope.forensics.evaluate import predict
 from patchscope.forensics.losses import loss_for

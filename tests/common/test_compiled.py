@@ -7,8 +7,8 @@ import logging
 import pytest
 import torch
 
-from patchscope.forensics import compiled
-from patchscope.forensics.compiled import CompiledOrEager, maybe_compile, missing_compiler
+from patchscope.common import compiled
+from patchscope.common.compiled import CompiledOrEager, maybe_compile, missing_compiler
 
 CPU = torch.device("cpu")
 
