@@ -39,6 +39,7 @@ import bench_generators  # noqa: E402
 
 from patchscope.common.device import configure_backends, resolve_device, resolve_precision  # noqa: E402
 from patchscope.forensics import data  # noqa: E402
+from patchscope.forensics.device_crop import UncroppedBatch, UncroppedItems, to_device_batch  # noqa: E402
 from patchscope.forensics.models import build_model  # noqa: E402
 from patchscope.forensics.scoring import patch_cross_entropy  # noqa: E402
 from patchscope.generators.sampling import sampling_arithmetic  # noqa: E402
@@ -273,7 +274,21 @@ class Bench:
         dataset = data.load_split(real, fake, load_size=size, crop_size=size, cache=True, workers=workers,
                                   train=train, seed=0)
         setup = time.perf_counter() - began
-        return data.make_loader(dataset, batch, train=train, seed=0, workers=0, device_type=self.device.type), setup
+        # crop_on auto, as `train`: on CUDA the loader sends uint8 images and the device crops them
+        return data.make_loader(dataset, batch, train=train, seed=0, workers=0, device_type=self.device.type,
+                                crop_on=self.args.crop_on), setup
+
+    @staticmethod
+    def _crop_variant(loader) -> str:
+        return "+device crop" if isinstance(loader.dataset, UncroppedItems) else ""
+
+    def _to_input(self, batch, memory_format) -> tuple[torch.Tensor, torch.Tensor]:
+        """A batch of either loader as the model's input on the device, and its labels."""
+        if isinstance(batch, UncroppedBatch):
+            x, y, _ = to_device_batch(batch, self.device, memory_format)
+        else:
+            x, y = batch[0].to(self.device, non_blocking=True, memory_format=memory_format), batch[1]
+        return x, y
 
     def _public_loader(self, real: Path, fake: Path, size: int, batch: int, workers: int):
         """The public code's pipeline: every item opens its PNG with PIL and Lanczos-resizes it, every epoch."""
@@ -290,8 +305,7 @@ class Bench:
         model.train()
 
         def step() -> None:
-            x, y = next(batches)[:2]
-            x = x.to(self.device, non_blocking=True, memory_format=memory_format)
+            x, y = self._to_input(next(batches), memory_format)
             y = y.to(self.device, non_blocking=True)
             with cast():
                 logits = model(x)
@@ -307,7 +321,8 @@ class Bench:
         for size in self.args.sizes:
             loader, setup = self._ours_loader(real, fake, size, batch, workers)
             model = build_model(name, seed=0).to(self.device, memory_format=torch.channels_last)
-            row = {"workload": "files", "name": name, "px": size, "batch": batch, "variant": self.ours + "+cache",
+            row = {"workload": "files", "name": name, "px": size, "batch": batch,
+                   "variant": self.ours + "+cache" + self._crop_variant(loader),
                    "setup_s": setup, "files": self.args.files}
             row.update(self.measure(self._file_step(loader, model, torch.channels_last, self.precision), batch))
             del model, loader
@@ -320,18 +335,17 @@ class Bench:
             self.add(row, reference)
 
     def loading(self) -> None:
-        """Data loading alone: batches of crops as tensors on the host, no model."""
+        """Data loading alone: batches of crops as the model's input on the device (channels_last), no model."""
         batch, workers = self.args.batch, self._loader_workers()
         real, fake = self.png_folders(self.args.files)
         for size in self.args.sizes:
             loader, setup = self._ours_loader(real, fake, size, batch, workers)
-            batches = cycle(loader)
+            batches, public = cycle(loader), cycle(self._public_loader(real, fake, size, batch, workers))
             row = {"workload": "loading", "name": "decode once + cached crops", "px": size, "batch": batch,
-                   "variant": "cache", "setup_s": setup, "files": self.args.files,
+                   "variant": "cache" + self._crop_variant(loader), "setup_s": setup, "files": self.args.files,
                    "setup_images_per_s": self.args.files / setup}
-            row.update(self.measure(lambda: next(batches), batch))
-            public = cycle(self._public_loader(real, fake, size, batch, workers))
-            self.add(row, self.measure(lambda: next(public), batch))
+            row.update(self.measure(lambda: self._to_input(next(batches), torch.channels_last), batch))
+            self.add(row, self.measure(lambda: self._to_input(next(public), torch.contiguous_format), batch))
 
     # --- generators
 
@@ -513,6 +527,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--files", type=int, help="PNGs (256 px) the from-files workloads read  "
                                                   "[default: 4 batches]")
     parser.add_argument("--files-model", default="xception_block2", help="classifier of files and ddp")
+    parser.add_argument("--crop-on", choices=("auto", "host", "device"), default="auto",
+                        help="files, loading: where crops are made, as train --crop-on  [default: auto]")
     parser.add_argument("--loader-workers", type=int, help="decoding processes  [default: 4 on CUDA, 0 on CPU]")
     parser.add_argument("--gen-sizes", type=ints, default=[64], help="generator px  [default: 64]")
     parser.add_argument("--gen-batch", type=int, help="[default: 16 on CUDA, 1 on CPU]")

@@ -28,7 +28,7 @@ def test_run_writes_every_figure_with_its_reference(tmp_path):
     out = tmp_path / "bench.json"
     done = subprocess.run([sys.executable, str(BENCH), "--device", "cpu", "--workloads", "eval,loading",
                            "--models", "xception_block1", "--steps", "1", "--warmup", "0", "--sizes", "32",
-                           "--batch", "4", "--files", "8", "--json", str(out)],
+                           "--batch", "4", "--files", "8", "--crop-on", "device", "--json", str(out)],
                           capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-2000:]
     figures = json.loads(out.read_text())
@@ -48,6 +48,7 @@ def test_run_writes_every_figure_with_its_reference(tmp_path):
     for key in ("gflop_per_image", "mfu", "gb_per_step", "bandwidth_util"):  # the memory-bound figures
         assert _positive(rows["eval"][key]), key
     assert _positive(rows["loading"]["setup_s"])
+    assert rows["loading"]["variant"] == "cache+device crop"  # the uint8 batches, cropped by device_crop
     table = [line for line in done.stdout.splitlines() if line.startswith("| ")]
     assert any(line.startswith("| workload") for line in table)
     assert any(line.startswith("| eval | xception_block1") for line in table)
