@@ -122,6 +122,13 @@ step invert -- "${PS[@]}" invert --generator "$GEN" --images "$W/real/test" --ou
 printf 'device: %s\n' "$DEVICE" >"$W/demo.yaml"
 step demo -- "${PS[@]}" demo --quick --out "$W/demo" --config "$W/demo.yaml"
 
+# The test cases that need CUDA (device cropping bit for bit against the host crop, pinned uint8 batches).
+if [ "$DEVICE" != cpu ]; then
+    step cuda_tests -- "$PYTHON" -m pytest -q -p no:cacheprovider -rs "$ROOT/tests/forensics/test_device_crop.py" -k cuda
+else
+    skip cuda_tests "DEVICE=cpu"
+fi
+
 # DDP: one process, then two (two GPUs; one GPU shared by two processes where NCCL allows it; gloo on CPU).
 ddp_command() {  # NAME PROCS: sets DDP to the torchrun command line
     DDP=("$PYTHON" -m torch.distributed.run --standalone --nproc_per_node "$2" --no-python "${PS[@]}" train
