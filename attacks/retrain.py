@@ -245,7 +245,8 @@ def _check_batch(train: TrainConfig) -> None:
 def _agree(record: dict[str, Any]) -> None:
     """Every rank must retrain with the same settings (each samples, trains and scores its share of them)."""
     if len({json.dumps(r, sort_keys=True, default=str) for r in distributed.all_gather_object(record)}) > 1:
-        raise RuntimeError("retrain under torchrun: the processes were given different settings")
+        distributed.refuse("retrain under torchrun: the processes were given different settings (each must get "
+                           "the same command line and files)")
 
 
 def _write_table(out: Path, result: RetrainResult) -> None:
@@ -350,8 +351,8 @@ def retrain(config: RetrainConfig, generator: Generator | None = None, *, resume
               **({"weights": config.weights} if config.weights else {}),
               "reals": str(reals), "original_fakes": str(original_fakes), "sampling": asdict(plan),
               **{name: getattr(config, name) for name in RECORDED_SETTINGS}, "train": configs.to_dict(train_config)}
+    _agree(record)  # before anything is written
     distributed.run_on_main(_claim, out, record, resume, force)  # a refusal of rank 0 stops every rank
-    _agree(record)
     stages = {}
 
     if distributed.is_main():

@@ -25,7 +25,7 @@ from patchscope.common.errors import InputError
 log = logging.getLogger("patchscope.distributed")
 
 T = TypeVar("T")
-_state = {"alone": False, "owned": False}
+_state: dict[str, Any] = {"alone": False, "owned": False, "cuda": None}  # cuda: the device setup resolved
 
 
 class FollowedError(InputError):
@@ -89,10 +89,12 @@ def setup(device: torch.device, timeout: datetime.timedelta | None = None) -> to
     if world_size() == 1:
         return device
     if device.type == "cuda":
-        if device.index is not None and device.index != local_rank():  # (its own index: already resolved)
+        # Any index but the one setup resolved is refused, on every rank alike (cuda:0 would suit rank 0 alone,
+        # and a refusal on some ranks only would leave the others waiting for them).
+        if device.index is not None and device != _state["cuda"]:
             raise InputError(f"--device {device}: under torchrun each process takes the GPU of its LOCAL_RANK; give "
                              f"--device cuda (or auto) and pick GPUs with CUDA_VISIBLE_DEVICES")
-        device = torch.device("cuda", local_rank())
+        device = _state["cuda"] = torch.device("cuda", local_rank())
         torch.cuda.set_device(device)
     if not torch.distributed.is_available():
         raise InputError("this torch build has no torch.distributed: run without torchrun")

@@ -79,6 +79,19 @@ def test_without_torchrun_every_helper_is_a_no_op(monkeypatch):
     assert distributed.wait_for_main("demo") is True
 
 
+@pytest.mark.parametrize("rank", [0, 1])
+def test_every_rank_refuses_an_explicit_gpu_index_alike(monkeypatch, rank):
+    """cuda:0 suits rank 0's GPU only: refused on rank 0 too, before anything is initialised, so no rank goes on
+    to wait in a collective for a rank that stopped."""
+    monkeypatch.setenv("RANK", str(rank))
+    monkeypatch.setenv("LOCAL_RANK", str(rank))
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(InputError, match=r"--device cuda:0: under torchrun each process takes the GPU of its "
+                                         r"LOCAL_RANK; give --device cuda"):
+        distributed.setup(torch.device("cuda", 0))
+    assert not torch.distributed.is_initialized()
+
+
 def test_a_launch_of_one_process_is_single(monkeypatch):
     monkeypatch.setenv("RANK", "0")
     monkeypatch.setenv("WORLD_SIZE", "1")

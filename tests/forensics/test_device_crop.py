@@ -238,6 +238,9 @@ def test_auto_picks_device_on_cuda_for_one_shape_and_host_otherwise(files, caplo
     with caplog.at_level(logging.INFO, logger="patchscope.data"):
         assert resolve_crop_on("auto", one, "cuda") == "device"
         assert resolve_crop_on("auto", one, "cpu") == "host"
+        # a 16 px crop of 48x40 images: the uint8 images (1,920 px) outweigh the float crops (4 x 256 px)
+        assert resolve_crop_on("auto", dataset(files, "tall", 40, 16), "cuda") == "host"
+        assert resolve_crop_on("device", dataset(files, "tall", 40, 16), "cpu") == "device"  # asked: honoured
         assert resolve_crop_on("auto", mixed(files), "cuda") == "host"
         assert resolve_crop_on("host", one, "cuda") == "host"
         assert resolve_crop_on("device", one, "cpu") == "device"
@@ -269,3 +272,13 @@ def test_a_batch_of_two_shapes_is_refused_with_the_shapes_named():
              (np.zeros((6, 4, 3), np.uint8), (0, 0, 4, False), 1, 1)]
     with pytest.raises(InputError, match="6x4 and 4x6 px"):
         collate_uncropped(items)
+
+
+def test_a_window_outside_its_image_is_refused_not_read_from_a_neighbour():
+    pixels = torch.zeros(2, 10, 12, 3, dtype=torch.uint8)
+    for top, left in ((0, 5), (3, 0), (-1, 0)):  # 8 px: left 5 leaves 12 px, top 3 leaves 10 px
+        batch = UncroppedBatch(pixels, torch.tensor([[0, 0, 8, 0], [top, left, 8, 1]]), torch.zeros(2), torch.arange(2))
+        with pytest.raises(ValueError, match="of 8 px leave 12x10 px images"):
+            to_device_batch(batch, torch.device("cpu"))
+    fits = UncroppedBatch(pixels, torch.tensor([[2, 4, 8, 0], [0, 0, 8, 1]]), torch.zeros(2), torch.arange(2))
+    assert to_device_batch(fits, torch.device("cpu"))[0].shape == (2, 3, 8, 8)
