@@ -102,6 +102,7 @@ class FinetuneConfig:
     on_bad_image: str = "skip"          # skip | error
     device: str = "auto"
     precision: str = "auto"             # auto (bf16 on CUDA and CPUs with native bf16) | fp32 | bf16
+    compile: bool = False               # torch.compile the classifier and the generator's forward (never D)
 
     def __post_init__(self) -> None:
         for name in ("generator", "weights", "classifier", "real", "out", "device"):
@@ -130,7 +131,7 @@ class FinetuneConfig:
         check_int(self, "crop_size", 1, optional=True)
         check_choice(self, "lpips_net", LPIPS_NETS)
         check_text(self, "lpips_weights", optional=True)
-        for name in ("lpips_random", "mirror"):
+        for name in ("lpips_random", "mirror", "compile"):
             check_bool(self, name)
         check_bool(self, "cache_real", optional=True)
         check_choice(self, "on_bad_image", BAD_IMAGE_POLICIES)
@@ -309,7 +310,7 @@ def _open_finetuner(config: FinetuneConfig, device: torch.device) -> tuple[Gener
                                 mirror=config.mirror, max_loss=config.max_loss, aggregation=config.aggregation,
                                 precision=precision, anchor=config.anchor, anchor_weight=config.anchor_weight)
     finetuner = GeneratorFinetuner(generator, classifier, real, settings, objective=objective, classifier_input=view,
-                                   lpips=lpips_model, device=device)
+                                   lpips=lpips_model, device=device, compile=config.compile)
     sources = {"generator_sha256": generator_sha256(config.generator, generator),
                "classifier_sha256": checkpoint_sha256(classifier_file)}
     return finetuner, sources, lpips_model, classifier_file, generator

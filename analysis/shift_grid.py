@@ -41,8 +41,11 @@ LOGIT_MEANING = ("mean over the samples of log(p / (1 - p)), p the image P(fake)
                  "p clamped to [2^-24, 1 - 2^-24] (float32 precision: |logit| <= 16.6)")
 SATURATED = 0.01  # k = 0 mean P(fake) above 1 - this or below it: warn that P(fake) hardly moves
 # Settings a resumed study may change: they only decide how the fitted shift is scored and shown.
-# What shift.json records about the fit; a reused shift must agree on all of it.
-FIT_KEYS = ("space", "load_size", "crop_size", "lam", "steps", "batch_size", "lr", "seed", "precision", "lpips")
+# What shift.json records about the fit; a reused shift must agree on all of it. `compile`: whether networks ran
+# torch.compiled (it changes float rounding), compared like `precision`; shift.json files older than it ran eager.
+FIT_KEYS = ("space", "load_size", "crop_size", "lam", "steps", "batch_size", "lr", "seed", "precision", "compile",
+            "lpips")
+FIT_DEFAULTS = {"compile": False}  # the value of a key a shift.json written before it was added lacks
 RESUMABLE_CHANGES = ("out", "ks", "eval_n", "eval_seed", "eval_batch_size", "grid_rows", "aggregation", "device")
 RUN_FOLDER = RunFolder(holds="an exaggeration", resumable=RESUMABLE_CHANGES, resume_to="re-score its shift",
                        force_to="fit it again",
@@ -123,6 +126,7 @@ class ExaggerateConfig:
     lpips_random: bool = False          # random LPIPS backbone: smoke tests only
     device: str = "auto"
     precision: str = "auto"             # auto (bf16 on CUDA and CPUs with native bf16) | fp32 | bf16
+    compile: bool = False               # torch.compile classifier, generator and LPIPS (eager where it cannot run)
 
     def __post_init__(self) -> None:
         for name in ("generator", "weights", "classifier", "out", "device"):
@@ -145,7 +149,8 @@ class ExaggerateConfig:
         check_int(self, "crop_size", 1, optional=True)
         check_choice(self, "lpips_net", LPIPS_NETS)
         check_text(self, "lpips_weights", optional=True)
-        check_bool(self, "lpips_random")
+        for name in ("lpips_random", "compile"):
+            check_bool(self, name)
         check_choice(self, "precision", PRECISIONS)
 
 
@@ -216,7 +221,7 @@ def _fitted_shift(out: Path, meta: dict[str, Any], dim: int) -> torch.Tensor | N
         if saved.get(key) != meta[key]:
             raise InputError(f"{out}: was fitted with another {key.split('_')[0]} file (SHA-256 differs); "
                              f"pass --force to refit or use another --out")
-    differing = [key for key in FIT_KEYS if saved.get(key) != meta[key]]
+    differing = [key for key in FIT_KEYS if saved.get(key, FIT_DEFAULTS.get(key)) != meta[key]]
     if differing or shift.numel() != dim:
         raise InputError(f"{out}/shift.json: fitted with other {', '.join(differing) or 'dimensions'} than "
                          f"asked; pass --force to refit or use another --out")
@@ -280,7 +285,7 @@ def run_exaggerate(config: ExaggerateConfig, resume: bool = False, force: bool =
     if fitted:
         result = attack.fit(config.steps, config.batch_size, config.lr, config.seed)
         shift, final = result.shift, result.final
-        meta["final"] = final
+        meta.update(final=final, compile=attack.compiled)  # False where a first compiled call fell back
         distributed.run_on_main(_write_fit, out, result.history, shift, meta)
     else:
         log.info("%s: reusing the fitted shift (resume); re-scoring it", out)
@@ -319,7 +324,7 @@ def _open_attack(config: ExaggerateConfig, device: torch.device) -> tuple[ShiftE
     warn_size_mismatch(classifier_meta.get("config"), view.load_size, view.crop_size, log)
     attack = ShiftExaggeration(generator, classifier, lpips_model, lam=config.lam, space=space,
                                classifier_input=view, aggregation=config.aggregation, device=device,
-                               precision=precision)
+                               precision=precision, compile=config.compile)
     meta = {"space": space, "generator": str(config.generator),
             "generator_sha256": generator_sha256(config.generator, generator),
             **({"generator_source": provenance(generator)} if provenance(generator) else {}),
@@ -327,5 +332,6 @@ def _open_attack(config: ExaggerateConfig, device: torch.device) -> tuple[ShiftE
             "classifier_model": classifier_meta.get("model"), "load_size": view.load_size,
             "crop_size": view.crop_size, "lam": config.lam, "steps": config.steps,
             "batch_size": config.batch_size, "lr": config.lr, "seed": config.seed, "precision": precision,
+            "compile": attack.compiled,
             "lpips": None if lpips_model is None else f"{config.lpips_net}: {lpips_model.source}"}
     return attack, space, meta

@@ -18,6 +18,7 @@ from patchscope.attacks.finetune_anchor import (ANCHOR_ADAM, Anchor, FinetuneSet
 from patchscope.attacks.finetune_eval import FINETUNED, Comparison, SampleJudge, compare_generators
 from patchscope.attacks.finetune_files import (METRICS_FILE, RESUME_FILE, commit_checkpoint, committed,
                                               load_network_state, load_resume, network_state, truncate_log)
+from patchscope.attacks.finetune_nets import compiled_step_networks, copy_without_discriminator, runs_compiled
 from patchscope.attacks.gan_objectives import GANObjective, objective_for
 from patchscope.attacks.latent_optim import frozen
 from patchscope.attacks.real_batches import RealImages
@@ -42,8 +43,9 @@ log = logging.getLogger("patchscope.finetune")
 STEP_DRAWS, NOISE_DRAWS, REAL_ORDER, EVAL_REALS = 20, 21, 22, 23
 W_AVG_BETA = 0.995  # StyleGAN2 tracks the truncation centre as a moving mean of w (NVlabs' w_avg_beta)
 # Settings (of `GeneratorFinetuner.settings`) a resume may change: the divergence guard's threshold, the
-# arithmetic a resume on another device resolves to, and the file format, which the generator's class fixes.
-RESUMABLE_CHANGES = ("max_loss", "precision", "format")
+# arithmetic a resume on another device resolves to (precision; compile, where the compiler runs), and the file
+# format, which the generator's class fixes.
+RESUMABLE_CHANGES = ("max_loss", "precision", "compile", "format")
 
 
 @dataclass
@@ -63,15 +65,6 @@ class _Run(ddp.Run):
         append_line(self.out / METRICS_FILE, line)
 
 
-def _copy_without_discriminator(generator: Generator) -> Generator:
-    """A deep copy with no `.discriminator`, so its parameters are the generator's alone."""
-    discriminator, generator.discriminator = generator.discriminator, None
-    try:
-        return copy.deepcopy(generator)
-    finally:
-        generator.discriminator = discriminator
-
-
 class GeneratorFinetuner:
     """Eq. 4: min_G max_D [ L_GAN(G, D) + w · L_real(G, C) ], C frozen.
 
@@ -82,13 +75,13 @@ class GeneratorFinetuner:
     outputs. `generator` is left as it is and serves as the original G0. Without a `.discriminator`, an
     `Anchor` (LPIPS and/or L2 between G(z) and G0(z), `settings.anchor`) keeps G near G0 instead of the GAN loss.
     Under torchrun every rank trains on its slice of each global batch (`finetune_ddp`); the in-run evaluation and
-    every file are rank 0's.
+    every file are rank 0's. `compile`: the generator's forward and the classifier run compiled (`finetune_nets`).
     """
 
     def __init__(self, generator: Generator, classifier: nn.Module, real_images: RealImages | torch.Tensor,
                  settings: FinetuneSettings | None = None, *, objective: GANObjective | None = None,
                  classifier_input: ClassifierInput | None = None, lpips: nn.Module | None = None,
-                 device: str | torch.device = "cpu") -> None:
+                 device: str | torch.device = "cpu", compile: bool = False) -> None:
         settings = settings or FinetuneSettings()
         precision = settings.precision
         check_writable(generator)
@@ -107,8 +100,8 @@ class GeneratorFinetuner:
         self.ema_beta = 0.0 if self.ema_auto else float(settings.ema_beta)
         self.mirror, self.max_loss = settings.mirror, float(settings.max_loss)
         self.original = generator.to(self.device)
-        self.generator = _copy_without_discriminator(generator).train().requires_grad_(True)
-        self.average = _copy_without_discriminator(generator).eval().requires_grad_(False)
+        self.generator = copy_without_discriminator(generator).train().requires_grad_(True)
+        self.average = copy_without_discriminator(generator).eval().requires_grad_(False)
         self.discriminator = None if generator.discriminator is None else copy.deepcopy(
             generator.discriminator).to(self.device).train().requires_grad_(True)
         self.real = real_images if isinstance(real_images, RealImages) else RealImages(real_images,
@@ -123,7 +116,8 @@ class GeneratorFinetuner:
         self.optimizer_d = None if self.objective is None else self.objective.discriminator_optimizer(
             self.discriminator.parameters(), self.lr, self.betas)
         self.classifier = classifier.to(self.device, memory_format=torch.channels_last)
-        self.judge = SampleJudge(self.classifier, classifier_input, settings.aggregation, lpips, self.device, precision,
+        self._forward, scorer = compiled_step_networks(self.generator, self.classifier, compile, self.device)
+        self.judge = SampleJudge(scorer, classifier_input, settings.aggregation, lpips, self.device, precision,
                                  settings.eval_batch)
         self.step = 0
         self._sums: dict[str, torch.Tensor] = {}  # losses summed since the last log line, on the device
@@ -133,10 +127,10 @@ class GeneratorFinetuner:
     # ------------------------------------------------------------------------- one step
 
     def _generate(self, z: torch.Tensor, network: Generator | None = None, noise_mode: str = "random") -> torch.Tensor:
-        network = self.generator if network is None else network
+        style = isinstance(self.generator if network is None else network, StyleGenerator)
+        network = self._forward if network is None else network  # the trained generator's, compiled when asked
         with autocast(self.device, self.precision):
-            if isinstance(network, StyleGenerator):
-                # trained as StyleGAN2 trains: no truncation, fresh noise (seeded per step)
+            if style:  # trained as StyleGAN2 trains: no truncation, fresh noise (seeded per step)
                 return network(z, psi=1, noise_mode=noise_mode).float()
             return network(z).float()
 
@@ -246,7 +240,8 @@ class GeneratorFinetuner:
         return {**own, **auto, "batch": batch, "seed": seed, "n_critic": self.n_critic,
                 "classifier_weight": self.classifier_weight, "ema_beta": self.ema_beta, "mirror": self.mirror,
                 "lr": self.lr, "betas": list(self.betas), "generator_class": type(self.generator).__name__,
-                "format": written_format(self.generator), "max_loss": self.max_loss, "precision": self.precision}
+                "format": written_format(self.generator), "max_loss": self.max_loss, "precision": self.precision,
+                "compile": runs_compiled(self._forward, self.judge.classifier)}
 
     def _checkpoint(self, out: Path | None, settings: dict[str, Any]) -> None:
         """generator.pt (own format) and resume.pt as one commit (`finetune_files.commit_checkpoint`); the state

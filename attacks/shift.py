@@ -14,10 +14,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from patchscope.attacks.invert import make_renderer
 from patchscope.attacks.latent_optim import frozen, optimize_latents
 from patchscope.common import distributed
 from patchscope.common.atomic import atomic_open, write_json
+from patchscope.common.compiled import CompiledOrEager, maybe_compile
 from patchscope.common.device import autocast
 from patchscope.common.errors import InputError
 from patchscope.common.labels import FAKE, targets
@@ -114,18 +114,34 @@ class ClassifierInput:
 Renderer = Callable[[torch.Tensor], torch.Tensor]
 
 
-def latent_batch(generator: Generator, space: str, n: int, seed: int, start: int,
-                 device: torch.device) -> tuple[torch.Tensor, Renderer]:
+class Synthesis(nn.Module):
+    """A style generator's `synthesis` as a module's forward, so that `--compile` can compile what renders w."""
+
+    def __init__(self, generator: StyleGenerator) -> None:
+        super().__init__()
+        self.generator = generator
+
+    def forward(self, ws: torch.Tensor, noise_mode: str | None = None) -> torch.Tensor:
+        return self.generator.synthesis(ws, noise_mode=noise_mode)
+
+
+def latent_batch(generator: Generator, space: str, n: int, seed: int, start: int, device: torch.device,
+                 network: Callable[..., torch.Tensor] | None = None) -> tuple[torch.Tensor, Renderer]:
     """Rows start..start+n-1 of the latent stream for `seed` in `space`, and latents -> images.
 
     Random inputs besides the latent (Glow's split levels, style noise) are fixed per row, so
-    G(z) and G(z − k·w) differ only by the shift: at k = 0 they are the same image.
+    G(z) and G(z − k·w) differ only by the shift: at k = 0 they are the same image. `network` stands in for
+    the generator's forward (its `Synthesis` for style generators), e.g. compiled; the mapping stays eager.
     """
     z = generator.sample_latents(n, seed, start).to(device)
     if not isinstance(generator, StyleGenerator):
-        return z, make_renderer(generator, "z", range(start, start + n), seed, device)
+        forward, opts = generator if network is None else network, {}
+        if hasattr(generator, "sample_split_noise"):  # Glow: its split levels, drawn once per image
+            opts["split_noise"] = [level.to(device) for level in generator.sample_split_noise(n, seed, start)]
+        return z, lambda latents: forward(latents, **opts)
     noise_mode = "const" if generator.noise_mode == "random" else None
-    synthesis = lambda ws: generator.synthesis(ws, noise_mode=noise_mode)  # noqa: E731
+    network = Synthesis(generator) if network is None else network
+    synthesis = lambda ws: network(ws, noise_mode=noise_mode)  # noqa: E731
     if space == "w":
         with torch.no_grad():
             return generator.mapping(z), synthesis
@@ -174,7 +190,9 @@ class ShiftExaggeration:
     Configured once, torchattacks-style; `fit` learns w over fresh latent batches, `sweep`
     scores G(z − k·w) on given latents. L_fake is the patch cross entropy towards "fake" (eq. 1)
     on the classifier's view of the image (`ClassifierInput`). Generator, classifier and LPIPS
-    are moved to `device` and frozen while in use. `precision="bf16"` autocasts the forward passes.
+    are moved to `device` and frozen while in use. `precision="bf16"` autocasts the forward passes. `compile`:
+    the classifier, the generator's forward (synthesis for style generators) and LPIPS run `torch.compile`d
+    (`common.compiled.maybe_compile`: eager after one warning where the compiler cannot run), a single backward.
 
     Under torchrun every rank runs `fit` and `sweep` alike: a fit step's global batch is split into contiguous
     per-rank slices, each rank's loss is its share of the mean over the global batch, and the gradient of w is
@@ -185,7 +203,7 @@ class ShiftExaggeration:
     def __init__(self, generator: Generator, classifier: nn.Module, lpips: nn.Module | None = None, *,
                  lam: float = 1.0, space: str = "auto", classifier_input: ClassifierInput | None = None,
                  aggregation: str = "after_softmax", device: str | torch.device = "cpu",
-                 precision: str = "fp32") -> None:
+                 precision: str = "fp32", compile: bool = False) -> None:
         if lam < 0:
             raise ValueError(f"lam must be >= 0, got {lam}")
         if lam > 0 and lpips is None:
@@ -203,6 +221,17 @@ class ShiftExaggeration:
         self.view = classifier_input or ClassifierInput()
         self.aggregation = aggregation
         self.precision = precision
+        # what the attack calls: the networks above, compiled when asked; the attributes above stay the networks
+        self._classifier = maybe_compile(self.classifier, compile, self.device, "the classifier")
+        self._render = maybe_compile(Synthesis(self.generator) if isinstance(self.generator, StyleGenerator)
+                                     else self.generator, compile, self.device, "the generator")
+        self._lpips = None if self.lpips is None else maybe_compile(self.lpips, compile, self.device, "LPIPS")
+
+    @property
+    def compiled(self) -> bool:
+        """Whether a network runs compiled (asked for, the compiler runs here, and no first call fell back)."""
+        return any(isinstance(net, CompiledOrEager) and net.compiled
+                   for net in (self._classifier, self._render, self._lpips))
 
     @property
     def dim(self) -> int:
@@ -214,13 +243,13 @@ class ShiftExaggeration:
     def _classify(self, images: torch.Tensor) -> torch.Tensor:
         x = self.view(images).contiguous(memory_format=torch.channels_last)
         with autocast(self.device, self.precision):
-            return self.classifier(x).float()
+            return self._classifier(x).float()
 
     def _terms(self, shift: torch.Tensor, seed: int, batch: int) -> dict[str, torch.Tensor]:
         """The loss terms of this rank's slice of rows 0..batch-1, each a mean over its slice times
         slice/batch: summed over the ranks, means over the global batch (in one process, the means)."""
         start, n = distributed.share_of(batch, "batch")
-        latents, render = latent_batch(self.generator, self.space, n, seed, start, self.device)
+        latents, render = latent_batch(self.generator, self.space, n, seed, start, self.device, self._render)
         with autocast(self.device, self.precision):
             with torch.no_grad():
                 original = render(latents).float().clamp(-1, 1)
@@ -231,7 +260,7 @@ class ShiftExaggeration:
         if self.lpips is not None:
             needs_graph = torch.is_grad_enabled() and self.lam > 0  # at λ = 0 LPIPS is only reported
             with autocast(self.device, self.precision), torch.set_grad_enabled(needs_graph):
-                terms["lpips"] = self.lpips(original, moved.clamp(-1, 1)).float().mean()
+                terms["lpips"] = self._lpips(original, moved.clamp(-1, 1)).float().mean()
             if self.lam > 0:
                 terms["loss"] = terms["loss"] + self.lam * terms["lpips"]
         terms["p_fake"] = image_scores(logits.detach(), self.aggregation).mean()
@@ -291,7 +320,7 @@ class ShiftExaggeration:
                 if number % world != rank:  # under torchrun: every world_size-th batch, whole
                     continue
                 latents, render = latent_batch(self.generator, self.space, min(batch, n - first), seed, first,
-                                               self.device)
+                                               self.device, self._render)
                 with autocast(self.device, self.precision):
                     original = render(latents).float().clamp(-1, 1)
                 p_cols, lpips_cols, image_cols = [], [], []
@@ -301,7 +330,7 @@ class ShiftExaggeration:
                     p_cols.append(image_scores(self._classify(moved), self.aggregation).cpu())
                     if self.lpips is not None:
                         with autocast(self.device, self.precision):
-                            lpips_cols.append(self.lpips(original, moved).float().cpu())
+                            lpips_cols.append(self._lpips(original, moved).float().cpu())
                     if keep_images:
                         image_cols.append(moved.cpu())
                 scored.append((first, (torch.stack(p_cols, dim=1),

@@ -2,8 +2,10 @@
 demo's bundled PGAN.
 
 Run: `python benchmarks/bench_attacks.py [--device cuda] [--workloads exaggerate,finetune]
-[--sizes demo,small,256,1024]`.
-Prints one table row per (workload, size, precision); nothing here is asserted.
+[--sizes demo,small,256,1024] [--compile]`.
+Prints one table row per (workload, size, precision), and with --compile a second one with the networks that
+`exaggerate --compile` / `finetune --compile` compile compiled (compiled in the warm-up steps, not timed);
+nothing here is asserted.
 """
 from __future__ import annotations
 
@@ -68,16 +70,17 @@ def _timed(run: Callable[[], object], device: torch.device) -> float:
 
 
 def bench_exaggerate(setting: Setting, batch: int, precision: str, device: torch.device, iters: int,
-                     warmup: int = 2) -> float:
+                     warmup: int = 2, compile: bool = False) -> float:
     """Seconds per exaggerate step: G(z) and G(z − w), the classifier at its input size, LPIPS
     (alex), the backward pass to w and Adam — `ShiftExaggeration.fit` itself, set-up excluded."""
+    warmup = max(warmup, 1) if compile else warmup  # compiled in the first calls: never timed
     torch.manual_seed(0)
     generator, _ = _pgan(setting)
     classifier = build_model(setting.classifier, seed=0)
     lpips = load_lpips("alex", device=device, allow_random=True)  # random weights time like real ones
     attack = ShiftExaggeration(generator.eval(), classifier, lpips, lam=1.0,
                                classifier_input=ClassifierInput(setting.classifier_px, setting.classifier_px),
-                               device=device, precision=precision)
+                               device=device, precision=precision, compile=compile)
 
     def fit(steps: int) -> None:
         attack.fit(steps=steps, batch=batch, lr=0.01, progress=False)
@@ -89,10 +92,11 @@ def bench_exaggerate(setting: Setting, batch: int, precision: str, device: torch
 
 
 def bench_finetune(setting: Setting, batch: int, precision: str, device: torch.device, iters: int,
-                   warmup: int = 1) -> float:
+                   warmup: int = 1, compile: bool = False) -> float:
     """Seconds per finetune step (eq. 4): a WGAN-GP critic step with gradient penalty and drift, then a
     generator step with the GAN loss and the classifier's loss at its input size, and the average update —
     `GeneratorFinetuner.run` itself without logging or checkpoint files, set-up excluded."""
+    warmup = max(warmup, 1) if compile else warmup  # compiled in the first calls: never timed
     torch.manual_seed(0)
     generator, discriminator = _pgan(setting)
     generator.discriminator = discriminator
@@ -100,7 +104,8 @@ def bench_finetune(setting: Setting, batch: int, precision: str, device: torch.d
     side = setting.generator_px
     reals = torch.randint(0, 256, (max(2 * batch, 16), 3, side, side), dtype=torch.uint8)
     attack = GeneratorFinetuner(generator, classifier, reals, FinetuneSettings(precision=precision), device=device,
-                                classifier_input=ClassifierInput(setting.classifier_px, setting.classifier_px))
+                                classifier_input=ClassifierInput(setting.classifier_px, setting.classifier_px),
+                                compile=compile)
 
     def run(steps: int) -> None:
         attack.run(attack.step + steps, batch, progress=False)
@@ -126,22 +131,25 @@ def main() -> None:
                         help="[default: 16 on CUDA and for demo; on CPU 8 small, 2 larger]")
     parser.add_argument("--precisions", default="fp32,bf16")
     parser.add_argument("--iters", type=int, default=3)
+    parser.add_argument("--compile", action="store_true",
+                        help="also time each step with what `--compile` compiles compiled (after its warm-up)")
     args = parser.parse_args()
     logging.getLogger("patchscope.perceptual").setLevel(logging.ERROR)  # the random-LPIPS warning
     device = resolve_device(args.device)
     configure_backends(device)
     print(f"device {device}, torch {torch.__version__}, threads {torch.get_num_threads()}")
     print(f"{'workload':<11} {'size':>5} {'G px':>5} {'classifier':<16} {'C px':>5} {'batch':>5} "
-          f"{'precision':<9} {'s/step':>8} {'img/s':>8}")
+          f"{'precision':<9} {'compile':<7} {'s/step':>8} {'img/s':>8}")
     for workload in args.workloads.split(","):
         for size in args.sizes.split(","):
             setting = SETTINGS[size]
             batch = args.batch or (16 if device.type == "cuda" or size == "demo" else 8 if size == "small" else 2)
             for precision in args.precisions.split(","):
-                seconds = WORKLOADS[workload](setting, batch, precision, device, args.iters)
-                print(f"{workload:<11} {size:>5} {setting.generator_px:>5} {setting.classifier:<16} "
-                      f"{setting.classifier_px:>5} {batch:>5} {precision:<9} {seconds:>8.3f} {batch / seconds:>8.1f}",
-                      flush=True)
+                for compile in (False, True) if args.compile else (False,):
+                    seconds = WORKLOADS[workload](setting, batch, precision, device, args.iters, compile=compile)
+                    print(f"{workload:<11} {size:>5} {setting.generator_px:>5} {setting.classifier:<16} "
+                          f"{setting.classifier_px:>5} {batch:>5} {precision:<9} {'yes' if compile else 'no':<7} "
+                          f"{seconds:>8.3f} {batch / seconds:>8.1f}", flush=True)
 
 
 if __name__ == "__main__":

@@ -42,6 +42,10 @@ from patchscope.common import config as configs
 @click.option("--device", help="auto | cpu | cuda | cuda:N.  [default: auto]")
 @click.option("--precision", type=click.Choice(["auto", "fp32", "bf16"]),
               help="auto = bf16 autocast on CUDA and on CPUs with native bf16 (AVX512-BF16/AMX), else fp32.  [default: auto]")
+@click.option("--compile/--no-compile", default=None,
+              help="torch.compile the classifier, the generator and LPIPS (uncompiled, after one warning, where the "
+                   "compiler cannot run). Float rounding differs from uncompiled runs, so --resume keeps it as it "
+                   "was.  [default: off]")
 @click.option("--resume", is_flag=True, help="Keep the finished shift in --out (same settings) and score it again, e.g. with other --ks.")
 @click.option("--force", is_flag=True, help="Fit the shift again in an existing --out.")
 @dry_run_option
@@ -133,6 +137,10 @@ def _shift_table(summary: dict[str, Any]) -> str:
 @click.option("--device", help="auto | cpu | cuda | cuda:N.  [default: auto]")
 @click.option("--precision", type=click.Choice(["auto", "fp32", "bf16"]),
               help="auto = bf16 autocast on CUDA and on CPUs with native bf16 (AVX512-BF16/AMX), else fp32.  [default: auto]")
+@click.option("--compile/--no-compile", default=None,
+              help="torch.compile the frozen classifier and the generator's forward of the generator step (not the "
+                   "discriminator: its gradient penalty needs a double backward); uncompiled, after one warning, "
+                   "where the compiler cannot run. --resume keeps it as it was.  [default: off]")
 @click.option("--resume", is_flag=True, help="Continue the run in --out from resume.pt (a finished run is re-scored; more --steps go on).")
 @click.option("--force", is_flag=True, help="Start again in an existing --out.")
 @dry_run_option

@@ -115,6 +115,10 @@ def train(config: str | None, resume: bool, **options: Any) -> None:
 @click.option("--aggregation", type=click.Choice(["after_softmax", "before_softmax", "vote"]),
               help="Image score for accuracy and the PR curve (metrics.json holds all three).  [default: after_softmax]")
 @scoring_options
+@click.option("--compile/--no-compile", default=None,
+              help="torch.compile the classifier that scores the test sets (uncompiled, after one warning, where "
+                   "the compiler cannot run). Scores may differ from uncompiled ones by float rounding.  "
+                   "[default: off]")
 @click.option("--crop-on", type=click.Choice(["auto", "host", "device"]), help=CROP_ON_HELP)
 @click.option("--store", type=click.Path(file_okay=False), help=STORE_HELP)
 @click.option("--force", is_flag=True, default=None, help="Replace an existing metrics.json (and robustness results).")

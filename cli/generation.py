@@ -46,6 +46,10 @@ def _split_counts(train: int | None, val: int | None, test: int | None) -> dict[
 @click.option("--device", default="auto", show_default=True, help="auto | cpu | cuda | cuda:N.")
 @click.option("--precision", type=click.Choice(["fp32", "bf16"]), default="fp32", show_default=True,
               help="fp32 turns TF32 off on CUDA; bf16 autocast is faster and changes pixels.")
+@click.option("--compile/--no-compile", default=False, show_default=True,
+              help="torch.compile the generator (uncompiled, after one warning, where the compiler cannot run). "
+                   "Its kernels may flip a few pixels, so the manifest records whether images were rendered "
+                   "compiled and adding to a folder rendered otherwise is refused.")
 @click.option("--writers", type=click.IntRange(1), default=4, show_default=True, help="Threads encoding PNGs.")
 @dry_run_option
 @user_errors

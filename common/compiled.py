@@ -2,7 +2,8 @@
 
 `--compile` is a speed setting, never a reason for a run to fail: where the compiler cannot run (the CPU backend
 needs a C++ compiler, the CUDA one Triton) or the first compiled call fails, the run goes on uncompiled after one
-warning. Results do not depend on it beyond floating-point rounding.
+warning. Results do not depend on it beyond floating-point rounding: random numbers drawn inside a compiled module
+(dropout, a generator's fresh noise) are those an uncompiled one draws, from the same generator (`COMPILE_OPTIONS`).
 """
 from __future__ import annotations
 
@@ -18,6 +19,9 @@ import torch
 log = logging.getLogger("patchscope.compile")
 
 CXX_CANDIDATES = ("g++", "c++", "clang++")
+# Inductor's own random numbers differ from eager ones and leave the global generator elsewhere; falling back to
+# PyTorch's random ops keeps a compiled run's draws (and every draw after them) those of an uncompiled run.
+COMPILE_OPTIONS = {"fallback_random": True}
 
 
 def missing_compiler(device: torch.device) -> str | None:
@@ -74,4 +78,4 @@ def maybe_compile(module: torch.nn.Module, enabled: bool, device: torch.device,
     if missing is not None:
         log.warning("--compile: %s, so %s runs uncompiled", missing, what)
         return module
-    return CompiledOrEager(module, torch.compile(module), what)
+    return CompiledOrEager(module, torch.compile(module, options=COMPILE_OPTIONS), what)

@@ -17,6 +17,7 @@ from patchscope.common import config as configs
 from patchscope.common import distributed
 from patchscope.common.atomic import write_json, write_text
 from patchscope.common.checks import check_bool, check_choice, check_int, check_text
+from patchscope.common.compiled import maybe_compile
 from patchscope.common.device import PRECISIONS, autocast, configure_backends, resolve_device, resolve_precision
 from patchscope.common.errors import InputError
 from patchscope.common.labels import p_fake
@@ -138,6 +139,7 @@ class EvalConfig:
     batch_size: int = 64
     device: str = "auto"
     precision: str = "auto"
+    compile: bool = False                           # torch.compile the classifier for scoring (common.compiled)
     workers: int = 0
     crop_on: str = "auto"                           # auto | host | device: where items are cropped (device_crop)
     on_bad_image: str = "skip"
@@ -173,6 +175,7 @@ class EvalConfig:
         check_choice(self, "on_bad_image", data.BAD_IMAGE_POLICIES)
         check_text(self, "store", optional=True)
         check_bool(self, "force")
+        check_bool(self, "compile")
         check_int(self, "heatmaps", 0)
         if isinstance(self.perturb, str):  # `perturb: jpeg:95,75` in YAML: one spec, as one --perturb
             self.perturb = [self.perturb]
@@ -197,6 +200,8 @@ def evaluate(config: EvalConfig) -> dict[str, Any]:
     model, meta = checkpoint.load_classifier(config.run, config.which, device)
     model = model.to(memory_format=torch.channels_last)
     sizes = scoring_view(model, meta, config.view, config.load_size, config.crop_size, warn=log)
+    # the test sets are scored by `scorer`: compiled when asked (eager after one warning where it cannot be)
+    scorer = maybe_compile(model, config.compile, device, "the classifier")
     out = Path(config.out) if config.out else _run_dir(config.run) / "eval"
     distributed.run_on_main(_check_out, out, config.force)
 
@@ -210,7 +215,7 @@ def evaluate(config: EvalConfig) -> dict[str, Any]:
         loader = data.make_loader(dataset, config.batch_size, train=False, workers=config.workers,
                                   device_type=device.type, rank=distributed.rank(),
                                   world_size=distributed.world_size(), crop_on=config.crop_on)
-        logits, labels = predict(model, loader, device, precision, keep_logits=True, gather=True)
+        logits, labels = predict(scorer, loader, device, precision, keep_logits=True, gather=True)
         patch_probs = p_fake(logits)
         per_mode = {}
         for mode in AGGREGATIONS:

@@ -9,7 +9,9 @@ differently for different batch shapes (on a 2-core CPU, 1, 2-3 and >= 4 rows gi
 different last bits, and about one pixel in 10^4 flips after rounding to uint8), so the
 network always runs on `chunk` rows aligned to absolute indices, [k·chunk, (k+1)·chunk),
 padded past the end of a split with the stream's next latents. Bytes are identical for the
-same device kind and library versions; another device or precision may flip a few pixels.
+same device kind and library versions; another device or precision may flip a few pixels, and so may
+`compile` (torch.compile's kernels round differently): the manifest records whether the images were
+rendered compiled, and a run that would render them otherwise is refused.
 """
 from __future__ import annotations
 
@@ -29,7 +31,9 @@ import torch
 from PIL import Image
 
 from patchscope.common import distributed
-from patchscope.common.checks import check_choice, check_counts, check_int, check_mapping, check_text, require
+from patchscope.common.checks import (check_bool, check_choice, check_counts, check_int, check_mapping, check_text,
+                                      require)
+from patchscope.common.compiled import CompiledOrEager, maybe_compile
 from patchscope.common.device import resolve_device
 from patchscope.common.errors import DatasetError
 from patchscope.common.runfolder import remove_leftovers
@@ -168,6 +172,7 @@ class SampleConfig:
     chunk: int = 8                      # rows per network call; fixes the arithmetic, so it is recorded
     device: str = "cpu"                 # auto | cpu | cuda | cuda:N
     precision: str = "fp32"             # fp32 (no TF32 on CUDA) | bf16 autocast; recorded, since it changes pixels
+    compile: bool = False               # torch.compile the generator's forward; recorded (as it ran), as precision
     writers: int = 4                    # threads encoding PNGs
 
     def __post_init__(self) -> None:
@@ -182,6 +187,7 @@ class SampleConfig:
         for name in ("batch_size", "chunk", "writers"):
             check_int(self, name, 1)
         check_choice(self, "precision", ("fp32", "bf16"))
+        check_bool(self, "compile")
 
 
 def sample_dataset(config: SampleConfig, generator: Generator | None = None, *,
@@ -197,7 +203,7 @@ def sample_dataset(config: SampleConfig, generator: Generator | None = None, *,
 
     Under torchrun rank r renders the chunks k with k % W == r (each chunk as one process renders it, so the
     union of the ranks' PNGs is byte-identical to one process's); rank 0 alone checks the folder and writes the
-    manifest, and every rank returns once all images are written.
+    manifest, and every rank returns once all images are written. `config.compile`: see `_renderer`.
     """
     require(config, "out")
     generator_file = config.generator or None
@@ -213,15 +219,17 @@ def sample_dataset(config: SampleConfig, generator: Generator | None = None, *,
                 "split_seeds": split_seeds(seed, list(counts)), "resolution": generator.resolution,
                 "size": size, "chunk": chunk, "precision": precision}
     target = distributed.setup(resolve_device(config.device))
+    generator.to(target).eval()
+    render, settings["compile"] = _renderer(generator, config.compile, target, precision,
+                                            lambda: LatentSource(generator, seed).take(chunk), settings["options"])
     manifest, done = distributed.run_on_main(_claim_and_prepare, out, settings, counts, target, generator_file,
                                              provenance(generator))
-    generator.to(target).eval()
     summary: dict[str, Any] = {"out": str(out), "manifest": str(out / MANIFEST), "splits": {}}
     began = time.perf_counter()
     with ThreadPoolExecutor(config.writers) as pool, sampling_arithmetic(target, precision):
         for split, count in counts.items():
             folder = out / split
-            written = _sample_split(generator, folder, count, done[split], manifest["split_seeds"][split],
+            written = _sample_split(generator, render, folder, count, done[split], manifest["split_seeds"][split],
                                     settings["options"], size, -(-config.batch_size // chunk), chunk, target, pool,
                                     _progress_for(progress, split, count - len(done[split])))
             written = sum(distributed.all_gather_object(written))  # also: every rank waits for the split
@@ -232,6 +240,32 @@ def sample_dataset(config: SampleConfig, generator: Generator | None = None, *,
     summary.update(seconds=round(seconds, 3), images_per_s=round(made / seconds, 3) if made else 0.0)
     LOG.info("sampled %d new images into %s (%.1f images/s)", made, out, summary["images_per_s"])
     return summary
+
+
+def _renderer(generator: Generator, enabled: bool, device: torch.device, precision: str,
+              probe: Callable[[], tuple[torch.Tensor, dict[str, Any]]],
+              options: dict[str, Any]) -> tuple[Callable, bool]:
+    """(what renders the images, whether it runs compiled). `enabled`: the generator's forward is compiled (an
+    nn.Module's; uncompiled after one warning where the compiler cannot run or fails), and a first call on one
+    chunk (`probe()`'s inputs) settles whether it runs compiled before any image is written, alike on every rank."""
+    if not enabled:
+        return generator, False
+    render: Callable = generator
+    if isinstance(generator, torch.nn.Module):
+        render = maybe_compile(generator, True, device, "the generator")
+    else:
+        LOG.warning("--compile: %s is not a torch.nn.Module, so it runs uncompiled", type(generator).__name__)
+    compiled = isinstance(render, CompiledOrEager)
+    if compiled:
+        z, extra = probe()
+        with torch.no_grad(), sampling_arithmetic(device, precision):
+            render(z.to(device), **options, **{k: [t.to(device) for t in v] for k, v in extra.items()})
+        compiled = render.compiled
+    if not all(distributed.all_gather_object(compiled)):  # one process renders uncompiled: every process does
+        if compiled:
+            LOG.warning("--compile: another process runs the generator uncompiled, so this one does too")
+        return generator, False
+    return render, compiled
 
 
 def _claim_and_prepare(out: Path, settings: dict[str, Any], counts: dict[str, int], device: torch.device,
@@ -253,7 +287,8 @@ def _claim_folder(out: Path, settings: dict[str, Any], counts: dict[str, int], d
     splits = sorted(set(counts) | set(recorded.get("counts", {})))
     done = {split: _finished_indices(out / split) for split in splits}
     if any(done.values()):
-        check_same_settings(out, recorded, {k: v for k, v in settings.items() if k != "split_seeds"})
+        check_same_settings(out, recorded, {k: v for k, v in settings.items() if k not in ("split_seeds", "compile")})
+        _check_same_compile(out, recorded.get("compile", False), settings["compile"])  # older manifests: eager
         if recorded.get("device") != device.type:
             LOG.warning("%s was sampled on %s, now %s: kernels may round a few pixels differently",
                         out, recorded.get("device"), device.type)
@@ -274,6 +309,15 @@ def _claim_folder(out: Path, settings: dict[str, Any], counts: dict[str, int], d
     remove_leftovers(out)
     write_manifest(out, manifest)
     return manifest, {split: {i for i in done[split] if i < counts.get(split, 0)} for split in splits}
+
+
+def _check_same_compile(out: Path, before: bool, now: bool) -> None:
+    """Refuse to add images rendered compiled to uncompiled ones, or the reverse: their pixels may differ."""
+    if before != now:
+        how = {True: "compiled (torch.compile)", False: "uncompiled"}
+        raise DatasetError(f"{out}: its images were rendered {how[before]} and this run would render them "
+                           f"{how[now]}, which rounds differently; sample {'with' if before else 'without'} "
+                           f"--compile{' where the compiler runs' if before else ''} or use a new --out folder")
 
 
 def _finished_indices(folder: Path) -> set[int]:
@@ -298,7 +342,7 @@ def _progress_for(progress: bool | Progress, split: str, to_do: int) -> Callable
     return bar.update
 
 
-def _sample_split(generator: Generator, folder: Path, count: int, done: set[int], seed: int,
+def _sample_split(generator: Generator, render: Callable, folder: Path, count: int, done: set[int], seed: int,
                   options: dict[str, Any], size: int | None, chunks_per_step: int, chunk: int,
                   device: torch.device, pool: ThreadPoolExecutor, step: Callable[[int], None]) -> int:
     source = LatentSource(generator, seed)
@@ -311,13 +355,13 @@ def _sample_split(generator: Generator, folder: Path, count: int, done: set[int]
         if wanted:
             pending.append((z, extra, wanted, start))
         if pending and (len(pending) == chunks_per_step or start + chunk >= count):
-            written += _render_step(generator, folder, pending, options, size, device, pool)
+            written += _render_step(render, folder, pending, options, size, device, pool)
             step(sum(len(p[2]) for p in pending))
             pending = []
     return written
 
 
-def _render_step(generator: Generator, folder: Path, pending: list, options: dict[str, Any],
+def _render_step(generator: Callable, folder: Path, pending: list, options: dict[str, Any],
                  size: int | None, device: torch.device, pool: ThreadPoolExecutor) -> int:
     jobs = []
     for z, extra, wanted, start in pending:

@@ -82,3 +82,30 @@ def test_a_working_compile_matches_eager():
         got, want = wrapper(x), net(x)
     assert isinstance(wrapper, CompiledOrEager) and wrapper.compiled
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+class _Noisy(torch.nn.Module):
+    """Random numbers inside the forward: fresh noise (as StyleGAN2's `noise_mode="random"`) and dropout."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.drop = torch.nn.Conv2d(3, 4, 3), torch.nn.Dropout(0.5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.drop(self.conv(x + torch.randn_like(x)))
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(missing_compiler(CPU) is not None, reason="torch.compile needs a C++ compiler here")
+def test_a_compiled_module_draws_the_random_numbers_of_the_uncompiled_one_and_leaves_the_generator_alike():
+    torch.manual_seed(0)
+    net, x = _Noisy().train(), torch.randn(2, 3, 8, 8)
+    wrapper = maybe_compile(net, True, CPU)
+    runs = []
+    for module in (wrapper, net):
+        torch.manual_seed(1)
+        runs.append((module(x).detach(), module(x).detach(), torch.rand(3)))  # two calls, then a draw after them
+    assert isinstance(wrapper, CompiledOrEager) and wrapper.compiled
+    # inductor's own random numbers would differ entirely (dropout masks, noise) and move the generator elsewhere
+    for got, want in zip(*runs):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
