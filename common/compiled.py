@@ -7,6 +7,7 @@ warning. Results do not depend on it beyond floating-point rounding: random numb
 """
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import logging
 import os
@@ -37,9 +38,12 @@ def missing_compiler(device: torch.device) -> str | None:
 
 
 class CompiledOrEager(torch.nn.Module):
-    """Calls `torch.compile(module)`; if its first call (where compilation happens) raises, warns once and calls
-    `module` itself from then on. A genuine error in the model raises again from the eager call, so nothing is
-    hidden. train()/eval() reach `module` as usual; the state dict is the module's own (under `module.`)."""
+    """Calls `torch.compile(module)`; if a call fails to compile, warns once and calls `module` itself from then
+    on. The first call may fail in any way (it is where compiling starts); a later one falls back only for the
+    compiler's own errors (a recompile for a new shape or mode), so a genuine error in the model is never retried
+    silently: it raises again from the uncompiled call. Each compiled call also compiles its backward pass (torch
+    does that lazily, inside `loss.backward()`, where no fallback could catch it). train()/eval() reach `module` as
+    usual; the state dict is the module's own (under `module.`)."""
 
     def __init__(self, module: torch.nn.Module, compiled: Any, what: str):
         super().__init__()
@@ -53,20 +57,48 @@ class CompiledOrEager(torch.nn.Module):
         return self._compiled is not self.module
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        if self._proven:
-            return self._compiled(*args, **kwargs)
+        if not self.compiled:
+            return self.module(*args, **kwargs)
         try:
-            out = self._compiled(*args, **kwargs)
+            with _backward_compiled_in_forward():
+                out = self._compiled(*args, **kwargs)
         except (KeyboardInterrupt, MemoryError):
             raise
         except Exception as error:  # BackendCompilerFailed, InductorError, a missing header, ...
-            first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-            log.warning("torch.compile of %s failed (%s: %s); running it uncompiled", self._what,
-                        type(error).__name__, first[:300])
+            if self._proven and not isinstance(error, _COMPILER_ERRORS):
+                raise
+            log.warning("torch.compile of %s failed (%s); running it uncompiled", self._what, _cause(error))
             object.__setattr__(self, "_compiled", self.module)
             out = self.module(*args, **kwargs)
         self._proven = True
         return out
+
+
+def _compiler_errors() -> tuple[type[BaseException], ...]:
+    try:
+        from torch._dynamo.exc import TorchDynamoException  # BackendCompilerFailed, InductorError, ...
+    except ImportError:
+        return ()
+    return (TorchDynamoException,)
+
+
+_COMPILER_ERRORS = _compiler_errors()
+
+
+def _backward_compiled_in_forward():
+    """AOTAutograd's switch that lowers the backward graph with the forward one, where this torch has it."""
+    config = getattr(getattr(torch, "_functorch", None), "config", None)
+    if config is None or not hasattr(config, "force_non_lazy_backward_lowering"):
+        return contextlib.nullcontext()
+    return config.patch(force_non_lazy_backward_lowering=True)
+
+
+def _cause(error: BaseException) -> str:
+    """`Type: first line` of what went wrong: the inner exception of a BackendCompilerFailed, whose own first
+    line only names the backend."""
+    inner = getattr(error, "inner_exception", None) or error
+    lines = [line.strip() for line in str(inner).splitlines() if line.strip()]
+    return f"{type(inner).__name__}: {lines[0][:300]}" if lines else type(inner).__name__
 
 
 def maybe_compile(module: torch.nn.Module, enabled: bool, device: torch.device,

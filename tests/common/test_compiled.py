@@ -109,3 +109,54 @@ def test_a_compiled_module_draws_the_random_numbers_of_the_uncompiled_one_and_le
     # inductor's own random numbers would differ entirely (dropout masks, noise) and move the generator elsewhere
     for got, want in zip(*runs):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_a_backward_that_fails_to_compile_falls_back_in_the_forward_call(caplog):
+    """torch lowers the backward graph lazily, inside loss.backward(), out of the wrapper's reach: the wrapper has
+    it lowered with the forward one, so its failure falls back there and backward() then runs uncompiled."""
+    from torch._dynamo.backends.common import aot_autograd
+
+    def backward_fails(graph, example_inputs):
+        raise RuntimeError("simulated backward codegen failure")
+
+    torch._dynamo.reset()
+    net = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Tanh())
+    compiled_net = torch.compile(net, backend=aot_autograd(fw_compiler=lambda gm, _: gm, bw_compiler=backward_fails))
+    wrapper = CompiledOrEager(net, compiled_net, "the classifier")
+    x = torch.randn(5, 4)
+    with caplog.at_level(logging.WARNING, logger="patchscope.compile"):
+        wrapper(x).sum().backward()
+    assert not wrapper.compiled and net[0].weight.grad is not None
+    assert "simulated backward codegen failure" in caplog.records[0].getMessage()
+    torch._dynamo.reset()
+
+
+def test_a_later_compiler_error_falls_back_but_a_later_model_error_raises(caplog):
+    from torch._dynamo.exc import BackendCompilerFailed
+
+    net, calls = _net(), []
+
+    def compiled_then_failing(x):
+        calls.append(x.shape)
+        if len(calls) == 2:  # a recompile for a new shape
+            raise BackendCompilerFailed(lambda *a: None, RuntimeError("Python.h: No such file or directory"), None)
+        return net(x)
+
+    wrapper = CompiledOrEager(net, compiled_then_failing, "the classifier")
+    wrapper(torch.randn(2, 3, 8, 8))
+    with caplog.at_level(logging.WARNING, logger="patchscope.compile"):
+        wrapper(torch.randn(1, 3, 9, 9))
+    assert not wrapper.compiled
+    assert caplog.records[0].getMessage() == ("torch.compile of the classifier failed (RuntimeError: Python.h: No "
+                                              "such file or directory); running it uncompiled")
+
+    def compiled_then_model_error(x):
+        if x.shape[1] != 3:
+            raise RuntimeError("expected 3 channels")
+        return net(x)
+
+    wrapper = CompiledOrEager(net, compiled_then_model_error, "the classifier")
+    wrapper(torch.randn(2, 3, 8, 8))
+    with pytest.raises(RuntimeError, match="expected 3 channels"):  # not hidden behind an eager retry
+        wrapper(torch.randn(2, 5, 8, 8))
+    assert wrapper.compiled
