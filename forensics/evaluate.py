@@ -87,15 +87,20 @@ def predict(model: torch.nn.Module, loader, device: torch.device, precision: str
     """
     model.eval()
     outputs, labels, index = [], [], []
+    cuda = device.type == "cuda"
     for batch in progress_bar(loader, desc="scoring", unit="batch", leave=False):
         x, y, i = to_device_batch(batch, device, memory_format)  # host or device crops (forensics.device_crop)
         with autocast(device, precision):
             logits = model(x)
         logits = logits.float()
-        outputs.append((logits if keep_logits else p_fake(logits)).cpu())
+        # CUDA: a copy into pinned host memory that does not wait for the GPU (one synchronize after the loop),
+        # so the next batch is queued while this one computes
+        outputs.append((logits if keep_logits else p_fake(logits)).to("cpu", non_blocking=cuda))
         labels.append(y)
         if gather:  # some callers' loaders carry no index
             index.append(torch.as_tensor(i))
+    if cuda:
+        torch.cuda.synchronize(device)  # every non-blocking copy has landed before the outputs are read
     if gather and distributed.active():
         parts = distributed.all_gather_object((torch.cat(index), torch.cat(outputs), torch.cat(labels))
                                               if outputs else None)
