@@ -144,14 +144,17 @@ else
     ddp_command ddp_1 1
     step ddp_1 -- "${DDP[@]}"
     if [ "$DEVICE" != cpu ] && [ "$GPUS" -lt 2 ]; then
-        # Two processes on one GPU: NCCL refuses two ranks on one device; that is a skip, not a failure.
+        # Two processes on one GPU: NCCL cannot share a device, so they share it over gloo (the DDP code on CUDA
+        # tensors, not NCCL); without PATCHSCOPE_SHARE_GPUS the launch must be refused in one line.
         ddp_command ddp_2 2
-        if ! step ddp_2_shared_gpu -- "${DDP[@]}"; then
-            if grep -qiE "duplicate gpu|same (cuda )?device|ncclInvalidUsage" "$LOGS/ddp_2_shared_gpu.log"; then
-                unset 'NAMES[-1]' 'STATES[-1]'
-                skip ddp_2 "1 GPU, and NCCL refuses two processes on one device"
-            fi
+        if timeout -k 10 120 "${DDP[@]}" >"$LOGS/ddp_2_refused.log" 2>&1; then
+            record ddp_2_refused FAIL 0 "2 processes on 1 GPU were not refused"
+        elif grep -q "NCCL cannot share a GPU" "$LOGS/ddp_2_refused.log"; then
+            record ddp_2_refused PASS 0
+        else
+            record ddp_2_refused FAIL 0 "no one-line refusal; see $LOGS/ddp_2_refused.log"
         fi
+        step ddp_2_shared_gpu -- env PATCHSCOPE_SHARE_GPUS=1 "${DDP[@]}"
     else
         ddp_command ddp_2 2
         step ddp_2 -- "${DDP[@]}"

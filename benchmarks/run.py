@@ -178,7 +178,9 @@ class Bench:
         self.tmp = Path(tempfile.mkdtemp(prefix="patchscope_bench_"))
         big = 8192 if self.cuda else 2048  # smaller CPU products fall well short of the peak
         print(f"measuring the device: matmul peak ({big}^3, fp32 and bf16), copy bandwidth ...", flush=True)
-        self.peak = {"fp32": matmul_peak(device, torch.float32, big), "bf16": matmul_peak(device, torch.bfloat16, big)}
+        with sampling_arithmetic(device, "fp32"):  # true fp32, no TF32 (configure_backends allows it): as fp32 rows run
+            fp32 = matmul_peak(device, torch.float32, big)
+        self.peak = {"fp32": fp32, "bf16": matmul_peak(device, torch.bfloat16, big)}
         self.bandwidth = copy_bandwidth(device, 1024 if self.cuda else 128)
 
     def meta(self) -> dict[str, Any]:
@@ -297,15 +299,17 @@ class Bench:
                                            num_workers=workers, drop_last=True,
                                            pin_memory=self.cuda, persistent_workers=workers > 0)
 
-    def _file_step(self, loader, model, memory_format, precision) -> Callable[[], None]:
+    def _file_step(self, loader, model, memory_format, precision, resident: bool = False) -> Callable[[], None]:
+        """One training step on the loader's next batch; `resident`: on its first batch, kept on the device."""
         optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
         batches = cycle(loader)
+        kept = self._to_input(next(batches), memory_format) if resident else None
         cast = (lambda: torch.autocast(self.device.type, dtype=torch.bfloat16)) if precision == "bf16" \
             else contextlib.nullcontext
         model.train()
 
         def step() -> None:
-            x, y = self._to_input(next(batches), memory_format)
+            x, y = kept if resident else self._to_input(next(batches), memory_format)
             y = y.to(self.device, non_blocking=True)
             with cast():
                 logits = model(x)
@@ -325,12 +329,19 @@ class Bench:
                    "variant": self.ours + "+cache" + self._crop_variant(loader),
                    "setup_s": setup, "files": self.args.files}
             row.update(self.measure(self._file_step(loader, model, torch.channels_last, self.precision), batch))
+            # the same step on one batch already on the device: how much of the model's own rate the data path
+            # delivers (on a GPU the model step alone keeps it busy, so this is the GPU's busy share)
+            alone = self.measure(self._file_step(loader, model, torch.channels_last, self.precision, resident=True),
+                                 batch)
+            row.update(model_alone_ms_per_step=alone["ms_per_step"], fed=alone["ms_per_step"] / row["ms_per_step"])
             del model, loader
             self.release()
             model = build_model(name, seed=0).to(self.device)
-            reference = self.measure(self._file_step(self._public_loader(real, fake, size, batch, workers), model,
-                                                     torch.contiguous_format, "fp32"), batch)
-            del model
+            public = self._public_loader(real, fake, size, batch, workers)
+            reference = self.measure(self._file_step(public, model, torch.contiguous_format, "fp32"), batch)
+            alone = self.measure(self._file_step(public, model, torch.contiguous_format, "fp32", resident=True), batch)
+            reference["fed"] = alone["ms_per_step"] / reference["ms_per_step"]
+            del model, public
             self.release()
             self.add(row, reference)
 
@@ -396,7 +407,12 @@ class Bench:
             return self.skip("ddp", "torch.distributed is not available in this torch build")
         if importlib.util.find_spec("patchscope.common.distributed") is None:
             return self.skip("ddp", "the library has no DDP support yet (no patchscope.common.distributed)")
-        procs = [1, self.args.ddp_procs or max(2, torch.cuda.device_count() if self.cuda else 2)]
+        gpus = torch.cuda.device_count() if self.cuda else 0
+        many = self.args.ddp_procs or (gpus if self.cuda else 2)
+        if self.cuda and not 2 <= many <= gpus:  # NCCL takes one GPU per process
+            self.skip("ddp", f"scaling to {many} processes needs {max(many, 2)} GPUs; this machine has {gpus}")
+            return
+        procs = [1, many]
         real, fake = self.png_folders(self.args.files, splits=True)
         size = min(self.args.sizes)
         base = None
@@ -475,7 +491,7 @@ def cpu_model() -> str:
 # ----------------------------------------------------------------------------- output
 
 COLUMNS = ("workload", "model", "px", "batch", "variant", "img/s", "ms/step", "peak MiB", "MFU",
-           "act. GB/step", "% copy BW", "reference img/s", "× reference")
+           "act. GB/step", "% copy BW", "% fed", "reference img/s", "× reference")
 
 
 def _num(value: Any, digits: int = 1) -> str:
@@ -491,7 +507,7 @@ def format_row(row: dict[str, Any]) -> str:
     pct = (lambda v: "-" if v is None else f"{100 * v:.1f}%")
     cells = [row["workload"], row["name"], str(row["px"]), str(row["batch"]), row["variant"],
              _num(row["images_per_s"]), _num(row["ms_per_step"]), _num(row["peak_mem_mib"], 0),
-             pct(row.get("mfu")), _num(row.get("gb_per_step"), 2), pct(row.get("bandwidth_util")),
+             pct(row.get("mfu")), _num(row.get("gb_per_step"), 2), pct(row.get("bandwidth_util")), pct(row.get("fed")),
              _num(ref.get("images_per_s")),
              f"{row['speedup_vs_reference']:.2f}×" if "speedup_vs_reference" in row
              else (f"{row['scaling_vs_1_proc']:.2f}× 1 proc" if "scaling_vs_1_proc" in row else "-")]

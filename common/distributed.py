@@ -2,7 +2,8 @@
 
 torchrun starts one process per device and sets RANK, WORLD_SIZE and LOCAL_RANK (plus MASTER_ADDR/PORT) in each.
 `setup(device)` joins the processes into one group when WORLD_SIZE > 1: backend nccl when the resolved device is
-CUDA (each process then uses cuda:LOCAL_RANK), gloo otherwise. Without those variables (a plain `patchscope ...` or
+CUDA (each process then uses cuda:LOCAL_RANK; more processes than GPUs are refused, or share them over gloo with
+PATCHSCOPE_SHARE_GPUS=1), gloo otherwise. Without those variables (a plain `patchscope ...` or
 a library call) every helper here is a no-op: rank 0 of 1, nothing of torch.distributed is initialised.
 
 Rank 0 alone writes: `run_on_main` runs a step there (claiming a run folder, writing a manifest) and hands every
@@ -25,7 +26,8 @@ from patchscope.common.errors import InputError
 log = logging.getLogger("patchscope.distributed")
 
 T = TypeVar("T")
-_state: dict[str, Any] = {"alone": False, "owned": False, "cuda": None}  # cuda: the device setup resolved
+_state: dict[str, Any] = {"alone": False, "owned": False, "cuda": None,  # cuda: the device setup resolved
+                          "backend": None}
 
 
 class FollowedError(InputError):
@@ -76,15 +78,42 @@ def active() -> bool:
     return world_size() > 1 and torch.distributed.is_available() and torch.distributed.is_initialized()
 
 
-def backend_for(device: torch.device) -> str:
-    return "nccl" if device.type == "cuda" else "gloo"
+def local_world_size() -> int:
+    """Processes of this command on this machine (LOCAL_WORLD_SIZE under torchrun), 1 otherwise."""
+    return 1 if world_size() == 1 else _env_int("LOCAL_WORLD_SIZE", 1)
+
+
+SHARE_GPUS = "PATCHSCOPE_SHARE_GPUS"  # =1: more processes than GPUs on a machine share them, over gloo
+
+
+def cuda_placement(local_rank_: int, local_world: int, gpus: int, share: bool) -> tuple[int, str]:
+    """(GPU index, backend) of a process under torchrun: GPU LOCAL_RANK and nccl while the machine has a GPU per
+    process. NCCL cannot put two processes on one GPU, so with fewer GPUs than processes the launch is refused, or
+    with `share` (PATCHSCOPE_SHARE_GPUS=1, to check the distributed code on one GPU) the processes take the GPUs
+    round-robin and talk over gloo."""
+    if gpus < 1:
+        raise InputError("--device cuda: this machine has no CUDA GPU")
+    if local_rank_ < gpus and local_world <= gpus:
+        return local_rank_, "nccl"
+    if not share:
+        raise InputError(f"torchrun started {max(local_world, local_rank_ + 1)} processes on this machine, which has "
+                         f"{gpus} GPU{'s' * (gpus != 1)}, and NCCL cannot share a GPU between processes: give "
+                         f"--nproc_per_node {gpus} or fewer, or set {SHARE_GPUS}=1 to share the GPUs over gloo "
+                         f"(slow; for checking a launch on fewer GPUs)")
+    return local_rank_ % gpus, "gloo"
+
+
+def backend() -> str:
+    """The backend the process group runs on (set by `setup`): nccl, or gloo on CPU and on shared GPUs."""
+    return _state["backend"] or "gloo"
 
 
 def setup(device: torch.device, timeout: datetime.timedelta | None = None) -> torch.device:
     """Join the torchrun process group (once) and return the device this process computes on.
 
     A single process gets `device` back and nothing is initialised. Under torchrun, `cuda` without an index
-    becomes cuda:LOCAL_RANK (made the current device); the backend follows the device: nccl on CUDA, gloo on CPU.
+    becomes cuda:LOCAL_RANK (made the current device; see `cuda_placement`); the backend follows the device: nccl on
+    CUDA, gloo on CPU.
     """
     if world_size() == 1:
         return device
@@ -94,18 +123,28 @@ def setup(device: torch.device, timeout: datetime.timedelta | None = None) -> to
         if device.index is not None and device != _state["cuda"]:
             raise InputError(f"--device {device}: under torchrun each process takes the GPU of its LOCAL_RANK; give "
                              f"--device cuda (or auto) and pick GPUs with CUDA_VISIBLE_DEVICES")
-        device = _state["cuda"] = torch.device("cuda", local_rank())
+        try:
+            index, chosen = cuda_placement(local_rank(), local_world_size(), torch.cuda.device_count(),
+                                           os.environ.get(SHARE_GPUS, "") == "1")
+        except InputError as error:  # every rank refuses; the first of each machine says why
+            raise (error if local_rank() == 0 else FollowedError(str(error))) from None
+        if chosen == "gloo" and local_rank() == 0:
+            log.warning("%d processes share %d GPU(s) over gloo (%s=1): slow, for checking the distributed code",
+                        local_world_size(), torch.cuda.device_count(), SHARE_GPUS)
+        device = _state["cuda"] = torch.device("cuda", index)
         torch.cuda.set_device(device)
+    else:
+        chosen = "gloo"
     if not torch.distributed.is_available():
         raise InputError("this torch build has no torch.distributed: run without torchrun")
     if not torch.distributed.is_initialized():
         # long: the other ranks wait in a collective while rank 0 alone fills the image store, checks a large
         # sample folder or runs a command that is not sharded (NCCL's default would give up after 10 minutes)
         timeout = timeout if timeout is not None else WAIT_FOR_RANK_0
-        torch.distributed.init_process_group(backend=backend_for(device), init_method="env://", timeout=timeout)
-        _state["owned"] = True
+        torch.distributed.init_process_group(backend=chosen, init_method="env://", timeout=timeout)
+        _state["owned"], _state["backend"] = True, chosen
         atexit.register(shutdown)
-        log.debug("rank %d of %d joined the process group (%s)", rank(), world_size(), backend_for(device))
+        log.debug("rank %d of %d joined the process group (%s)", rank(), world_size(), chosen)
     return device
 
 

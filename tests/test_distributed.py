@@ -92,6 +92,41 @@ def test_every_rank_refuses_an_explicit_gpu_index_alike(monkeypatch, rank):
     assert not torch.distributed.is_initialized()
 
 
+@pytest.mark.parametrize("local_rank, local_world, gpus, share, expected", [
+    (0, 2, 2, False, (0, "nccl")), (1, 2, 2, False, (1, "nccl")), (3, 4, 8, False, (3, "nccl")),
+    (0, 2, 1, True, (0, "gloo")), (1, 2, 1, True, (0, "gloo")), (2, 3, 2, True, (0, "gloo")),
+    (1, 1, 1, True, (0, "gloo")),  # a LOCAL_RANK past the GPUs (another launcher's numbering)
+])
+def test_each_process_takes_its_own_gpu_or_shares_them_over_gloo(local_rank, local_world, gpus, share, expected):
+    assert distributed.cuda_placement(local_rank, local_world, gpus, share) == expected
+
+
+@pytest.mark.parametrize("local_rank, local_world, gpus", [(0, 2, 1), (1, 2, 1), (1, 1, 1), (0, 9, 8)])
+def test_more_processes_than_gpus_are_refused_saying_what_to_give(local_rank, local_world, gpus):
+    with pytest.raises(InputError, match=rf"torchrun started {max(local_world, local_rank + 1)} processes on this "
+                                         rf"machine, which has {gpus} GPU.*give --nproc_per_node {gpus} or fewer, "
+                                         r"or set PATCHSCOPE_SHARE_GPUS=1"):
+        distributed.cuda_placement(local_rank, local_world, gpus, share=False)
+    with pytest.raises(InputError, match="no CUDA GPU"):
+        distributed.cuda_placement(local_rank, local_world, 0, share=True)
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_two_processes_on_one_gpu_are_refused_before_joining_the_first_of_the_machine_saying_why(monkeypatch,
+                                                                                                  rank):
+    monkeypatch.setenv("RANK", str(rank))
+    monkeypatch.setenv("LOCAL_RANK", str(rank))
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    monkeypatch.delenv("PATCHSCOPE_SHARE_GPUS", raising=False)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: pytest.fail("set_device before the refusal"))
+    with pytest.raises(InputError, match="NCCL cannot share a GPU") as caught:
+        distributed.setup(torch.device("cuda"))
+    assert getattr(caught.value, "quiet", False) == (rank == 1)  # rank 0 prints it, rank 1 exits 2 quietly
+    assert not torch.distributed.is_initialized()
+
+
 def test_a_launch_of_one_process_is_single(monkeypatch):
     monkeypatch.setenv("RANK", "0")
     monkeypatch.setenv("WORLD_SIZE", "1")
