@@ -16,6 +16,7 @@ from torch import nn
 from torchvision import models as tv_models
 
 from patchscope.common.errors import InputError
+from patchscope.common.seeding import cpu_seeded
 from patchscope.generators.io.allowlist import torch_reason
 
 log = logging.getLogger("patchscope.perceptual")
@@ -169,10 +170,9 @@ def load_lpips(net: str = "alex", weights: str | os.PathLike | None = None, devi
         raise InputError(f"{missing_weights_message(net)}; or {RANDOM_COST}")
     # A fixed seed makes the random backbone the same in every run (so resumed runs agree),
     # without touching the caller's random stream.
-    with warnings.catch_warnings(), torch.random.fork_rng(devices=[]):
+    with warnings.catch_warnings(), cpu_seeded(RANDOM_BACKBONE_SEED):
         # lpips builds torchvision models with the deprecated `pretrained=False`; harmless here.
         warnings.simplefilter("ignore", UserWarning)
-        torch.manual_seed(RANDOM_BACKBONE_SEED)
         model = lpips.LPIPS(pretrained=True, net=net, version="0.1", pnet_rand=True, verbose=False)
     if path is None:
         log.warning("LPIPS (%s) uses a RANDOM backbone: distances are not perceptual (%s)", net,

@@ -7,11 +7,13 @@ channel 0 = real: common.labels); a full-image baseline gives a 1 x 1 map (`fore
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Callable
 
 import torch
 from torch import nn
 
+from patchscope.common.seeding import cpu_seeded
 from patchscope.forensics.baselines import BASELINES
 from patchscope.forensics.layers import LayerGeometry, PatchClassifier, XceptionBlock, head, resnet_trunk, xception_stem
 
@@ -85,16 +87,9 @@ def build_model(name: str, seed: int | None = None, init: str = "xavier") -> Pat
     """A freshly initialised classifier (patch model or baseline); `seed` makes the initial weights reproducible."""
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}; choose one of: {', '.join(model_names())}")
-    generator_state = None
-    if seed is not None:
-        generator_state = torch.random.get_rng_state()
-        torch.manual_seed(seed)
-    try:
+    with cpu_seeded(seed) if seed is not None else contextlib.nullcontext():
         model = MODELS[name]()
         init_weights(model, init)
-    finally:
-        if generator_state is not None:
-            torch.random.set_rng_state(generator_state)
     return model
 
 

@@ -12,6 +12,7 @@ from typing import Any, Iterator, Sequence
 
 import torch
 
+from patchscope.common.seeding import cpu_seeded
 from patchscope.generators.pgan.zoo import PGANZooDiscriminator, PGANZooGenerator, build_pgan_zoo
 from patchscope.generators.training.losses import critic_loss, generator_loss
 from patchscope.generators.training.schedule import INIT, derive_seed
@@ -20,8 +21,7 @@ from patchscope.generators.training.schedule import INIT, derive_seed
 @contextlib.contextmanager
 def _seeded(seed: int) -> Iterator[None]:
     """Draw layer initialisations from `seed` without disturbing the caller's global RNG."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+    with cpu_seeded(seed):
         yield
 
 
