@@ -129,21 +129,26 @@ def weights_sha256(generator: Generator) -> str:
 
 @contextlib.contextmanager
 def sampling_arithmetic(device: torch.device, precision: str) -> Iterator[None]:
-    """fp32: true fp32 (no TF32 convs or matmuls on CUDA, fixed cuDNN algorithms); bf16: autocast."""
+    """fp32: true fp32 (no TF32 convs or matmuls on CUDA, fixed deterministic cuDNN algorithms); bf16: autocast."""
     if precision not in ("fp32", "bf16"):
         raise DatasetError(f"precision must be fp32 or bf16, not {precision!r}")
     if device.type != "cuda":
         with torch.autocast(device.type, torch.bfloat16, enabled=precision == "bf16"):
             yield
         return
-    flags = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32, torch.backends.cudnn.benchmark)
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-    torch.backends.cudnn.benchmark = False
+    backends = torch.backends
+    flags = (backends.cuda.matmul.allow_tf32, backends.cudnn.allow_tf32, backends.cudnn.benchmark,
+             backends.cudnn.deterministic)
+    backends.cuda.matmul.allow_tf32 = backends.cudnn.allow_tf32 = False
+    # no autotuning, and only algorithms without atomics (transposed convolutions may otherwise use them): the
+    # same bits in every process and every run, so shards and resumed runs match a single run
+    backends.cudnn.benchmark, backends.cudnn.deterministic = False, True
     try:
         with torch.autocast("cuda", torch.bfloat16, enabled=precision == "bf16"):
             yield
     finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32, torch.backends.cudnn.benchmark = flags
+        (backends.cuda.matmul.allow_tf32, backends.cudnn.allow_tf32, backends.cudnn.benchmark,
+         backends.cudnn.deterministic) = flags
 
 
 def to_pixels(images: torch.Tensor) -> np.ndarray:
