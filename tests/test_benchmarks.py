@@ -26,7 +26,7 @@ def _positive(value) -> bool:
 
 def test_run_writes_every_figure_with_its_reference(tmp_path):
     out = tmp_path / "bench.json"
-    done = subprocess.run([sys.executable, str(BENCH), "--device", "cpu", "--workloads", "eval,loading",
+    done = subprocess.run([sys.executable, str(BENCH), "--device", "cpu", "--workloads", "eval,files,loading",
                            "--models", "xception_block1", "--steps", "1", "--warmup", "0", "--sizes", "32",
                            "--batch", "4", "--files", "8", "--crop-on", "device", "--json", str(out)],
                           capture_output=True, text=True, timeout=300, cwd=tmp_path)
@@ -37,7 +37,7 @@ def test_run_writes_every_figure_with_its_reference(tmp_path):
     assert _positive(meta["matmul_peak_tflops"]["fp32"]) and _positive(meta["matmul_peak_tflops"]["bf16"])
     assert _positive(meta["copy_bandwidth_gbs"]) and "lower bound" in meta["bytes_estimate"]
     rows = {row["workload"]: row for row in figures["results"]}
-    assert set(rows) == {"eval", "loading"} and figures["skipped"] == []
+    assert set(rows) == {"eval", "files", "loading"} and figures["skipped"] == []
     for row in rows.values():
         for key in ("images_per_s", "ms_per_step", "peak_mem_mib", "speedup_vs_reference"):
             assert _positive(row[key]), (row["workload"], key, row[key])
@@ -48,6 +48,11 @@ def test_run_writes_every_figure_with_its_reference(tmp_path):
     for key in ("gflop_per_image", "mfu", "gb_per_step", "bandwidth_util"):  # the memory-bound figures
         assert _positive(rows["eval"][key]), key
     assert _positive(rows["loading"]["setup_s"])
+    # from files: the share of the model's own rate (one batch kept on the device) the data path delivers
+    files = rows["files"]
+    assert _positive(files["model_alone_ms_per_step"]) and _positive(files["reference"]["fed"])
+    assert files["fed"] == pytest.approx(files["model_alone_ms_per_step"] / files["ms_per_step"])
+    assert files["fed"] < 2 and files["reference"]["fed"] < 2  # a ratio of two timings of one step, not inverted
     assert rows["loading"]["variant"] == "cache+device crop"  # the uint8 batches, cropped by device_crop
     table = [line for line in done.stdout.splitlines() if line.startswith("| ")]
     assert any(line.startswith("| workload") for line in table)
