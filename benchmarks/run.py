@@ -25,6 +25,7 @@ import sys
 import tempfile
 import threading
 import time
+import traceback
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -37,6 +38,7 @@ import bench_attacks  # noqa: E402
 import bench_classifier  # noqa: E402
 import bench_generators  # noqa: E402
 
+from patchscope.common.atomic import write_text  # noqa: E402
 from patchscope.common.device import configure_backends, resolve_device, resolve_precision  # noqa: E402
 from patchscope.forensics import data  # noqa: E402
 from patchscope.forensics.device_crop import UncroppedBatch, UncroppedItems, to_device_batch  # noqa: E402
@@ -175,6 +177,7 @@ class Bench:
         self.cuda = device.type == "cuda"
         self.results: list[dict[str, Any]] = []
         self.skipped: list[dict[str, str]] = []
+        self.failed: list[dict[str, str]] = []
         self.tmp = Path(tempfile.mkdtemp(prefix="patchscope_bench_"))
         big = 8192 if self.cuda else 2048  # smaller CPU products fall well short of the peak
         print(f"measuring the device: matmul peak ({big}^3, fp32 and bf16), copy bandwidth ...", flush=True)
@@ -209,6 +212,20 @@ class Bench:
             row["speedup_vs_reference"] = reference["ms_per_step"] / row["ms_per_step"]
         self.results.append(row)
         print(format_row(row), flush=True)
+        self.save(complete=False)  # a run cut short (a time limit, a crash) keeps every figure measured so far
+
+    def fail(self, workload: str, error: BaseException) -> None:
+        """A workload that raised: recorded with its error, and the next workload runs."""
+        self.failed.append({"workload": workload, "error": f"{type(error).__name__}: {error}"[:500]})
+        traceback.print_exc()
+        print(f"failed {workload}: {self.failed[-1]['error']}", flush=True)
+        self.save(complete=False)
+
+    def save(self, complete: bool) -> None:
+        if self.args.json:
+            figures = {"meta": self.meta(), "complete": complete, "results": self.results,
+                       "skipped": self.skipped, "failed": self.failed}
+            write_text(self.args.json, json.dumps(_finite(figures), indent=2, allow_nan=False))
 
     def skip(self, workload: str, reason: str) -> None:
         self.skipped.append({"workload": workload, "reason": reason})
@@ -524,6 +541,7 @@ def table(bench: Bench) -> str:
              "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     lines += [format_row(row) for row in bench.results]
     lines += [f"\nskipped {s['workload']}: {s['reason']}" for s in bench.skipped]
+    lines += [f"\nFAILED {f['workload']}: {f['error']}" for f in bench.failed]
     return "\n".join(lines)
 
 
@@ -575,21 +593,24 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for workload in args.workloads.split(","):
             print(f"== {workload}", flush=True)
-            if workload in ("train", "eval"):
-                bench.classifier(workload)
-            elif workload in ("exaggerate", "finetune"):
-                bench.attack(workload)
-            else:
-                getattr(bench, workload)()
+            try:
+                if workload in ("train", "eval"):
+                    bench.classifier(workload)
+                elif workload in ("exaggerate", "finetune"):
+                    bench.attack(workload)
+                else:
+                    getattr(bench, workload)()
+            except Exception as error:  # one broken workload must not cost the others' figures
+                bench.fail(workload, error)
+                bench.release()
         print()
         print(table(bench))
+        bench.save(complete=True)
         if args.json:
-            figures = {"meta": bench.meta(), "results": bench.results, "skipped": bench.skipped}
-            Path(args.json).write_text(json.dumps(_finite(figures), indent=2, allow_nan=False))
             print(f"\nfigures: {args.json}")
     finally:
         shutil.rmtree(bench.tmp, ignore_errors=True)
-    return 0
+    return 1 if bench.failed else 0
 
 
 def _finite(value: Any) -> Any:

@@ -79,3 +79,31 @@ def test_gpu_check_is_valid_bash_naming_real_commands():
     in_help = {line.split()[0] for line in listed.splitlines() if line.strip()}
     assert named <= in_help, named - in_help
     assert "set -u" in script and "--lpips-random" in script and "--quick" in script
+
+
+def test_a_failing_workload_is_recorded_and_the_others_keep_their_figures(tmp_path, monkeypatch):
+    """On a GPU lent for minutes, one broken workload (or the time limit) must not cost the table: every row is
+    saved as it comes (complete: false), a workload that raises is recorded with its error, the rest run, and the
+    exit status says something failed."""
+    monkeypatch.syspath_prepend(str(BENCH.parent))
+    import run as bench_run
+
+    out = tmp_path / "bench.json"
+    seen_before_failing = {}
+
+    def broken(self):
+        seen_before_failing.update(json.loads(out.read_text()))
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    monkeypatch.setattr(bench_run.Bench, "loading", broken)
+    status = bench_run.main(["--device", "cpu", "--workloads", "eval,loading,train", "--models", "xception_block1",
+                             "--steps", "1", "--warmup", "0", "--sizes", "32", "--batch", "4", "--files", "8",
+                             "--json", str(out)])
+    assert status == 1
+    assert seen_before_failing["complete"] is False
+    assert [row["workload"] for row in seen_before_failing["results"]] == ["eval"]
+    figures = json.loads(out.read_text())
+    assert figures["complete"] is True
+    assert [row["workload"] for row in figures["results"]] == ["eval", "train"]
+    assert figures["failed"] == [{"workload": "loading",
+                                  "error": "RuntimeError: CUDA error: an illegal memory access was encountered"}]
