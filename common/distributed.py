@@ -26,8 +26,7 @@ from patchscope.common.errors import InputError
 log = logging.getLogger("patchscope.distributed")
 
 T = TypeVar("T")
-_state: dict[str, Any] = {"alone": False, "owned": False, "cuda": None,  # cuda: the device setup resolved
-                          "backend": None}
+_state: dict[str, Any] = {"alone": False, "owned": False, "cuda": None}  # cuda: the device setup resolved
 
 
 class FollowedError(InputError):
@@ -88,24 +87,20 @@ SHARE_GPUS = "PATCHSCOPE_SHARE_GPUS"  # =1: more processes than GPUs on a machin
 
 def cuda_placement(local_rank_: int, local_world: int, gpus: int, share: bool) -> tuple[int, str]:
     """(GPU index, backend) of a process under torchrun: GPU LOCAL_RANK and nccl while the machine has a GPU per
-    process. NCCL cannot put two processes on one GPU, so with fewer GPUs than processes the launch is refused, or
-    with `share` (PATCHSCOPE_SHARE_GPUS=1, to check the distributed code on one GPU) the processes take the GPUs
-    round-robin and talk over gloo."""
+    process. NCCL cannot put two processes on one GPU, so with fewer GPUs than processes the launch is refused. With
+    `share` (PATCHSCOPE_SHARE_GPUS=1, to check the distributed code on one GPU) the processes take the GPUs
+    round-robin and talk over gloo, on every machine alike (the flag alone decides the backend: all ranks must
+    agree on it, whatever each machine's count)."""
     if gpus < 1:
         raise InputError("--device cuda: this machine has no CUDA GPU")
+    if share:
+        return local_rank_ % gpus, "gloo"
     if local_rank_ < gpus and local_world <= gpus:
         return local_rank_, "nccl"
-    if not share:
-        raise InputError(f"torchrun started {max(local_world, local_rank_ + 1)} processes on this machine, which has "
-                         f"{gpus} GPU{'s' * (gpus != 1)}, and NCCL cannot share a GPU between processes: give "
-                         f"--nproc_per_node {gpus} or fewer, or set {SHARE_GPUS}=1 to share the GPUs over gloo "
-                         f"(slow; for checking a launch on fewer GPUs)")
-    return local_rank_ % gpus, "gloo"
-
-
-def backend() -> str:
-    """The backend the process group runs on (set by `setup`): nccl, or gloo on CPU and on shared GPUs."""
-    return _state["backend"] or "gloo"
+    raise InputError(f"torchrun started {max(local_world, local_rank_ + 1)} processes on this machine, which has "
+                     f"{gpus} GPU{'s' * (gpus != 1)}, and NCCL cannot share a GPU between processes: give "
+                     f"--nproc_per_node {gpus} or fewer, or set {SHARE_GPUS}=1 to share the GPUs over gloo "
+                     f"(slow; for checking a launch on fewer GPUs)")
 
 
 def setup(device: torch.device, timeout: datetime.timedelta | None = None) -> torch.device:
@@ -113,7 +108,7 @@ def setup(device: torch.device, timeout: datetime.timedelta | None = None) -> to
 
     A single process gets `device` back and nothing is initialised. Under torchrun, `cuda` without an index
     becomes cuda:LOCAL_RANK (made the current device; see `cuda_placement`); the backend follows the device: nccl on
-    CUDA, gloo on CPU.
+    CUDA (gloo where PATCHSCOPE_SHARE_GPUS=1 shares the GPUs), gloo on CPU.
     """
     if world_size() == 1:
         return device
@@ -124,6 +119,9 @@ def setup(device: torch.device, timeout: datetime.timedelta | None = None) -> to
             raise InputError(f"--device {device}: under torchrun each process takes the GPU of its LOCAL_RANK; give "
                              f"--device cuda (or auto) and pick GPUs with CUDA_VISIBLE_DEVICES")
         try:
+            if "LOCAL_WORLD_SIZE" not in os.environ:  # without it a process cannot tell it lacks a GPU of its own
+                raise InputError("LOCAL_WORLD_SIZE is not set: start the processes with torchrun, or have the "
+                                 "launcher set LOCAL_WORLD_SIZE (processes on this machine) and LOCAL_RANK")
             index, chosen = cuda_placement(local_rank(), local_world_size(), torch.cuda.device_count(),
                                            os.environ.get(SHARE_GPUS, "") == "1")
         except InputError as error:  # every rank refuses; the first of each machine says why
@@ -142,7 +140,7 @@ def setup(device: torch.device, timeout: datetime.timedelta | None = None) -> to
         # sample folder or runs a command that is not sharded (NCCL's default would give up after 10 minutes)
         timeout = timeout if timeout is not None else WAIT_FOR_RANK_0
         torch.distributed.init_process_group(backend=chosen, init_method="env://", timeout=timeout)
-        _state["owned"], _state["backend"] = True, chosen
+        _state["owned"] = True
         atexit.register(shutdown)
         log.debug("rank %d of %d joined the process group (%s)", rank(), world_size(), chosen)
     return device

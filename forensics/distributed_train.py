@@ -4,7 +4,7 @@
 each of the W ranks trains on a disjoint 1/W of every global batch (`batching.BalancedBatchSampler`), and DDP
 averages the gradients, so a step sees the images one process would see with the same batch size. BatchNorm
 normalises each rank's share on its own unless `sync_bn` makes it use the statistics of the whole global batch:
-torch's SyncBatchNorm on CUDA over NCCL, `SyncedBatchNorm` below elsewhere (torch's has no CPU kernel).
+torch's SyncBatchNorm on CUDA, `SyncedBatchNorm` below elsewhere (torch's has no CPU kernel).
 """
 from __future__ import annotations
 
@@ -94,7 +94,7 @@ def sync_batchnorm(model: nn.Module, device: torch.device) -> nn.Module:
     """
     if distributed.world_size() == 1:
         return model
-    if device.type == "cuda" and distributed.backend() == "nccl":  # torch's gathers CUDA tensors: not over gloo
+    if device.type == "cuda":  # torch's, over NCCL or (on shared GPUs) gloo
         return nn.SyncBatchNorm.convert_sync_batchnorm(model)
     for module in model.modules():
         if type(module) in _SYNCED:

@@ -96,6 +96,7 @@ def test_every_rank_refuses_an_explicit_gpu_index_alike(monkeypatch, rank):
     (0, 2, 2, False, (0, "nccl")), (1, 2, 2, False, (1, "nccl")), (3, 4, 8, False, (3, "nccl")),
     (0, 2, 1, True, (0, "gloo")), (1, 2, 1, True, (0, "gloo")), (2, 3, 2, True, (0, "gloo")),
     (1, 1, 1, True, (0, "gloo")),  # a LOCAL_RANK past the GPUs (another launcher's numbering)
+    (1, 2, 2, True, (1, "gloo")),  # the flag alone picks the backend, so machines with enough GPUs agree with the rest
 ])
 def test_each_process_takes_its_own_gpu_or_shares_them_over_gloo(local_rank, local_world, gpus, share, expected):
     assert distributed.cuda_placement(local_rank, local_world, gpus, share) == expected
@@ -125,6 +126,18 @@ def test_two_processes_on_one_gpu_are_refused_before_joining_the_first_of_the_ma
         distributed.setup(torch.device("cuda"))
     assert getattr(caught.value, "quiet", False) == (rank == 1)  # rank 0 prints it, rank 1 exits 2 quietly
     assert not torch.distributed.is_initialized()
+
+
+def test_a_cuda_launch_without_local_world_size_is_refused_on_every_rank(monkeypatch):
+    """Without LOCAL_WORLD_SIZE, local rank 0 would see a GPU of its own, join, and wait for a rank 1 that refused."""
+    for name, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "2")):
+        monkeypatch.setenv(name, value)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: pytest.fail("set_device before the refusal"))
+    with pytest.raises(InputError, match="LOCAL_WORLD_SIZE is not set: start the processes with torchrun") as caught:
+        distributed.setup(torch.device("cuda"))
+    assert not getattr(caught.value, "quiet", False)
 
 
 def test_a_launch_of_one_process_is_single(monkeypatch):
