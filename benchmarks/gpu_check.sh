@@ -146,14 +146,18 @@ else
     if [ "$DEVICE" != cpu ] && [ "$GPUS" -lt 2 ]; then
         # Two processes on one GPU: NCCL cannot share a device, so they share it over gloo (the DDP code on CUDA
         # tensors, not NCCL); without PATCHSCOPE_SHARE_GPUS the launch must be refused in one line.
-        ddp_command ddp_2 2
-        if timeout -k 10 120 "${DDP[@]}" >"$LOGS/ddp_2_refused.log" 2>&1; then
-            record ddp_2_refused FAIL 0 "2 processes on 1 GPU were not refused"
+        ddp_command ddp_2_refused 2
+        began=$SECONDS
+        timeout -k 10 120 "${DDP[@]}" >"$LOGS/ddp_2_refused.log" 2>&1
+        rc=$?
+        if [ $rc -eq 0 ] || [ $rc -ge 124 ]; then
+            record ddp_2_refused FAIL $((SECONDS - began)) "2 processes on 1 GPU were not refused (exit $rc)"
         elif grep -q "NCCL cannot share a GPU" "$LOGS/ddp_2_refused.log"; then
-            record ddp_2_refused PASS 0
+            record ddp_2_refused PASS $((SECONDS - began))
         else
-            record ddp_2_refused FAIL 0 "no one-line refusal; see $LOGS/ddp_2_refused.log"
+            record ddp_2_refused FAIL $((SECONDS - began)) "exit $rc without the one-line refusal; see $LOGS/ddp_2_refused.log"
         fi
+        ddp_command ddp_2 2
         step ddp_2_shared_gpu -- env PATCHSCOPE_SHARE_GPUS=1 "${DDP[@]}"
     else
         ddp_command ddp_2 2

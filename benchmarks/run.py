@@ -349,14 +349,15 @@ class Bench:
             # the same step on one batch already on the device: how much of the model's own rate the data path
             # delivers (on a GPU the model step alone keeps it busy, so this is the GPU's busy share)
             alone = self.measure(self._file_step(loader, model, torch.channels_last, self.precision, resident=True),
-                                 batch)
+                                 batch, warmup=max(self.args.warmup, 1))
             row.update(model_alone_ms_per_step=alone["ms_per_step"], fed=alone["ms_per_step"] / row["ms_per_step"])
             del model, loader
             self.release()
             model = build_model(name, seed=0).to(self.device)
             public = self._public_loader(real, fake, size, batch, workers)
             reference = self.measure(self._file_step(public, model, torch.contiguous_format, "fp32"), batch)
-            alone = self.measure(self._file_step(public, model, torch.contiguous_format, "fp32", resident=True), batch)
+            alone = self.measure(self._file_step(public, model, torch.contiguous_format, "fp32", resident=True), batch,
+                                 warmup=max(self.args.warmup, 1))
             reference["fed"] = alone["ms_per_step"] / reference["ms_per_step"]
             del model, public
             self.release()
@@ -449,7 +450,7 @@ class Bench:
             if done.returncode != 0:
                 lines = [line for line in (done.stderr + done.stdout).splitlines() if line.strip(" =-")]
                 said = [line for line in lines if "error" in line.lower()] or lines or ["no output"]
-                return self.skip("ddp", f"torchrun with {n} processes failed ({done.returncode}): {said[-1][:300]}")
+                raise RuntimeError(f"torchrun with {n} processes failed ({done.returncode}): {said[-1][:300]}")
             lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
             last = lines[-1]  # the second epoch: the first pays for start-up; its images are the global count
             seconds = last["seconds"]
@@ -570,7 +571,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--published-sizes", action="store_true", help="also PGAN and StyleGAN2 at 1024 px")
     parser.add_argument("--attack-sizes", default="demo", help=f"of {', '.join(bench_attacks.SETTINGS)}")
     parser.add_argument("--attack-batch", type=int)
-    parser.add_argument("--ddp-procs", type=int, help="processes of the scaled DDP run  [default: GPUs, at least 2]")
+    parser.add_argument("--ddp-procs", type=int, help="processes of the scaled DDP run  [default: the GPUs on CUDA, 2 on CPU]")
     parser.add_argument("--ddp-timeout", type=int, default=600)
     parser.add_argument("--json", help="write every figure, the device, torch version and CPU model here")
     args = parser.parse_args(argv)
@@ -602,7 +603,8 @@ def main(argv: list[str] | None = None) -> int:
                     getattr(bench, workload)()
             except Exception as error:  # one broken workload must not cost the others' figures
                 bench.fail(workload, error)
-                bench.release()
+                with contextlib.suppress(Exception):  # after a CUDA error this may raise too
+                    bench.release()
         print()
         print(table(bench))
         bench.save(complete=True)

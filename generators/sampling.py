@@ -129,7 +129,8 @@ def weights_sha256(generator: Generator) -> str:
 
 @contextlib.contextmanager
 def sampling_arithmetic(device: torch.device, precision: str) -> Iterator[None]:
-    """fp32: true fp32 (no TF32 convs or matmuls on CUDA, fixed deterministic cuDNN algorithms); bf16: autocast."""
+    """fp32: true fp32 (no TF32 convs or matmuls on CUDA); bf16: autocast. On CUDA both use fixed, deterministic
+    cuDNN algorithms."""
     if precision not in ("fp32", "bf16"):
         raise DatasetError(f"precision must be fp32 or bf16, not {precision!r}")
     if device.type != "cuda":

@@ -52,7 +52,6 @@ def test_run_writes_every_figure_with_its_reference(tmp_path):
     files = rows["files"]
     assert _positive(files["model_alone_ms_per_step"]) and _positive(files["reference"]["fed"])
     assert files["fed"] == pytest.approx(files["model_alone_ms_per_step"] / files["ms_per_step"])
-    assert files["fed"] < 2 and files["reference"]["fed"] < 2  # a ratio of two timings of one step, not inverted
     assert rows["loading"]["variant"] == "cache+device crop"  # the uint8 batches, cropped by device_crop
     table = [line for line in done.stdout.splitlines() if line.startswith("| ")]
     assert any(line.startswith("| workload") for line in table)
