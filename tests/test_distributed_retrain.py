@@ -155,11 +155,13 @@ from patchscope.attacks.retrain import RetrainConfig, retrain
 from patchscope.common import distributed
 torch.set_num_threads(1)
 logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
-classifier, generator, out = sys.argv[1:]
+classifier, generator, out, results = sys.argv[1:]
 result = retrain(RetrainConfig(classifier=classifier, generator=generator, out=out, device="cpu", precision="fp32",
                                sample_batch_size=4, eval_batch_size=6), progress=False)
-print("RESULT", distributed.rank(), json.dumps({"stages": result.stages, "metrics": result.metrics,
-                                                "train": result.train, "new": str(result.classifier_checkpoint)}))
+# a file per rank: two processes' stdout through torchrun's one pipe may lose or merge lines
+with open(f"{results}/result_{distributed.rank()}.json", "w") as handle:
+    json.dump({"stages": result.stages, "metrics": result.metrics, "train": result.train,
+               "new": str(result.classifier_checkpoint)}, handle)
 '''
 
 
@@ -169,12 +171,12 @@ def test_every_rank_calling_retrain_returns_the_same_result(world, studies, tmp_
     script = tmp_path / "retrain.py"
     script.write_text(LIBRARY)
     run = subprocess.run([str(BIN / "torchrun"), "--nproc_per_node", "2", "--standalone", str(script),
-                          str(world["base"]), str(world["finetuned"]), str(tmp_path / "out")],
+                          str(world["base"]), str(world["finetuned"]), str(tmp_path / "out"), str(tmp_path)],
                          capture_output=True, text=True, timeout=240, env=_env())
     assert run.returncode == 0, run.stderr[-4000:]
-    results = dict(line.split(" ", 2)[1:] for line in run.stdout.splitlines() if line.startswith("RESULT "))
-    assert results.keys() == {"0", "1"} and results["0"] == results["1"]
-    result = json.loads(results["0"])
+    results = {rank: (tmp_path / f"result_{rank}.json").read_text() for rank in (0, 1)}
+    assert results[0] == results[1]
+    result = json.loads(results[0])
     assert result["stages"] == {"sample": "ran", "train": "ran", "eval_old": "ran", "eval_new": "ran"}
     assert run.stderr.count("stages: sample ran") == 1  # logged by rank 0 only
     assert result["metrics"] == meta(studies["two"] / "retrain" / "metrics.json")["metrics"]
