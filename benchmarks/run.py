@@ -336,6 +336,16 @@ class Bench:
             optimizer.step()
         return step
 
+    def _fed_steps(self, loader, model, memory_format, precision, batch: int) -> dict[str, float]:
+        """The training step from the loader, and `fed`: the same step on one batch already on the device over it,
+        how much of the model's own rate the data path delivers (on a GPU, whose model step alone keeps it busy,
+        its busy share)."""
+        figures = self.measure(self._file_step(loader, model, memory_format, precision), batch)
+        alone = self.measure(self._file_step(loader, model, memory_format, precision, resident=True), batch,
+                             warmup=max(self.args.warmup, 1))
+        return {**figures, "model_alone_ms_per_step": alone["ms_per_step"],
+                "fed": alone["ms_per_step"] / figures["ms_per_step"]}
+
     def files(self) -> None:
         batch, name, workers = self.args.batch, self.args.files_model, self._loader_workers()
         real, fake = self.png_folders(self.args.files)
@@ -345,20 +355,12 @@ class Bench:
             row = {"workload": "files", "name": name, "px": size, "batch": batch,
                    "variant": self.ours + "+cache" + self._crop_variant(loader),
                    "setup_s": setup, "files": self.args.files}
-            row.update(self.measure(self._file_step(loader, model, torch.channels_last, self.precision), batch))
-            # the same step on one batch already on the device: how much of the model's own rate the data path
-            # delivers (on a GPU the model step alone keeps it busy, so this is the GPU's busy share)
-            alone = self.measure(self._file_step(loader, model, torch.channels_last, self.precision, resident=True),
-                                 batch, warmup=max(self.args.warmup, 1))
-            row.update(model_alone_ms_per_step=alone["ms_per_step"], fed=alone["ms_per_step"] / row["ms_per_step"])
+            row.update(self._fed_steps(loader, model, torch.channels_last, self.precision, batch))
             del model, loader
             self.release()
             model = build_model(name, seed=0).to(self.device)
             public = self._public_loader(real, fake, size, batch, workers)
-            reference = self.measure(self._file_step(public, model, torch.contiguous_format, "fp32"), batch)
-            alone = self.measure(self._file_step(public, model, torch.contiguous_format, "fp32", resident=True), batch,
-                                 warmup=max(self.args.warmup, 1))
-            reference["fed"] = alone["ms_per_step"] / reference["ms_per_step"]
+            reference = self._fed_steps(public, model, torch.contiguous_format, "fp32", batch)
             del model, public
             self.release()
             self.add(row, reference)

@@ -6,9 +6,8 @@ Used by `generators.training.trainer`; weights of each new scale come from a see
 """
 from __future__ import annotations
 
-import contextlib
 import copy
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
 import torch
 
@@ -16,13 +15,6 @@ from patchscope.common.seeding import cpu_seeded
 from patchscope.generators.pgan.zoo import PGANZooDiscriminator, PGANZooGenerator, build_pgan_zoo
 from patchscope.generators.training.losses import critic_loss, generator_loss
 from patchscope.generators.training.schedule import INIT, derive_seed
-
-
-@contextlib.contextmanager
-def _seeded(seed: int) -> Iterator[None]:
-    """Draw layer initialisations from `seed` without disturbing the caller's global RNG."""
-    with cpu_seeded(seed):
-        yield
 
 
 class GrowingGAN:
@@ -40,7 +32,7 @@ class GrowingGAN:
         self.lr, self.betas, self.ema_beta = lr, (float(betas[0]), float(betas[1])), ema_beta
         self.device = torch.device(device)
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
-        with _seeded(derive_seed(seed, INIT, 0)):
+        with cpu_seeded(derive_seed(seed, INIT, 0)):
             generator, discriminator = build_pgan_zoo(4, latent_dim, self.depths[0], [])
         self.generator: PGANZooGenerator = generator
         self.discriminator: PGANZooDiscriminator = discriminator
@@ -68,7 +60,7 @@ class GrowingGAN:
         if self.scale + 1 >= len(self.depths):
             raise ValueError(f"already at the final scale ({self.resolution} px)")
         depth = self.depths[self.scale + 1]
-        with _seeded(derive_seed(self.seed, INIT, self.scale + 1)):
+        with cpu_seeded(derive_seed(self.seed, INIT, self.scale + 1)):
             self.generator.add_scale(depth)
             self.discriminator.add_scale(depth)
         self._settle()
